@@ -75,7 +75,8 @@ class Config:
 
 # %% ../nbs/00_config.ipynb #40e80f54
 _TYPES = {int: (int,), float: (int, float), bool: (bool,), str: (str,), list: (list, tuple), dict: (dict,)}
-_CLIP_DIMS = {"ViT-B-32": 512, "ViT-B-32-quickgelu": 512, "ViT-B-16": 512, "ViT-L-14": 768}
+_CLIP_DIMS = {"ViT-B-32": 512, "ViT-B-32-quickgelu": 512, "ViT-B-16": 512, "ViT-L-14": 768}  # embed dim per tower
+_CLIP_SIZES = {"ViT-B-32": 224, "ViT-B-32-quickgelu": 224, "ViT-B-16": 224, "ViT-L-14": 224}  # input resolution
 _SELECT = ("mrr", "top1", "top5", "loss")
 
 def _check(ok, key, value, what):
@@ -114,6 +115,9 @@ def validate_config(cfg: Config) -> Config:
     dim = _CLIP_DIMS.get(cfg.clip_model)
     _check(dim is None or cfg.output_dim == dim, "output_dim", cfg.output_dim,
            f"must be {dim} to match the {cfg.clip_model} image tower")
+    size = _CLIP_SIZES.get(cfg.clip_model)
+    _check(size is None or cfg.image_size == size, "image_size", cfg.image_size,
+           f"must be {size}: the {cfg.clip_model} tower's positional embeddings are fixed at that resolution")
     _check(cfg.clip_precision in ("fp32", "bf16"), "clip_precision", cfg.clip_precision, "must be 'fp32' or 'bf16'")
     _check(cfg.select_metric in _SELECT, "select_metric", cfg.select_metric, f"must be one of {', '.join(_SELECT)}")
     _check(cfg.device == "auto" or cfg.device == "cpu" or cfg.device.startswith("cuda"), "device", cfg.device,

@@ -1,0 +1,179 @@
+"Tests of the on-disk CLIP feature cache (fashion_json_encoder.models.feature_cache)."
+import os
+from pathlib import Path
+import pytest
+import torch
+from hypothesis import given, strategies as st
+from PIL import Image
+from safetensors import safe_open
+
+from fashion_json_encoder.data import Item, load_crop
+from fashion_json_encoder.models.image_encoder import CLIPImageEncoder, tiny_clip_config
+from fashion_json_encoder.models.feature_cache import (build_feature_cache, plan_chunks, read_chunks, cache_path,
+                                                       cache_key, FeatureCache, CropInputs, collate_crops)
+
+
+def _item(key, path, crop=(4, 6, 70, 90)):
+    return Item(key, str(path), "상의", tuple(map(float, crop)), tuple(crop), {"category": "블라우스"}, key)
+
+
+def _jpegs(folder: Path, n: int, size=(80, 100)) -> list:
+    folder.mkdir(parents=True, exist_ok=True)
+    items = []
+    for i in range(n):
+        p = folder / f"{i}.jpg"
+        im = Image.new("RGB", size, (17 * i % 256, 90, 200 - 7 * i % 200))
+        im.paste((255 - 13 * i % 256, 30, 60), (10, 20, 40 + i % 30, 60))
+        im.save(p, quality=90)
+        items.append(_item(f"모던/{i}/상의", p))
+    return items
+
+
+@pytest.fixture(scope="module")
+def tower(): return CLIPImageEncoder(pretrained="none", model_cfg=tiny_clip_config(), seed=0)
+
+
+@pytest.fixture
+def items(tmp_path): return _jpegs(tmp_path / "img", 12)
+
+
+def _count_calls(monkeypatch, tower, fail_after=None):
+    calls = []
+    real = type(tower).forward
+    def forward(images):
+        if fail_after is not None and len(calls) >= fail_after: raise KeyboardInterrupt("simulated interrupt")
+        calls.append(len(images)); return real(tower, images)
+    monkeypatch.setattr(tower, "forward", forward)
+    return calls
+
+
+def _build(items, tower, d, **kw): return build_feature_cache(items, tower, d, **{"batch_size": 4, "num_workers": 0, "progress": False, **kw})
+
+
+def test_features_match_the_tower(items, tower, tmp_path):
+    fc = _build(items, tower, tmp_path / "c")
+    assert isinstance(fc, FeatureCache) and fc.features.shape == (12, 512) and fc.features.dtype == torch.float16
+    assert fc.keys == [it.key for it in items] and fc.skipped == {} and fc.n_computed == 12
+    assert fc.build_seconds > 0 and fc.images_per_s > 0
+    direct = tower(torch.stack([tower.preprocess(load_crop(it, tower.image_size)) for it in items]))
+    torch.testing.assert_close(fc.features.float(), direct, atol=2e-3, rtol=0)
+    assert fc.index(items[5].key) == 5 and items[5].key in fc
+    torch.testing.assert_close(fc.lookup([items[7].key, items[2].key]), fc.features[[7, 2]])
+
+
+def test_second_build_is_a_pure_hit(items, tower, tmp_path, monkeypatch):
+    first = _build(items, tower, tmp_path / "c")
+    calls = _count_calls(monkeypatch, tower)
+    again = _build(items, tower, tmp_path / "c")
+    assert calls == [] and (again.n_cached, again.n_computed, again.images_per_s) == (12, 0, 0.)
+    assert torch.equal(again.features, first.features) and again.path == first.path
+
+
+def test_invalidation(items, tower, tmp_path, monkeypatch):
+    d = tmp_path / "c"
+    base = _build(items, tower, d, crop_padding=0.1)
+    other_size = CLIPImageEncoder(pretrained="none", model_cfg=tiny_clip_config(image_size=32), seed=0)
+    other_weights = CLIPImageEncoder(pretrained="none", model_cfg=tiny_clip_config(), seed=1)
+    assert _build(items, tower, d, crop_padding=0.2).path != base.path
+    assert _build(items, other_size, d, crop_padding=0.1).path != base.path
+    assert _build(items, other_weights, d, crop_padding=0.1).path != base.path
+    assert len({cache_path(d, cache_key(t, 0.1)) for t in (tower, other_size, other_weights)}) == 3
+    calls = _count_calls(monkeypatch, tower)
+    st_ = os.stat(items[3].image_path)
+    os.utime(items[3].image_path, ns=(st_.st_atime_ns, st_.st_mtime_ns + 1_000_000))  # the photo was touched
+    moved = [*items[:5], _item(items[5].key, items[5].image_path, (0, 0, 80, 100)), *items[6:]]  # its crop box changed
+    fc = _build(moved, tower, d, crop_padding=0.1)
+    assert fc.path == base.path and fc.n_computed == 2 and sum(calls) == 2
+    unchanged = [i for i in range(12) if i not in (3, 5)]
+    assert torch.equal(fc.features[unchanged], base.features[unchanged])
+    assert not torch.equal(fc.features[5], base.features[5])
+
+
+def test_resume_after_interrupt(items, tower, tmp_path, monkeypatch):
+    reference = _build(items, tower, tmp_path / "ref")
+    _count_calls(monkeypatch, tower, fail_after=2)
+    with pytest.raises(KeyboardInterrupt): _build(items, tower, tmp_path / "c", chunk_size=4)
+    root = cache_path(tmp_path / "c", cache_key(tower))
+    assert len(list(root.glob("chunk_*.safetensors"))) == 2 and not list(root.glob("*.tmp"))
+    assert len(read_chunks(root)[0]) == 8
+    monkeypatch.undo()
+    calls = _count_calls(monkeypatch, tower)
+    fc = _build(items, tower, tmp_path / "c", chunk_size=4)
+    assert sum(calls) == 4 and (fc.n_cached, fc.n_computed) == (8, 4)
+    assert torch.equal(fc.features, reference.features)
+
+
+def test_bad_and_missing_photos_are_skipped_not_fatal(items, tower, tmp_path):
+    good = Path(items[0].image_path).read_bytes()
+    (tmp_path / "trunc.jpg").write_bytes(good[: len(good) // 3])
+    (tmp_path / "junk.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg")
+    bad = [_item("모던/t/상의", tmp_path / "trunc.jpg"), _item("모던/j/하의", tmp_path / "junk.jpg"),
+           _item("모던/m/아우터", tmp_path / "missing.jpg")]
+    mixed = items[:3] + bad + items[3:6]
+    fc = _build(mixed, tower, tmp_path / "c", num_workers=2)  # the real pipeline: decoding in worker processes
+    assert fc.skipped == {"모던/t/상의": "bad_image", "모던/j/하의": "bad_image", "모던/m/아우터": "missing_image"}
+    assert "trunc.jpg" in fc.skip_details["모던/t/상의"]
+    assert fc.keys == [it.key for it in items[:6]] and fc.features.shape == (6, 512)
+    again = _build(mixed, tower, tmp_path / "c", num_workers=2)  # a bad photo is not retried until its file changes
+    assert again.n_computed == 0 and again.skipped == fc.skipped
+
+
+def test_all_bad_batch_and_whole_chunk_skipped(tower, tmp_path):
+    (tmp_path / "junk.jpg").write_bytes(b"junk")
+    fc = _build([_item(f"k/{i}/상의", tmp_path / "junk.jpg") for i in range(5)], tower, tmp_path / "c", chunk_size=4)
+    assert len(fc.skipped) == 5 and fc.features.shape == (0, 512)
+
+
+def test_disjoint_shards_merge_into_one_cache(items, tower, tmp_path, monkeypatch):
+    "Two 'ranks' encode their plan_chunks shards into one folder: the same chunk files as one process writes (issue 7)."
+    single = _build(items, tower, tmp_path / "single", chunk_size=4)
+    for rank in range(2):  # sequential stand-ins for two processes
+        mine = [items[i] for c in plan_chunks(len(items), 4, rank, 2) for i in c]
+        _build(mine, tower, tmp_path / "shared", chunk_size=4)
+    shared = cache_path(tmp_path / "shared", cache_key(tower))
+    def files(root):  # name -> (metadata, features); safetensors orders header keys at random, so not raw bytes
+        out = {}
+        for p in root.glob("chunk_*.safetensors"):
+            with safe_open(str(p), "pt") as f: out[p.name] = (f.metadata(), f.get_tensor("features"))
+        return out
+    a, b = files(shared), files(single.path)
+    assert len(a) == 3 and a.keys() == b.keys()
+    for name in a: assert a[name][0] == b[name][0] and torch.equal(a[name][1], b[name][1]), name
+    calls = _count_calls(monkeypatch, tower)
+    merged = _build(items, tower, tmp_path / "shared", chunk_size=4)
+    assert calls == [] and torch.equal(merged.features, single.features) and merged.keys == single.keys
+
+
+def test_unreadable_chunk_is_ignored_and_recomputed(items, tower, tmp_path):
+    fc = _build(items, tower, tmp_path / "c", chunk_size=4)
+    victim = sorted(fc.path.glob("chunk_*.safetensors"))[0]
+    victim.write_bytes(b"garbage")
+    (fc.path / ".chunk_leftover.123.tmp").write_bytes(b"partial write")  # a crash mid-write leaves only a tmp file
+    again = _build(items, tower, tmp_path / "c", chunk_size=4)
+    assert again.n_computed == 4 and torch.equal(again.features, fc.features)
+
+
+@given(n=st.integers(0, 200), size=st.integers(1, 50), world=st.integers(1, 5))
+def test_plan_chunks_disjoint_and_complete(n, size, world):
+    shards = [[i for c in plan_chunks(n, size, r, world) for i in c] for r in range(world)]
+    flat = sorted(i for s in shards for i in s)
+    assert flat == list(range(n))  # no gaps, no duplicates
+    assert [list(c) for c in plan_chunks(n, size)] == [list(range(s, min(s + size, n))) for s in range(0, n, size)]
+
+
+def test_crop_inputs_for_the_per_batch_path(items, tower, tmp_path):
+    (tmp_path / "junk.jpg").write_bytes(b"junk")
+    ds = CropInputs(items[:2] + [_item("x/1/상의", tmp_path / "junk.jpg")], tower.preprocess, min_side=tower.image_size)
+    pixels, ok, bad = collate_crops([ds[i] for i in range(3)])
+    assert pixels.shape == (2, 3, 64, 64) and ok == [0, 1] and bad[0][0] == 2
+    assert collate_crops([ds[2]])[0] is None
+
+
+def test_bf16_tower_is_checked(items, tmp_path, monkeypatch):
+    lp = CLIPImageEncoder(pretrained="none", model_cfg=tiny_clip_config(), seed=0, precision="bf16")
+    fc = _build(items, lp, tmp_path / "c")
+    assert fc.path.name.startswith("ViT-B-32-bf16-") and fc.features.shape == (12, 512)
+    from fashion_json_encoder.models import feature_cache as fcm
+    from fashion_json_encoder.config import UserError
+    monkeypatch.setattr(fcm, "check_precision", lambda t, x: (_ for _ in ()).throw(UserError("bf16 CLIP features disagree")))
+    with pytest.raises(UserError, match="disagree"): _build(items, lp, tmp_path / "c2")
