@@ -43,7 +43,8 @@ def main(argv=None):
     from fashion_json_encoder.synthetic import make_synthetic_kfashion
     from fashion_json_encoder.data import build_index
     from fashion_json_encoder.models.image_encoder import CLIPImageEncoder, check_bf16_agreement
-    from fashion_json_encoder.models.feature_cache import build_feature_cache, CropInputs, collate_crops
+    from fashion_json_encoder.models.feature_cache import build_feature_cache
+    from fashion_json_encoder.data import CropDataset, collate_crops
 
     W, H = map(int, a.photo_size.lower().split("x"))
     gpu = torch.cuda.get_device_name() if a.device != "cpu" and torch.cuda.is_available() else "no GPU used"
@@ -63,7 +64,7 @@ def main(argv=None):
     any_tower = next(iter(towers.values()))
 
     # decode + crop + transform alone (the DataLoader half of the pipeline)
-    ds = CropInputs(items, any_tower.preprocess, min_side=any_tower.image_size)
+    ds = CropDataset(items, any_tower.preprocess, min_side=any_tower.image_size)
     t0 = time.perf_counter()
     chunks = [px for px, ok, bad in DataLoader(ds, batch_size=a.batch_size, num_workers=a.num_workers, collate_fn=collate_crops)]
     t_dec = time.perf_counter() - t0

@@ -16,9 +16,9 @@ from .vocab import Vocab, normalise_value
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'SKIP_REASONS', 'Item', 'crop_box', 'read_label', 'look_of', 'item_json', 'parse_photo', 'scan_dataset',
-           'pair_key', 'pair_files', 'split_looks', 'DatasetIndex', 'build_index', 'ImageDecodeError', 'load_crop',
-           'CropDataset', 'collate_crops', 'data_report', 'format_report']
+__all__ = ['log', 'SKIP_REASONS', 'DECODE_ERRORS', 'Item', 'crop_box', 'read_label', 'look_of', 'item_json', 'parse_photo',
+           'scan_dataset', 'pair_key', 'pair_files', 'split_looks', 'DatasetIndex', 'build_index', 'ImageDecodeError',
+           'load_crop', 'CropDataset', 'collate_crops', 'data_report', 'format_report']
 
 # %% ../nbs/01_data.ipynb #6ba061c9
 @dataclass(frozen=True)
@@ -314,23 +314,25 @@ def load_crop(item: Item, min_side: int | None = None) -> Image.Image:  # min_si
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise ImageDecodeError(f"{item.image_path}: cannot decode image ({e})") from None
 
-# %% ../nbs/01_data.ipynb #dacc283e
+# %% ../nbs/01_data.ipynb #aec1df8d
+DECODE_ERRORS = (ImageDecodeError, OSError, ValueError, SyntaxError, Image.DecompressionBombError)  # a photo that won't decode
+
 class CropDataset(torch.utils.data.Dataset):
-    "Item crops as (transformed image, index); `None` for a JPEG that does not decode."
-    def __init__(self, items, transform=None, min_side: int | None = None):  # transform: e.g. open_clip's preprocess
-        self.items, self.transform, self.min_side = list(items), transform, min_side
+    "Items -> (transformed crop, index, None), or (None, index, reason) for a photo that does not decode."
+    def __init__(self, items, transform=None,     # transform: e.g. open_clip's preprocess
+                 min_side: int | None = None,      # decode at least this size (lets draft mode shrink big JPEGs)
+                 load_fn=None):                    # load_fn(item, min_side) -> PIL image; default `load_crop`
+        self.items, self.transform, self.min_side, self.load_fn = list(items), transform, min_side, load_fn or load_crop
     def __len__(self): return len(self.items)
     def __getitem__(self, i):
-        try: im = load_crop(self.items[i], self.min_side)
-        except ImageDecodeError as e: log.warning("%s", e); return None
-        return (self.transform(im) if self.transform else im), i
+        try: im = self.load_fn(self.items[i], self.min_side)
+        except DECODE_ERRORS as e: return None, i, f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"
+        return (self.transform(im) if self.transform else im), i, None
 
 def collate_crops(batch) -> tuple:
-    "(images (B', 3, S, S), indices (B',)) of the samples that decoded; `None`s dropped and logged."
-    ok = [b for b in batch if b is not None]
-    if len(ok) < len(batch): log.warning("dropped %d undecodable crops from a batch of %d", len(batch) - len(ok), len(batch))
-    if not ok: return torch.empty(0, 3, 0, 0), torch.empty(0, dtype=torch.long)
-    return torch.stack([x for x, _ in ok]), torch.tensor([i for _, i in ok])
+    "(crops (b, 3, S, S) or None, indices that decoded, [(index, reason)] of those that did not)."
+    ok = [b for b in batch if b[0] is not None]
+    return (torch.stack([b[0] for b in ok]) if ok else None), [b[1] for b in ok], [(b[1], b[2]) for b in batch if b[0] is None]
 
 # %% ../nbs/01_data.ipynb #dafcaf0d
 def data_report(index: DatasetIndex, vocab: Vocab | None = None, field_names=None) -> dict:

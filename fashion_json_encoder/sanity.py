@@ -56,7 +56,7 @@ def sanity_check(cfg: Config | None = None, dataset_path=None, progress: bool = 
         trainer = Trainer(cfg, vocab, tr, va, work / "run", tower=prep.tower, progress=progress, info=prep.info)
         enc, tower = trainer.encoder, prep.tower
         probe = [{}, {f: "값" for f in vocab.fields}] + [it.json for it in tr.items[:6]]
-        out = enc(collate_json([vocab.encode(j) for j in probe], list(vocab.fields)))
+        out = enc({k: v.to(trainer.device) for k, v in collate_json([vocab.encode(j) for j in probe], list(vocab.fields)).items()})
         checks.append(Check("every field type handled (single, multi, missing)",
                             all(kinds.values()) and bool(torch.isfinite(out).all()),
                             ", ".join(f"{k}: {v}" for k, v in kinds.items())))

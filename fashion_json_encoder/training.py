@@ -131,9 +131,9 @@ class Trainer:
         if data.features is not None:
             for idx in batches: yield idx, data.features[idx]
             return
-        from fashion_json_encoder.models.feature_cache import CropInputs, collate_crops
+        from fashion_json_encoder.data import CropDataset, collate_crops
         assert self.tower is not None, "no cached features and no tower to run"
-        ds = CropInputs(data.items, self.tower.preprocess, min_side=self.tower.image_size)
+        ds = CropDataset(data.items, self.tower.preprocess, min_side=self.tower.image_size)
         dl = torch.utils.data.DataLoader(ds, batch_sampler=[b.tolist() for b in batches], num_workers=self.cfg.num_workers,
                                          collate_fn=collate_crops)
         for pixels, ok, bad in dl:
@@ -196,7 +196,8 @@ class Trainer:
                 "vocab": self.vocab.fields, "encoder": self.encoder.state_dict(),
                 "logit_scale": self.learner.logit_scale.detach().cpu(), "optimizer": self.opt.state_dict(),
                 "scheduler": self.sched.state_dict() if self.sched else None, "history": self.history,
-                "best": self.best, "rng": torch.get_rng_state(), "tower": self.info.get("tower", {}),
+                "best": self.best, "rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None, "tower": self.info.get("tower", {}),
                 "dataset_path": self.info.get("data", {}).get("dataset_path")}
 
     def _resume(self, path) -> int:
@@ -206,7 +207,8 @@ class Trainer:
         with torch.no_grad(): self.learner.logit_scale.copy_(st["logit_scale"])
         self.history, self.best, self.stage = st["history"], st["best"], None
         self._resume_opt = st  # optimiser/scheduler state is restored when the stage's optimiser is built
-        torch.set_rng_state(st["rng"])
+        torch.set_rng_state(st["rng"])  # dropout continues exactly where the interrupted run stopped
+        if self.device.type == "cuda" and st.get("cuda_rng") is not None: torch.cuda.set_rng_state(st["cuda_rng"], self.device)
         log.info("resumed from %s at epoch %d (%s)", path, st["epoch"], st["stage"])
         return st["epoch"]
 

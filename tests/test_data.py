@@ -76,12 +76,12 @@ def test_truncated_jpeg_is_indexed_then_fails_softly(index):
     with pytest.raises(ImageDecodeError, match="cannot decode") as e: load_crop(bad[0])
     assert isinstance(e.value, UserError)
     ds = CropDataset([good, bad[0], good], transform=lambda im: torch.zeros(3, 8, 8))
-    assert ds[1] is None
+    assert ds[1][0] is None and "cannot decode" in ds[1][2]
     dl = torch.utils.data.DataLoader(ds, batch_size=3, num_workers=1, collate_fn=collate_crops)
-    (x, idx), = list(dl)  # a worker survives the bad JPEG
-    assert x.shape == (2, 3, 8, 8) and idx.tolist() == [0, 2]
-    x, idx = collate_crops([None, None])
-    assert len(idx) == 0
+    (x, ok, failed), = list(dl)  # a worker survives the bad JPEG
+    assert x.shape == (2, 3, 8, 8) and ok == [0, 2] and [j for j, _ in failed] == [1]
+    x, ok, failed = collate_crops([ds[1], ds[1]])
+    assert x is None and ok == [] and len(failed) == 2
 
 
 def test_box_geometry_cases(index):

@@ -10,7 +10,8 @@ from safetensors import safe_open
 from fashion_json_encoder.data import Item, load_crop
 from fashion_json_encoder.models.image_encoder import CLIPImageEncoder, tiny_clip_config
 from fashion_json_encoder.models.feature_cache import (build_feature_cache, plan_chunks, read_chunks, cache_path,
-                                                       cache_key, FeatureCache, CropInputs, collate_crops)
+                                                       cache_key, FeatureCache)
+from fashion_json_encoder.data import CropDataset, collate_crops
 
 
 def _item(key, path, crop=(4, 6, 70, 90)):
@@ -163,7 +164,7 @@ def test_plan_chunks_disjoint_and_complete(n, size, world):
 
 def test_crop_inputs_for_the_per_batch_path(items, tower, tmp_path):
     (tmp_path / "junk.jpg").write_bytes(b"junk")
-    ds = CropInputs(items[:2] + [_item("x/1/상의", tmp_path / "junk.jpg")], tower.preprocess, min_side=tower.image_size)
+    ds = CropDataset(items[:2] + [_item("x/1/상의", tmp_path / "junk.jpg")], tower.preprocess, min_side=tower.image_size)
     pixels, ok, bad = collate_crops([ds[i] for i in range(3)])
     assert pixels.shape == (2, 3, 64, 64) and ok == [0, 1] and bad[0][0] == 2
     assert collate_crops([ds[2]])[0] is None

@@ -24,6 +24,8 @@ def _trainer(prepared, out):
     return Trainer(CFG, p.vocab, p.train, p.val, out, tower=tower, progress=False, info=p.info)
 
 def test_resume_equals_uninterrupted(prepared, tmp_path, monkeypatch):
+    # exact on CPU; CUDA's embedding backward accumulates with atomics, so there only float noise may differ
+    tol = 1e-6 if not torch.cuda.is_available() else 1e-3
     full = _trainer(prepared, tmp_path / "full").fit()
     full_w = torch.load(tmp_path / "full/checkpoints/last.pt", weights_only=True)["encoder"]
     # interrupted run: crash during epoch 3 (after epochs 1-2 wrote last.pt), then resume in a fresh trainer
@@ -39,11 +41,11 @@ def test_resume_equals_uninterrupted(prepared, tmp_path, monkeypatch):
     resumed = _trainer(prepared, tmp_path / "cut").fit(resume=tmp_path / "cut/checkpoints/last.pt")
     assert [h["epoch"] for h in resumed["history"]] == [1, 2, 3, 4]
     for a, b in zip(full["history"], resumed["history"]):
-        assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-6)
-        assert a["val"]["mrr"] == pytest.approx(b["val"]["mrr"], abs=1e-6)
-        assert a["val"]["loss"] == pytest.approx(b["val"]["loss"], abs=1e-6)
+        assert a["train_loss"] == pytest.approx(b["train_loss"], abs=tol)
+        assert a["val"]["mrr"] == pytest.approx(b["val"]["mrr"], abs=tol)
+        assert a["val"]["loss"] == pytest.approx(b["val"]["loss"], abs=tol)
     res_w = torch.load(tmp_path / "cut/checkpoints/last.pt", weights_only=True)["encoder"]
-    assert all(torch.allclose(full_w[k], res_w[k], atol=1e-6) for k in full_w)
+    assert all(torch.allclose(full_w[k], res_w[k], atol=tol) for k in full_w)
     assert full["best_epoch"] == resumed["best_epoch"]
 
 def test_checkpoint_is_weights_only_and_self_contained(prepared, tmp_path):

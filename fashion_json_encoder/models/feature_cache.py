@@ -10,19 +10,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 from ..config import UserError, atomic_write_text
 from .image_encoder import CLIPImageEncoder, check_precision
+from ..data import CropDataset, collate_crops
 
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'CACHE_VERSION', 'DECODE_ERRORS', 'cache_key', 'cache_path', 'record_id', 'plan_chunks', 'write_chunk',
-           'read_chunks', 'CropInputs', 'collate_crops', 'FeatureCache', 'build_feature_cache']
+__all__ = ['log', 'CACHE_VERSION', 'cache_key', 'cache_path', 'record_id', 'plan_chunks', 'write_chunk', 'read_chunks',
+           'FeatureCache', 'build_feature_cache']
 
 # %% ../../nbs/03a_feature_cache.ipynb #1cb94a9f
 CACHE_VERSION = 1  # bump when the on-disk format changes
@@ -74,31 +75,7 @@ def read_chunks(root: Path) -> tuple:
         rows.update({r: (f, i) for i, r in enumerate(ids)}); skipped.update(sk)
     return rows, skipped
 
-# %% ../../nbs/03a_feature_cache.ipynb #23a8e8bc
-DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError, UserError)  # what Pillow raises on bad files
-
-def _load_crop(item, min_side=None):
-    "`fashion_json_encoder.data.load_crop`, imported when first needed."
-    from fashion_json_encoder.data import load_crop
-    return load_crop(item, min_side)
-
-class CropInputs(Dataset):
-    "Items -> (pixels (3, S, S) or None, index, failure reason or None)."
-    def __init__(self, items: list, transform, load_fn=None,  # load_fn(item, min_side) -> PIL image; default data.load_crop
-                 min_side: int | None = None):  # decode at least this size (lets draft mode shrink big JPEGs)
-        self.items, self.transform, self.load_fn, self.min_side = items, transform, load_fn or _load_crop, min_side
-    def __len__(self): return len(self.items)
-    def __getitem__(self, i):
-        try: return self.transform(self.load_fn(self.items[i], self.min_side)), i, None
-        except DECODE_ERRORS as e:
-            return None, i, f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"
-
-def collate_crops(batch: list) -> tuple:
-    "Stack the decoded crops: (pixels (b, 3, S, S) or None, their indices, [(index, reason)] of the failures)."
-    ok = [b for b in batch if b[0] is not None]
-    return (torch.stack([b[0] for b in ok]) if ok else None), [b[1] for b in ok], [(b[1], b[2]) for b in batch if b[0] is None]
-
-# %% ../../nbs/03a_feature_cache.ipynb #95fec154
+# %% ../../nbs/03a_feature_cache.ipynb #7153d1f5
 @dataclass
 class FeatureCache:
     "The tower features of a list of items, read from the on-disk cache; skipped items have no row."
@@ -129,10 +106,10 @@ def _write_manifest(root: Path, key: dict):
     fmt = "chunk_*.safetensors: tensor 'features' (n, D) fp16; metadata 'ids' (record id per row), 'skipped' {id: [item key, reason, detail]}"
     atomic_write_text(p, json.dumps({"key": key, "format": fmt}, ensure_ascii=False, indent=1) + "\n")
 
-# %% ../../nbs/03a_feature_cache.ipynb #9d892d04
+# %% ../../nbs/03a_feature_cache.ipynb #7652252c
 def _encode_missing(items, ids, todo, tower, root, batch_size, num_workers, progress, chunk_size, load_fn):
     "Encode the crops `items[i]` for i in `todo` and write them as chunks under `root`."
-    ds = CropInputs([items[i] for i in todo], tower.preprocess, load_fn, tower.image_size)
+    ds = CropDataset([items[i] for i in todo], tower.preprocess, tower.image_size, load_fn)
     chunks = plan_chunks(len(todo), chunk_size)
     batches = [list(c[j:j + batch_size]) for c in chunks for j in range(0, len(c), batch_size)]
     dl = DataLoader(ds, batch_sampler=batches, num_workers=num_workers, collate_fn=collate_crops,
