@@ -6,7 +6,7 @@
 from __future__ import annotations
 import argparse, json, logging, sys
 from pathlib import Path
-from .config import Config, UserError, load_config, save_config, update_config
+from .config import Config, UserError, config_from_dict, load_config, save_config, update_config
 
 # %% auto #0
 __all__ = ['add_train_args', 'config_from_args', 'run_command', 'train_main', 'build_parser', 'main']
@@ -16,7 +16,7 @@ def add_train_args(p: argparse.ArgumentParser):
     "The training flags shared by `train.py` and `main.py train`."
     p.add_argument("--dataset_path", help="K-Fashion folder (raw AI Hub layout, searched recursively)")
     p.add_argument("--config", help="JSON config file (see create_config); flags override it")
-    p.add_argument("--output_dir", default="outputs", help="where checkpoints/, logs/ and results/ go (default: outputs)")
+    p.add_argument("--output_dir", help="where checkpoints/, logs/, results/ and cache/ go (default: outputs, or the resumed run's folder)")
     p.add_argument("--epochs", type=int, dest="max_epochs", help="total epochs, standalone included (config max_epochs)")
     p.add_argument("--batch_size", type=int, help="contrastive batch size (in-batch negatives)")
     p.add_argument("--lr", type=float, dest="learning_rate", help="Adam learning rate")
@@ -26,14 +26,14 @@ def add_train_args(p: argparse.ArgumentParser):
     p.add_argument("--num_workers", type=int, help="DataLoader and index-building workers")
     p.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
     p.add_argument("--seed", type=int, help="fixes data splits, init and order")
-    p.add_argument("--resume", help="continue from a checkpoint, e.g. OUTPUT/checkpoints/last.pt")
+    p.add_argument("--resume", help="continue from a checkpoint, e.g. OUTPUT/checkpoints/last.pt (its config, dataset and folder unless given)")
     p.add_argument("--no_cache", action="store_true", help="run the frozen tower on every batch instead of caching features")
     p.add_argument("--quiet", action="store_true", help="no progress bars, warnings and errors only")
     return p
 
-def config_from_args(a: argparse.Namespace) -> Config:
-    "Defaults <- config file <- flags."
-    cfg = load_config(a.config) if getattr(a, "config", None) else Config()
+def config_from_args(a: argparse.Namespace, base: Config | None = None) -> Config:
+    "Defaults (or `base`, e.g. a resumed run's config) <- config file <- flags."
+    cfg = load_config(a.config) if getattr(a, "config", None) else (base or Config())
     over = {k: getattr(a, k, None) for k in ("max_epochs", "batch_size", "learning_rate", "standalone_epochs",
                                               "clip_pretrained", "num_workers", "device", "seed")}
     if getattr(a, "no_standalone", False): over["standalone_epochs"] = 0
@@ -78,10 +78,17 @@ def _create_config(a, path) -> int:
 
 def _train(a) -> int:
     from fashion_json_encoder.system import train_run
-    res = train_run(config_from_args(a), a.dataset_path, a.output_dir, resume=a.resume, progress=_progress(a))
+    from fashion_json_encoder.training import load_checkpoint
+    out, data, base = a.output_dir, a.dataset_path, None
+    if a.resume:  # a resumed run keeps its config, dataset and folder unless flags say otherwise
+        st = load_checkpoint(a.resume)
+        base, data = config_from_dict(st["config"], f"{a.resume} config"), data or st.get("dataset_path")
+        out = out or Path(a.resume).resolve().parent.parent
+    out = Path(out or "outputs")
+    res = train_run(config_from_args(a, base), data, out, resume=a.resume, progress=_progress(a))
     b = res.get("best_metrics") or {}
     print(f"done: best epoch {res.get('best_epoch')}  val mrr {b.get('mrr', float('nan')):.4f}  top1 {b.get('top1', float('nan')):.4f}"
-          f"  top5 {b.get('top5', float('nan')):.4f}  -> {Path(a.output_dir) / 'checkpoints' / 'best_model.pt'}")
+          f"  top5 {b.get('top5', float('nan')):.4f}  -> {out / 'checkpoints' / 'best_model.pt'}")
     return 0
 
 def _sanity(a) -> int:

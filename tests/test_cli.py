@@ -97,3 +97,11 @@ def test_help_lists_every_flag():
                  "--standalone_epochs", "--clip_pretrained", "--num_workers", "--device", "--seed", "--resume", "--no_cache",
                  "--sanity_check", "--create_config", "--quiet"):
         assert flag in r.stdout, flag
+
+def test_resume_from_cli_keeps_run_config_and_folder(trained, capsys):
+    out, _ = trained
+    # only --resume: the run's own config (3 epochs, batch 8), dataset and folder are reused; nothing left to train
+    assert train_main(["--resume", str(out / "checkpoints/last.pt"), "--quiet", "--epochs", "4"]) == 0
+    assert "done: best epoch" in capsys.readouterr().out
+    res = json.loads((out / "results/training_results.json").read_text(encoding="utf-8"))
+    assert [h["epoch"] for h in res["history"]] == [1, 2, 3, 4] and res["config"]["batch_size"] == 8
