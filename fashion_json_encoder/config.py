@@ -5,14 +5,15 @@
 # %% ../nbs/00_config.ipynb #93f87e4a
 from __future__ import annotations
 import dataclasses, difflib, json, logging, os, tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields, asdict
 from pathlib import Path
 from typing import Any, get_type_hints
 
 # %% auto #0
 __all__ = ['KFASHION_GROUPS', 'KFASHION_ATTRIBUTES', 'KFASHION_MULTI', 'STYLE_KEY', 'UserError', 'ConfigError', 'default_fields',
-           'Config', 'validate_config', 'config_from_dict', 'load_config', 'atomic_write_text', 'save_config',
-           'update_config', 'log_config']
+           'Config', 'validate_config', 'config_from_dict', 'load_config', 'atomic_path', 'atomic_write_text',
+           'save_config', 'update_config', 'log_config']
 
 # %% ../nbs/00_config.ipynb #e2043caf
 class UserError(Exception):
@@ -145,15 +146,19 @@ def load_config(path) -> Config:
     except (json.JSONDecodeError, UnicodeDecodeError) as e: raise ConfigError(f"{path}: not valid JSON ({e})") from None
     return config_from_dict(d, str(path))
 
-def atomic_write_text(path, text: str):
-    "Write `text` to `path` via a temporary file and rename, so readers never see a partial file."
+@contextmanager
+def atomic_path(path):
+    "Yield a temporary path beside `path`; rename it over `path` on success, remove it on failure."
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"); os.close(fd)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f: f.write(text)
+        yield Path(tmp)
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True); raise
+    finally: Path(tmp).unlink(missing_ok=True)  # gone already after a successful replace
+
+def atomic_write_text(path, text: str):
+    "Write UTF-8 `text` to `path` atomically: readers never see a partial file."
+    with atomic_path(path) as tmp: tmp.write_text(text, encoding="utf-8")
 
 def save_config(cfg: Config, path) -> Path:
     "Write `cfg` as UTF-8 JSON (Hangul unescaped)."

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 import torch
 from PIL import Image
-from .config import Config, UserError, STYLE_KEY, KFASHION_GROUPS
+from .config import Config, UserError, STYLE_KEY, KFASHION_GROUPS, atomic_path
 from .vocab import Vocab, normalise_value
 
 log = logging.getLogger(__name__)
@@ -240,9 +240,8 @@ def _save_index(index: DatasetIndex, path: Path):
                    for s, its in index.items.items()}}
     path.parent.mkdir(parents=True, exist_ok=True)
     for old in path.parent.glob(path.name[:15] + "*.json.gz"): old.unlink(missing_ok=True)  # stale caches of this root
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    with gzip.open(tmp, "wb", compresslevel=3) as f: f.write(json.dumps(d, ensure_ascii=False).encode("utf-8"))  # dumps: C encoder
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp, gzip.open(tmp, "wb", compresslevel=3) as f:
+        f.write(json.dumps(d, ensure_ascii=False).encode("utf-8"))  # dumps: the C encoder
 
 def _load_index(root: Path, path: Path) -> DatasetIndex:
     gc.disable()  # ~2x faster for millions of small objects that hold no cycles
