@@ -105,7 +105,7 @@ def _sanity(a) -> int:
 def build_parser() -> argparse.ArgumentParser:
     "The `main.py` parser with one sub-command per task."
     p = argparse.ArgumentParser(prog="main.py", description="fashion-json-encoder: K-Fashion JSON encoder aligned with CLIP ViT-B/32.")
-    sub = p.add_subparsers(dest="command", required=True, metavar="{train,evaluate,sanity_check,create_config,inspect_data}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{train,evaluate,search,tag,sanity_check,create_config,inspect_data}")
     add_train_args(sub.add_parser("train", help="train (same flags as train.py)", description="Train the JSON encoder."))
     e = sub.add_parser("evaluate", help="whole-gallery retrieval metrics of a checkpoint", description="Evaluate a checkpoint.")
     e.add_argument("--checkpoint_path", required=True, help="a checkpoint written by training (best_model.pt, last.pt, ...)")
@@ -115,7 +115,25 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--output_dir", help="write results/evaluation_results.json here (default: the checkpoint's run folder)")
     e.add_argument("--device", help="auto, cpu, cuda or cuda:N")
     e.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
+    e.add_argument("--save_embeddings", metavar="FILE.npz", help="write image and JSON embeddings, item keys and JSON strings (recompute every metric from it)")
+    e.add_argument("--plot", action="store_true", help="save a UMAP of image and JSON embeddings as results/umap.png")
+    e.add_argument("--baseline", choices=["clip_text"], help="also score open_clip's text tower on captions templated from each JSON")
     e.add_argument("--quiet", action="store_true", help="warnings and errors only")
+    for name, hlp, desc in (("search", "find gallery images by a JSON query", "Search the gallery with a (partial) JSON query."),
+                            ("tag", "rank the vocabulary values of each field for an image", "Tag an image or a box of it.")):
+        t = sub.add_parser(name, help=hlp, description=desc)
+        t.add_argument("--checkpoint_path", required=True, help="a checkpoint written by training (best_model.pt, ...)")
+        t.add_argument("--dataset_path", help="dataset to index when no index is saved next to the checkpoint (default: the recorded one)")
+        if name == "search":
+            t.add_argument("--query", required=True, help='JSON object, any subset of the fields, e.g. \'{"category": "블라우스", "material": ["레이스"]}\'')
+            t.add_argument("--k", type=int, default=10, help="how many items to return (default 10)")
+            t.add_argument("--raw", action="store_true", help="rank by plain cosine instead of the querybank-normalised score")
+        else:
+            t.add_argument("--image", required=True, help="image file (JPEG/PNG)")
+            t.add_argument("--box", help="x,y,w,h box in raw pixels (K-Fashion 렉트좌표 style); default: the whole image")
+            t.add_argument("--top", type=int, default=5, help="values per field (default 5)")
+        t.add_argument("--json", action="store_true", help="print one JSON object")
+        t.add_argument("--quiet", action="store_true", help="warnings and errors only")
     s = sub.add_parser("sanity_check", help="check the pipeline end to end in under 2 minutes", description="Sanity check.")
     s.add_argument("--dataset_path", help="run on a small sample of this dataset instead of built-in synthetic data")
     s.add_argument("--clip_pretrained", help="tower weights (default: 'none' on synthetic data, 'openai' on a dataset)")
@@ -143,6 +161,7 @@ def main(argv=None) -> int:
     if a.command == "sanity_check": return run_command(_sanity, a, quiet=q)
     if a.command == "inspect_data": return run_command(_inspect, a, quiet=q)
     if a.command == "evaluate": return run_command(_evaluate, a, quiet=q)
+    if a.command in ("search", "tag"): return run_command(_search_or_tag, a, quiet=q)
     raise AssertionError(a.command)
 
 def _inspect(a) -> int:
@@ -154,5 +173,20 @@ def _inspect(a) -> int:
 def _evaluate(a) -> int:
     from fashion_json_encoder.system import evaluate_checkpoint, format_metrics
     m = evaluate_checkpoint(a.checkpoint_path, dataset_path=a.dataset_path, split=a.split, clip_pretrained=a.clip_pretrained,
-                            output_dir=a.output_dir, device=a.device, progress=_progress(a))
+                            output_dir=a.output_dir, device=a.device, progress=_progress(a), save_embeddings=a.save_embeddings,
+                            plot=a.plot, baseline=a.baseline)
     print(json.dumps(m, ensure_ascii=False, indent=2) if a.json else format_metrics(m)); return 0
+
+def _search_or_tag(a) -> int:
+    from fashion_json_encoder.search import Searcher, check_query, format_hits, format_tags
+    from fashion_json_encoder.training import load_checkpoint
+    from fashion_json_encoder.vocab import Vocab
+    if a.command == "search": check_query(a.query, Vocab(load_checkpoint(a.checkpoint_path)["vocab"]))  # fail fast, before any index build
+    box = None
+    if a.command == "tag" and a.box:
+        try: box = [float(v) for v in a.box.split(",")]; assert len(box) == 4
+        except (ValueError, AssertionError): raise UserError(f"--box must be x,y,w,h (four numbers), got {a.box!r}") from None
+    s = Searcher(a.checkpoint_path, a.dataset_path, progress=_progress(a))
+    out = s.search(a.query, a.k, normalised=not a.raw) if a.command == "search" else s.tag(a.image, box, a.top)
+    print(json.dumps(out, ensure_ascii=False, indent=2) if a.json else (format_hits if a.command == "search" else format_tags)(out))
+    return 0

@@ -17,6 +17,7 @@ from .models.feature_cache import build_feature_cache
 from .models.json_encoder import JSONEncoder
 from .evaluation import gallery_metrics
 from .training import PairedData, Trainer, embed_rows, load_checkpoint, make_paired, resolve_device
+from .distributed import cleanup_distributed, init_distributed, is_main, main_first
 
 log = logging.getLogger(__name__)
 
@@ -51,15 +52,17 @@ def _sample(items: list, k: int | None, seed: int) -> list:
 
 def prepare_data(cfg: Config, dataset_path, output_dir, vocab: Vocab | None = None, tower=None,
                  progress: bool = True, splits=("train", "val"),
-                 sample: int | None = None) -> Prepared:  # sample: keep a seeded random subset of at most this many items per split
+                 sample: int | None = None,  # sample: keep a seeded random subset of at most this many items per split
+                 device=None) -> Prepared:  # the tower's device when it is built here (default: the config's)
     "Index the dataset, build (or reuse) the vocabulary, the tower and the feature cache of each split."
     out = Path(output_dir)
     t0 = time.perf_counter()
-    index = build_index(dataset_path, cfg, cache_dir=out / "cache", num_workers=cfg.num_workers)
+    with main_first():  # under torchrun rank 0 parses (and caches) the index, then the other ranks read it
+        index = build_index(dataset_path, cfg, cache_dir=out / "cache", num_workers=cfg.num_workers)
     t_index = time.perf_counter() - t0
     if sample: index.items = {s: _sample(v, sample, cfg.seed) for s, v in index.items.items()}
     vocab = vocab or Vocab.build([it.json for it in index.items["train"]], list(cfg.fields))
-    tower = tower or make_tower(cfg)
+    tower = tower or make_tower(cfg, device)
     skipped, data, timings = index.skipped.copy(), {}, {"index_seconds": t_index, "cache_build_seconds": 0.0}
     for split in splits:
         items = index.items[split]
@@ -82,13 +85,18 @@ def prepare_data(cfg: Config, dataset_path, output_dir, vocab: Vocab | None = No
 def train_run(cfg: Config, dataset_path, output_dir, resume=None, progress: bool = True, tower=None,
               standalone_epochs: int | None = None, contrastive_epochs: int | None = None) -> dict:
     "Train on `dataset_path`, writing checkpoints/, logs/ and results/ under `output_dir`; returns the results dict."
-    log_config(cfg, log)
+    device, owns_group = init_distributed(resolve_device(cfg.device))  # torchrun (WORLD_SIZE > 1): this process is one rank
+    if not is_main(): logging.getLogger("fashion_json_encoder").setLevel(logging.WARNING)  # rank 0 tells the story
+    else: log_config(cfg, log)
     vocab = Vocab(load_checkpoint(resume)["vocab"]) if resume else None
-    prep = prepare_data(cfg, dataset_path, output_dir, vocab=vocab, tower=tower, progress=progress)
-    prep.vocab.save(Path(output_dir) / "results" / "vocab.json")
+    prep = prepare_data(cfg, dataset_path, output_dir, vocab=vocab, tower=tower, progress=progress, device=device)
+    if is_main(): prep.vocab.save(Path(output_dir) / "results" / "vocab.json")
     for w in prep.info.get("warnings", []): log.warning(w)
-    trainer = Trainer(cfg, prep.vocab, prep.train, prep.val, output_dir, tower=prep.tower, progress=progress, info=prep.info)
-    return trainer.fit(standalone_epochs, contrastive_epochs, resume=resume)
+    trainer = Trainer(cfg, prep.vocab, prep.train, prep.val, output_dir, tower=prep.tower, device=device, progress=progress,
+                      info=prep.info)
+    res = trainer.fit(standalone_epochs, contrastive_epochs, resume=resume)
+    if owns_group: cleanup_distributed()
+    return res
 
 def load_encoder(state: dict, device="cpu") -> tuple[JSONEncoder, Vocab, Config]:
     "The trained JSON encoder, its vocabulary and config from a loaded checkpoint."
@@ -98,8 +106,14 @@ def load_encoder(state: dict, device="cpu") -> tuple[JSONEncoder, Vocab, Config]
     return enc.to(device).eval(), vocab, cfg
 
 def evaluate_checkpoint(checkpoint_path, dataset_path=None, split: str = "val", clip_pretrained: str | None = None,
-                        output_dir=None, device=None, progress: bool = True, tower=None) -> dict:
-    "Whole-gallery metrics of a checkpoint on a split, rebuilding the tower and vocabulary it records."
+                        output_dir=None, device=None, progress: bool = True, tower=None,
+                        save_embeddings=None,          # .npz path: embeddings, keys and JSON strings to recompute every metric
+                        plot: bool = False,            # save the UMAP of both modalities as results/umap.png
+                        baseline: str | None = None,   # "clip_text": also score open_clip's text tower on captions of each JSON
+                        text_tower=None) -> dict:      # the baseline's CLIPTextEncoder (default: the image tower's model and weights)
+    "Whole-gallery metrics of a checkpoint on a split, raw and querybank-normalised, rebuilding the tower and vocabulary it records."
+    from fashion_json_encoder.evaluation import canonical_json, json_groups, save_embeddings as write_npz
+    from fashion_json_encoder.search import calibrate_checkpoint, json_prior, load_calibration
     st = load_checkpoint(checkpoint_path)
     dev = resolve_device(device or "auto")
     enc, vocab, cfg = load_encoder(st, dev)
@@ -116,8 +130,27 @@ def evaluate_checkpoint(checkpoint_path, dataset_path=None, split: str = "val", 
     if len(data) < 2: raise UserError(f"{dataset_path}: the {split} split has {len(data)} item(s); at least 2 are needed")
     img = F.normalize(data.features.float(), dim=1) if data.features is not None else F.normalize(_tower_pass(prep, data, cfg), dim=1)
     txt = embed_rows(enc, data, dev)
-    m = gallery_metrics(img, txt, float(st["logit_scale"].exp()))
+    jsons, scale = [it.json for it in data.items], float(st["logit_scale"].exp())
+    strings = [canonical_json(j, list(vocab.fields)) for j in jsons]; groups = json_groups(strings)
+    # querybank: beta (and the JSON prior) are chosen on val and saved next to the checkpoint; other splits reuse them
+    calib = (calibrate_checkpoint(checkpoint_path, enc, vocab, [it.json for it in prep.index.items["train"]], img, txt, strings)
+             if split == "val" else load_calibration(checkpoint_path, enc))
+    kw = dict(bank=calib["bank"], bank_logw=calib["bank_logw"], beta=calib["beta"], prior=json_prior(strings, calib),
+              use_prior=calib["use_prior"]) if calib else {}
+    m = gallery_metrics(img, txt, scale, groups=groups, **kw)
     out = {"checkpoint": str(checkpoint_path), "epoch": st["epoch"], "split": split, "metrics": m, **prep.info}
+    if calib: out["calibration"] = {"beta": calib["beta"], "use_prior": calib["use_prior"], "prior_gain": calib["prior_gain"],
+                                    "bank_size": len(calib["bank_strings"]), "beta_mrr": calib["beta_mrr"]}
+    if baseline == "clip_text":
+        from fashion_json_encoder.clip_text import CLIPTextEncoder, clip_text_metrics
+        text_tower = text_tower or CLIPTextEncoder(cfg.clip_model, cfg.clip_pretrained, seed=cfg.seed, device=str(dev))
+        out["baselines"] = clip_text_metrics(img, jsons, cfg.fields, text_tower, groups)
+    if save_embeddings:
+        out["embeddings"] = str(write_npz(save_embeddings, img, txt, [it.key for it in data.items], strings, scale,
+                                          calib and {**calib, "prior": kw["prior"]}))
+    if plot:
+        from fashion_json_encoder.visualise import plot_umap
+        out["umap"] = str(plot_umap(img, txt, jsons, path=run_dir / "results" / "umap.png"))
     atomic_write_text(run_dir / "results" / "evaluation_results.json", json.dumps(out, ensure_ascii=False, indent=2) + "\n")
     return out
 
@@ -127,12 +160,27 @@ def _tower_pass(prep, data, cfg):
     return tr._features(data).float()
 
 def format_metrics(res: dict) -> str:
-    "A readable table of `evaluate_checkpoint`'s result."
-    m = res["metrics"]
-    rows = [f"checkpoint {res['checkpoint']} (epoch {res['epoch']}), split {res['split']}, gallery {m['gallery_size']} items",
-            f"{'direction':<14}{'top1':>8}{'top5':>8}{'mrr':>8}",
-            *(f"{name:<14}{m[f'{k}_top1']:>8.4f}{m[f'{k}_top5']:>8.4f}{m[f'{k}_mrr']:>8.4f}" for name, k in (("image->json", "i2j"), ("json->image", "j2i"))),
-            f"InfoNCE loss {m['loss']:.4f}   mean positive cosine {m['pos_cosine']:.4f}"]
+    "A readable table of `evaluate_checkpoint`'s result: strict and aware, raw and normalised, baselines."
+    m, n = res["metrics"], res["metrics"]["gallery_size"]
+    row = lambda name, p, q: f"{name:<22}" + "".join(f"{m[f'{v}{p}_{k}']:>8.4f}" for v in (q, q + "aware_") for k in ("top1", "top5", "mrr"))
+    rows = [f"checkpoint {res['checkpoint']} (epoch {res['epoch']}), split {res['split']}: gallery {n} items, "
+            f"{m['distinct_jsons']} distinct JSONs (random top1 = {1 / n:.4f})",
+            f"{'':<22}{'strict':<24}{'identical-JSON aware':<24}", f"{'direction':<22}" + f"{'top1':>8}{'top5':>8}{'mrr':>8}" * 2,
+            row("image->json raw", "i2j", ""), row("json->image raw", "j2i", "")]
+    if "beta" in m:
+        rows += [row("image->json +prior" if m["use_prior"] else "image->json (no prior)", "i2j", "norm_"),
+                 row(f"json->image QB b={m['beta']:g}", "j2i", "norm_")]
+    rows.append(f"InfoNCE loss {m['loss']:.4f}   cosine: positive {m['pos_cosine']:.4f}, negative {m['neg_cosine']:.4f}, "
+                f"gap {m['cosine_gap']:.4f} (negative over differing JSONs {m['neg_cosine_aware']:.4f})")
+    if c := res.get("calibration"):
+        rows.append(f"querybank: {c['bank_size']} distinct training JSONs, beta {c['beta']:g} chosen on val; JSON prior for "
+                    f"image->json {'kept' if c['use_prior'] else 'dropped'} (val MRR {c['prior_gain']:+.4f})")
+    if b := res.get("baselines"):
+        cols = ("i2j_top1", "i2j_mrr", "j2i_top1", "j2i_mrr", "mrr", "aware_mrr")
+        rows += ["", f"{'model':<22}" + "".join(f"{c:>10}" for c in cols),
+                 *(f"{name:<22}" + "".join(f"{mm[c]:>10.4f}" for c in cols) for name, mm in [("json encoder", m), *b.items()])]
+    for k, label in (("embeddings", "embeddings"), ("umap", "UMAP figure")):
+        if res.get(k): rows.append(f"{label}: {res[k]}")
     return "\n".join(rows + [f"warning: {w}" for w in res.get("warnings", [])])
 
 def inspect_data(dataset_path, cfg: Config | None = None, output_dir="outputs") -> dict:
@@ -173,9 +221,28 @@ class FashionEncoderSystem:
         self.prepared.vocab.save(self.output_dir / "results" / "vocab.json")
         return self.trainer.fit(standalone_epochs, contrastive_epochs)
 
-    def evaluate(self, checkpoint_path=None, dataset_path=None, split: str = "val") -> dict:
+    def evaluate(self, checkpoint_path=None, dataset_path=None, split: str = "val",
+                 **kwargs) -> dict:  # kwargs: save_embeddings=, plot=, baseline="clip_text", text_tower= (see evaluate_checkpoint)
         "Whole-gallery metrics of a checkpoint (default: this run's best_model.pt)."
         ckpt = checkpoint_path or self.output_dir / "checkpoints" / "best_model.pt"
         tower = self.prepared.tower if self.prepared else None
         return evaluate_checkpoint(ckpt, dataset_path or self.dataset_path, split=split, progress=self.progress,
-                                   tower=tower)["metrics"]
+                                   tower=tower, **kwargs)["metrics"]
+
+    def searcher(self, checkpoint_path=None):
+        "The `search.Searcher` of a checkpoint (default: this run's best_model.pt); its index is built once and saved."
+        from fashion_json_encoder.search import Searcher
+        ckpt = Path(checkpoint_path or self.output_dir / "checkpoints" / "best_model.pt")
+        key = (ckpt.resolve(), ckpt.stat().st_mtime_ns if ckpt.is_file() else None)
+        if getattr(self, "_searcher_key", None) != key:
+            self._searcher = Searcher(ckpt, self.dataset_path, tower=self.prepared.tower if self.prepared else None, progress=self.progress)
+            self._searcher_key = key
+        return self._searcher
+
+    def search(self, json_query, k: int = 10, checkpoint_path=None, normalised: bool = True) -> list:
+        "Top-k gallery items (image path, box, score, JSON) for a dict or JSON-string query over any subset of fields."
+        return self.searcher(checkpoint_path).search(json_query, k, normalised)
+
+    def tag(self, image_path, box=None, top: int = 5, checkpoint_path=None) -> dict:
+        "Top vocabulary values per field, with scores, for an image or its (x, y, w, h) box."
+        return self.searcher(checkpoint_path).tag(image_path, box, top)

@@ -16,6 +16,8 @@ from .vocab import Vocab, collate_json
 from .evaluation import gallery_metrics
 from .models.json_encoder import JSONEncoder
 from .models.contrastive_learner import ContrastiveLearner
+from .distributed import (all_gather_object, broadcast_object, gather_with_grad, get_rank,
+                                              get_world_size, reduce_sum)
 
 log = logging.getLogger(__name__)
 
@@ -48,18 +50,19 @@ class PairedData:
         "JSON ids (and features) of rows `idx`."
         return {k: v[idx] for k, v in self.json.items()}
 
-    def batches(self, batch_size: int, seed: int, epoch: int, shuffle: bool = True):
-        "Row-index batches of one epoch; a last batch smaller than 2 is dropped (InfoNCE needs negatives)."
+    def batches(self, batch_size: int, seed: int, epoch: int, shuffle: bool = True,
+                rank: int = 0, world_size: int = 1):  # this process's share of each global batch of world_size*batch_size rows
+        "Row-index batches of one epoch; a last batch smaller than 2 (or than world_size) is dropped (InfoNCE needs negatives)."
         g = torch.Generator().manual_seed(seed * 100_003 + epoch)
         order = torch.randperm(len(self), generator=g) if shuffle else torch.arange(len(self))
-        return [b for b in order.split(batch_size) if len(b) >= 2]
+        return [b.tensor_split(world_size)[rank] for b in order.split(batch_size * world_size) if len(b) >= max(2, world_size)]
 
 def make_paired(items: list, vocab: Vocab, features: torch.Tensor | None = None) -> PairedData:
     "Encode and collate every item's JSON once."
     names = list(vocab.fields)
     return PairedData(collate_json([vocab.encode(it.json) for it in items], names), features, list(items))
 
-# %% ../nbs/05_training.ipynb #3af4b847
+# %% ../nbs/05_training.ipynb #161f8ca8
 def standalone_targets(json_ids: dict, dim: int = 512, seed: int = 0) -> torch.Tensor:
     "A fixed random unit vector per distinct JSON row: (N, dim)."
     rows = torch.cat([v.sort(dim=1, descending=True).values for v in json_ids.values()], dim=1)  # (N, sum L_f) order-free
@@ -68,7 +71,7 @@ def standalone_targets(json_ids: dict, dim: int = 512, seed: int = 0) -> torch.T
     bank = F.normalize(torch.randn(int(inverse.max()) + 1, dim, generator=g), dim=1)
     return bank[inverse]
 
-# %% ../nbs/05_training.ipynb #e9f7b692
+# %% ../nbs/05_training.ipynb #21ed0425
 CKPT_FORMAT = "fashion-json-encoder/1"
 
 def save_checkpoint(state: dict, path) -> Path:
@@ -92,7 +95,7 @@ def load_checkpoint(path, map_location="cpu") -> dict:
         raise UserError(f"{path}: not a fashion-json-encoder checkpoint (format {CKPT_FORMAT} expected)")
     return state
 
-# %% ../nbs/05_training.ipynb #176fc5c6
+# %% ../nbs/05_training.ipynb #c045cc85
 def embed_rows(encoder, data: PairedData, device, batch_size: int = 1024) -> torch.Tensor:
     "JSON embeddings (N, D) of every row of `data`, in eval mode without gradients."
     was = encoder.training; encoder.eval(); out = []
@@ -106,7 +109,7 @@ def _better(metric: str, new: dict, old: dict | None) -> bool:
     if old is None: return True
     return new[metric] < old[metric] if metric == "loss" else new[metric] > old[metric]
 
-# %% ../nbs/05_training.ipynb #5916eb6f
+# %% ../nbs/05_training.ipynb #f6aabd9e
 class Trainer:
     "Stage 1 + stage 2 training with per-epoch validation, checkpoints, TensorBoard logs and a results file."
     def __init__(self, cfg: Config, vocab: Vocab, train: PairedData, val: PairedData, output_dir,
@@ -118,13 +121,20 @@ class Trainer:
         self.cfg, self.vocab, self.train_data, self.val_data = cfg, vocab, train, val
         self.out, self.progress, self.info = Path(output_dir), progress, dict(info or {})
         self.device = torch.device(device) if device else resolve_device(cfg.device)
+        self.rank, self.world = get_rank(), get_world_size()
         seed_everything(cfg.seed)
-        self.encoder = JSONEncoder(vocab.sizes, cfg.embedding_dim, cfg.hidden_dim, cfg.output_dim, cfg.dropout_rate)
-        self.learner = ContrastiveLearner(self.encoder, tower, cfg.temperature, cfg.learn_temperature).to(self.device)
+        self.encoder = JSONEncoder(vocab.sizes, cfg.embedding_dim, cfg.hidden_dim, cfg.output_dim, cfg.dropout_rate).to(self.device)
+        self.net = self.encoder if self.world == 1 else torch.nn.parallel.DistributedDataParallel(
+            self.encoder, device_ids=[self.device] if self.device.type == "cuda" else None, broadcast_buffers=False)
+        self.learner = ContrastiveLearner(self.net, tower, cfg.temperature, cfg.learn_temperature).to(self.device)
+        if self.world > 1:
+            self.learner.loss.gather = gather_with_grad  # global negatives: every rank's loss is the N*B-batch loss
+            torch.manual_seed(cfg.seed + 1_000_003 * self.rank)  # same init everywhere, own dropout masks per rank
         self.tower, self.history, self.best, self.stage, self.opt, self.sched = tower, [], None, None, None, None
-        self.undecodable, self._resume_opt = 0, None
+        self.undecodable, self._resume_opt, self._rank_rng = 0, None, None
         self.targets = standalone_targets(train.json, cfg.output_dim, cfg.seed)
-        self.val_image = F.normalize(self._features(val).float(), dim=1)  # frozen tower: val images embedded once
+        # frozen tower: val images embedded once, by the rank that validates
+        self.val_image = F.normalize(self._features(val).float(), dim=1) if self.rank == 0 else None
 
     def _image_batches(self, data: PairedData, batches: list):
         "Yield (row idx, image input): cached features, or decoded crops for the per-batch tower (bad JPEGs dropped)."
@@ -153,41 +163,51 @@ class Trainer:
     def _new_stage(self, stage: str, contrastive_epochs: int):
         params = [p for p in self.learner.parameters() if p.requires_grad]
         self.opt = torch.optim.Adam(params, lr=self.cfg.learning_rate, weight_decay=self.cfg.weight_decay)
-        steps = contrastive_epochs * len(self.train_data.batches(self.cfg.batch_size, 0, 0))
+        steps = contrastive_epochs * len(self._batches(0))
         self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, T_max=max(1, steps)) if stage == "contrastive" else None
         self.stage = stage
 
     # -- one epoch of each stage ---------------------------------------------------------------------------------
+    def _batches(self, epoch: int) -> list:
+        "This rank's row batches of `epoch` (per-rank batch_size; the global batch is world_size times larger)."
+        return self.train_data.batches(self.cfg.batch_size, self.cfg.seed, epoch, rank=self.rank, world_size=self.world)
+
     def _standalone_epoch(self, epoch: int) -> float:
         self.encoder.train(); total, n = 0.0, 0
-        for idx in self._bar(self.train_data.batches(self.cfg.batch_size, self.cfg.seed, epoch), epoch):
+        for idx in self._bar(self._batches(epoch), epoch):
+            n_all = reduce_sum(len(idx), self.device)  # rows of the global batch
             js = {k: v.to(self.device) for k, v in self.train_data.batch(idx).items()}
-            out = self.encoder(js)                                              # (B, D) unit-norm
-            loss = (1 - (out * self.targets[idx].to(self.device)).sum(1)).mean()  # 1 - cos to the fixed target
+            out = self.net(js)                                              # (B, D) unit-norm
+            err = 1 - (out * self.targets[idx].to(self.device)).sum(1)     # (B,) 1 - cos to the fixed target
+            loss = err.mean() if self.world == 1 else err.sum() * self.world / n_all  # DDP's mean over ranks -> global mean
             self.opt.zero_grad(set_to_none=True); loss.backward(); self.opt.step()
-            total += loss.item() * len(idx); n += len(idx)
-        return total / max(n, 1)
+            total += err.sum().item(); n += n_all
+        return reduce_sum(total, self.device) / max(n, 1)
 
     def _contrastive_epoch(self, epoch: int) -> float:
         self.learner.train(); total, n = 0.0, 0
-        batches = self.train_data.batches(self.cfg.batch_size, self.cfg.seed, epoch)
+        batches = self._batches(epoch)
         amp = self.device.type == "cuda"
         for idx, img in self._bar(self._image_batches(self.train_data, batches), epoch, total=len(batches)):
-            if len(idx) < 2: continue
+            n_all = reduce_sum(len(idx), self.device)  # rows of the global batch (undecodable crops may be missing)
+            if n_all < 2: continue
             js = {k: v.to(self.device, non_blocking=True) for k, v in self.train_data.batch(idx).items()}
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=amp):
-                loss = self.learner(img.to(self.device, non_blocking=True), js)
+                loss = self.learner(img.to(self.device, non_blocking=True), js)  # the global-batch loss on every rank
             self.opt.zero_grad(set_to_none=True); loss.backward(); self.opt.step(); self.sched.step()
-            total += loss.item() * len(idx); n += len(idx)
+            total += loss.item() * n_all; n += n_all
         return total / max(n, 1)
 
     def _bar(self, it, epoch, total=None):
-        return tqdm(it, total=total, desc=f"epoch {epoch}", leave=False, disable=not self.progress)
+        return tqdm(it, total=total, desc=f"epoch {epoch}", leave=False, disable=not self.progress or self.rank != 0)
 
     def validate(self) -> dict:
-        "Whole-gallery metrics on the val split."
-        txt = embed_rows(self.encoder, self.val_data, self.device)
-        return gallery_metrics(self.val_image, txt, self.learner.logit_scale.exp().item())
+        "Whole-gallery metrics on the val split (computed once, by rank 0, and shared with the other ranks)."
+        m = None
+        if self.rank == 0:
+            txt = embed_rows(self.encoder, self.val_data, self.device)
+            m = gallery_metrics(self.val_image, txt, self.learner.logit_scale.exp().item())
+        return broadcast_object(m)
 
     # -- checkpoints and resume -------------------------------------------------------------------------------------
     def state(self, epoch: int) -> dict:
@@ -198,7 +218,8 @@ class Trainer:
                 "scheduler": self.sched.state_dict() if self.sched else None, "history": self.history,
                 "best": self.best, "rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None, "tower": self.info.get("tower", {}),
-                "dataset_path": self.info.get("data", {}).get("dataset_path")}
+                "dataset_path": self.info.get("data", {}).get("dataset_path"),
+                "world_size": self.world, "rank_rng": self._rank_rng}  # rank_rng: each rank's (cpu, cuda) RNG state under torchrun
 
     def _resume(self, path) -> int:
         st = load_checkpoint(path)
@@ -207,8 +228,14 @@ class Trainer:
         with torch.no_grad(): self.learner.logit_scale.copy_(st["logit_scale"])
         self.history, self.best, self.stage = st["history"], st["best"], None
         self._resume_opt = st  # optimiser/scheduler state is restored when the stage's optimiser is built
-        torch.set_rng_state(st["rng"])  # dropout continues exactly where the interrupted run stopped
-        if self.device.type == "cuda" and st.get("cuda_rng") is not None: torch.cuda.set_rng_state(st["cuda_rng"], self.device)
+        rng, cuda_rng = st["rng"], st.get("cuda_rng")  # dropout continues exactly where the interrupted run stopped
+        if self.world > 1:
+            per_rank = st.get("rank_rng") or []
+            if len(per_rank) == self.world: rng, cuda_rng = per_rank[self.rank]
+            else: log.warning("%s: written by a run of %d process(es), resumed on %d: dropout masks differ from an uninterrupted run",
+                              path, st.get("world_size", 1), self.world)
+        torch.set_rng_state(rng)
+        if self.device.type == "cuda" and cuda_rng is not None: torch.cuda.set_rng_state(cuda_rng, self.device)
         log.info("resumed from %s at epoch %d (%s)", path, st["epoch"], st["stage"])
         return st["epoch"]
 
@@ -220,7 +247,8 @@ class Trainer:
         C = self.cfg.max_epochs - S if contrastive_epochs is None else contrastive_epochs
         start = self._resume(resume) + 1 if resume else 1
         ckpt, res = self.out / "checkpoints", self.out / "results"
-        writer = SummaryWriter(str(self.out / "logs"))
+        main = self.rank == 0  # only rank 0 writes checkpoints, logs and results
+        writer = SummaryWriter(str(self.out / "logs")) if main else None
         metric, t_run = self.cfg.select_metric, time.perf_counter()
         try:
             for epoch in range(start, S + C + 1):
@@ -239,16 +267,20 @@ class Trainer:
                        "temperature": 1 / self.learner.logit_scale.exp().item(), "train_seconds": secs,
                        "samples_per_s": len(self.train_data) / secs}
                 self.history.append(rec)
-                self._log(writer, rec)
+                if self.world > 1:
+                    self._rank_rng = all_gather_object((torch.get_rng_state(), torch.cuda.get_rng_state(self.device)
+                                                        if self.device.type == "cuda" else None))
+                if main: self._log(writer, rec)
                 if (stage == "contrastive" or C == 0) and _better(metric, val, self.best and self.best["val"]):
                     self.best = {"epoch": epoch, "val": val}
-                    save_checkpoint(self.state(epoch), ckpt / "best_model.pt")
-                if self.cfg.save_every and epoch % self.cfg.save_every == 0:
+                    if main: save_checkpoint(self.state(epoch), ckpt / "best_model.pt")
+                if main and self.cfg.save_every and epoch % self.cfg.save_every == 0:
                     save_checkpoint(self.state(epoch), ckpt / f"checkpoint_epoch_{epoch}.pt")
-                save_checkpoint(self.state(epoch), ckpt / "last.pt")
-        finally: writer.close()
+                if main: save_checkpoint(self.state(epoch), ckpt / "last.pt")
+        finally:
+            if writer: writer.close()
         results = self.results(time.perf_counter() - t_run)
-        atomic_write_text(res / "training_results.json", json.dumps(results, ensure_ascii=False, indent=2) + "\n")
+        if main: atomic_write_text(res / "training_results.json", json.dumps(results, ensure_ascii=False, indent=2) + "\n")
         return results
 
     def _log(self, writer, rec: dict):
@@ -266,6 +298,7 @@ class Trainer:
         return {"config": asdict(self.cfg), "vocab_sizes": self.vocab.sizes, "history": self.history,
                 "best_epoch": self.best and self.best["epoch"], "best_metrics": self.best and self.best["val"],
                 "select_metric": self.cfg.select_metric, "device": str(self.device), **self.info,
+                "world_size": self.world, "global_batch_size": self.cfg.batch_size * self.world,
                 "timings": {**self.info.get("timings", {}), "fit_seconds": seconds,
                             "contrastive_samples_per_s": (sum(h["samples_per_s"] for h in con) / len(con)) if con else None},
                 "undecodable_at_train": self.undecodable}

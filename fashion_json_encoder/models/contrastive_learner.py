@@ -17,6 +17,10 @@ __all__ = ['log', 'LOGIT_SCALE_MAX', 'InfoNCELoss', 'ContrastiveLearner']
 # %% ../../nbs/04_contrastive.ipynb #ab9560b6
 class InfoNCELoss(nn.Module):
     "Symmetric InfoNCE over in-batch negatives: mean of image->JSON and JSON->image cross-entropy."
+    def __init__(self, gather=None):  # gather(features) -> the whole batch's features across processes (`distributed.gather_with_grad`)
+        super().__init__()
+        self.gather = gather
+
     def get_logits(self, image_features: Tensor,  # (B, D) unit-norm
                    json_features: Tensor,  # (B, D) unit-norm
                    logit_scale: Tensor | float,  # 1/temperature (already exponentiated)
@@ -33,12 +37,14 @@ class InfoNCELoss(nn.Module):
         "`{'contrastive_loss': ...}`, the mean of the two directions' cross-entropies."
         assert image_features.shape == json_features.shape, \
             f"feature shapes differ: {tuple(image_features.shape)} vs {tuple(json_features.shape)}"
+        if self.gather is not None:  # global negatives: (B, D) per process -> (N*B, D), same loss on every process
+            image_features, json_features = self.gather(image_features), self.gather(json_features)
         logits_per_image, logits_per_json = self.get_logits(image_features, json_features, logit_scale)
         labels = self.get_ground_truth(image_features.device, logits_per_image.shape[0])
         loss = (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_json, labels)) / 2
         return {"contrastive_loss": loss}
 
-# %% ../../nbs/04_contrastive.ipynb #0f8b5716
+# %% ../../nbs/04_contrastive.ipynb #4b18a91f
 LOGIT_SCALE_MAX = math.log(100)  # open_clip clamps logit_scale to [0, log(100)], i.e. temperature >= 0.01
 
 class ContrastiveLearner(nn.Module):

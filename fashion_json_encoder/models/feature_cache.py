@@ -18,12 +18,13 @@ from tqdm import tqdm
 from ..config import UserError, atomic_write_text
 from .image_encoder import CLIPImageEncoder, check_precision
 from ..data import CropDataset, collate_crops
+from ..distributed import barrier, get_rank, get_world_size, main_first
 
 log = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['log', 'CACHE_VERSION', 'cache_key', 'cache_path', 'record_id', 'plan_chunks', 'write_chunk', 'read_chunks',
-           'FeatureCache', 'build_feature_cache']
+           'FeatureCache', 'build_feature_cache', 'cache_contents']
 
 # %% ../../nbs/03a_feature_cache.ipynb #1cb94a9f
 CACHE_VERSION = 1  # bump when the on-disk format changes
@@ -107,14 +108,16 @@ def _write_manifest(root: Path, key: dict):
     atomic_write_text(p, json.dumps({"key": key, "format": fmt}, ensure_ascii=False, indent=1) + "\n")
 
 # %% ../../nbs/03a_feature_cache.ipynb #7652252c
-def _encode_missing(items, ids, todo, tower, root, batch_size, num_workers, progress, chunk_size, load_fn):
-    "Encode the crops `items[i]` for i in `todo` and write them as chunks under `root`."
+def _encode_missing(items, ids, todo, tower, root, batch_size, num_workers, progress, chunk_size, load_fn,
+                    rank=0, world_size=1):
+    "Encode this rank's shard of the crops `items[i]` for i in `todo` and write them as chunks under `root`."
     ds = CropDataset([items[i] for i in todo], tower.preprocess, tower.image_size, load_fn)
-    chunks = plan_chunks(len(todo), chunk_size)
+    chunks = plan_chunks(len(todo), chunk_size, rank, world_size)
     batches = [list(c[j:j + batch_size]) for c in chunks for j in range(0, len(c), batch_size)]
+    if not batches: return
     dl = DataLoader(ds, batch_sampler=batches, num_workers=num_workers, collate_fn=collate_crops,
                     pin_memory=tower.device.type == "cuda")
-    bar = tqdm(total=len(todo), unit="img", desc="CLIP features", disable=not progress or not sys.stderr.isatty())
+    bar = tqdm(total=sum(map(len, chunks)), unit="img", desc="CLIP features", disable=not progress or not sys.stderr.isatty())
     checked, ci, done, got_ids, got, skipped = tower.precision == "fp32", 0, 0, [], [], {}
     for pixels, ok, bad in dl:
         if pixels is not None:
@@ -138,19 +141,25 @@ def build_feature_cache(items: list,  # `Item`s (key, image_path, crop are read)
                         crop_padding: float | None = None,  # recorded in the cache key (crop boxes are per record too)
                         chunk_size: int = 1024,  # crops per chunk file: the unit of resume
                         load_fn=None,  # load_fn(item, min_side) -> PIL image; default `data.load_crop`
+                        rank: int | None = None, world_size: int | None = None,  # shard to encode; default: `distributed`'s (0 of 1 without torchrun)
                        ) -> FeatureCache:
     "Features of `items` from the cache in `cache_dir`, encoding (and storing) only the crops it lacks."
     t0 = time.perf_counter()
+    rank = get_rank() if rank is None else rank
+    world_size = get_world_size() if world_size is None else world_size
     key = cache_key(tower, crop_padding)
     root = cache_path(cache_dir, key); root.mkdir(parents=True, exist_ok=True)
-    _write_manifest(root, key)
+    with main_first(): _write_manifest(root, key)
     ids = [record_id(it) for it in items]
     rows, skipped = read_chunks(root)
     todo = [i for i, r in enumerate(ids) if r is not None and r not in rows and r not in skipped]
     n_cached = sum(r in rows for r in ids)
-    log.info("feature cache %s: %d of %d crops cached, %d to encode", root, n_cached, len(items), len(todo))
+    if rank == 0: log.info("feature cache %s: %d of %d crops cached, %d to encode", root, n_cached, len(items), len(todo))
+    barrier()  # every rank plans from the same chunks before any rank writes a new one
     if todo:
-        _encode_missing(items, ids, todo, tower, root, batch_size, num_workers, progress, chunk_size, load_fn)
+        _encode_missing(items, ids, todo, tower, root, batch_size, num_workers, progress and rank == 0, chunk_size,
+                        load_fn, rank, world_size)
+        barrier()  # the union of the ranks' chunks is the whole cache
         rows, skipped = read_chunks(root)
     keep = [i for i, r in enumerate(ids) if r in rows]
     by_file = {}
@@ -166,3 +175,12 @@ def build_feature_cache(items: list,  # `Item`s (key, image_path, crop are read)
     secs = time.perf_counter() - t0
     return FeatureCache(feats, [items[i].key for i in keep], skip, root, n_cached, len(todo), secs,
                         len(todo) / secs if todo else 0., details)
+
+# %% ../../nbs/03a_feature_cache.ipynb #6b359174
+def cache_contents(path) -> dict:
+    "{file name: (record ids, skipped, sha256 of the feature bytes)} of a cache folder, to compare two builds."
+    out = {}
+    for f in sorted(Path(path).glob("chunk_*.safetensors")):
+        with safe_open(str(f), "pt") as s: meta, feats = s.metadata(), s.get_tensor("features")
+        out[f.name] = (json.loads(meta["ids"]), json.loads(meta["skipped"]), hashlib.sha256(feats.numpy().tobytes()).hexdigest())
+    return out

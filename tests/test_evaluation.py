@@ -1,0 +1,101 @@
+"Whole-gallery metrics against an independent brute-force reference: duplicates, ties, chunking, querybank normalisation."
+import math
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, strategies as st
+from fashion_json_encoder.evaluation import (canonical_json, gallery_metrics, json_groups, make_hub_case, querybank_bias,
+                                             rank_metrics, retrieval_ranks, calibrate)
+
+def brute(img, txt, groups, scale=1.0, bias=None):
+    "Reference: full score matrix in numpy float64, ranks by explicit loops."
+    img, txt = img.double().numpy(), txt.double().numpy()
+    groups = groups.numpy(); n = len(img); out = {}
+    for name, q, g in (("i2j", img, txt), ("j2i", txt, img)):
+        cos = q @ g.T
+        s = scale * cos + (0 if bias is None or name == "i2j" else bias.double().numpy()[None, :])
+        strict, aware = [], []
+        for i in range(n):
+            strict.append(1 + sum(1 for j in range(n) if j != i and s[i, j] >= s[i, i] - 1e-7))
+            hits = [j for j in range(n) if groups[j] == groups[i]]
+            best = max(s[i, j] for j in hits)
+            aware.append(1 + sum(1 for j in range(n) if groups[j] != groups[i] and s[i, j] >= best - 1e-7))
+        out[name] = (np.array(strict), np.array(aware))
+    cos = img @ txt.T
+    off = ~np.eye(n, dtype=bool); diff = groups[:, None] != groups[None, :]
+    out["pos"], out["neg"], out["neg_diff"] = np.diag(cos).mean(), cos[off].mean(), cos[diff].mean() if diff.any() else 0.0
+    return out
+
+def embeddings_with_ties(n, d, seed, dup=0.3):
+    "Embeddings on a coarse grid (many exact ties) with a share of duplicated JSON rows."
+    g = torch.Generator().manual_seed(seed)
+    txt = torch.randint(-1, 2, (n, d), generator=g).float(); txt[txt.abs().sum(1) == 0, 0] = 1
+    groups = torch.arange(n)
+    for i in range(1, n):
+        if torch.rand(1, generator=g).item() < dup:
+            j = int(torch.randint(0, i, (1,), generator=g)); txt[i], groups[i] = txt[j], groups[j]
+    img = torch.randint(-1, 2, (n, d), generator=g).float() + txt; img[img.abs().sum(1) == 0, 0] = 1
+    return F.normalize(img, dim=1), F.normalize(txt, dim=1), json_groups([str(int(x)) for x in groups])
+
+def rank_stats(r):  # ranks -> (top1, top5, mrr) as numpy
+    r = np.asarray(r, dtype=float); return (r <= 1).mean(), (r <= 5).mean(), (1 / r).mean()
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_metrics_match_brute_force_with_duplicates_and_ties(seed):
+    img, txt, groups = embeddings_with_ties(40, 4, seed)
+    m, ref = gallery_metrics(img, txt, 10.0, chunk=7, groups=groups), brute(img, txt, groups)
+    for d in ("i2j", "j2i"):
+        for var, r in (("", ref[d][0]), ("aware_", ref[d][1])):
+            assert [m[f"{var}{d}_{k}"] for k in ("top1", "top5", "mrr")] == pytest.approx(rank_stats(r), abs=1e-6)
+    assert m["distinct_jsons"] == len(set(groups.tolist())) < 40
+    assert (m["pos_cosine"], m["neg_cosine"], m["neg_cosine_aware"]) == pytest.approx((ref["pos"], ref["neg"], ref["neg_diff"]), abs=1e-5)
+    assert m["cosine_gap"] == pytest.approx(ref["pos"] - ref["neg"], abs=1e-5)
+    assert m["aware_mrr"] >= m["mrr"]
+
+def test_strict_tie_counts_against_the_query():
+    q = F.normalize(torch.tensor([[1., 0], [0, 1]]), dim=1)
+    r = retrieval_ranks(q, q.clone()[[0, 0]] if False else torch.stack([q[0], q[0]]))  # gallery 0 and 1 identical
+    assert r["strict"].tolist() == [2, 2] and r["aware"].tolist() == [2, 2]
+    r = retrieval_ranks(q, torch.stack([q[0], q[0]]), groups=torch.tensor([0, 0]))
+    assert r["aware"].tolist() == [1, 1]
+
+def test_normalised_metrics_match_brute_force():
+    img, txt, groups = embeddings_with_ties(30, 5, 3)
+    bank = F.normalize(torch.randn(50, 5, generator=torch.Generator().manual_seed(0)), dim=1)
+    beta = 20.0
+    bias = querybank_bias(img, bank, beta)
+    ref_bias = -torch.logsumexp(beta * img.double() @ bank.double().T, 1)
+    assert bias.double() == pytest.approx(ref_bias, abs=1e-4)
+    m = gallery_metrics(img, txt, 10.0, chunk=4, groups=groups, bank=bank, beta=beta)
+    ref = brute(img, txt, groups, scale=beta, bias=ref_bias.float())
+    assert m["norm_j2i_mrr"] == pytest.approx(rank_stats(ref["j2i"][0])[2], abs=1e-6)
+    assert m["norm_aware_j2i_top1"] == pytest.approx(rank_stats(ref["j2i"][1])[0], abs=1e-6)
+    assert m["norm_i2j_mrr"] == pytest.approx(m["i2j_mrr"], abs=1e-6)  # no prior -> image->json unchanged
+
+@given(n=st.integers(2, 30), chunk=st.integers(1, 31), seed=st.integers(0, 10_000))
+def test_chunking_does_not_change_any_metric(n, chunk, seed):
+    img, txt, groups = embeddings_with_ties(n, 3, seed)
+    bank = txt[: max(1, n // 2)]
+    a = gallery_metrics(img, txt, 14.3, chunk=chunk, groups=groups, bank=bank, beta=10.0)
+    b = gallery_metrics(img, txt, 14.3, chunk=n, groups=groups, bank=bank, beta=10.0)
+    assert a.keys() == b.keys()
+    for k in a: assert a[k] == pytest.approx(b[k], abs=1e-5), k
+
+def test_info_nce_matches_full_cross_entropy():
+    img, txt, groups = embeddings_with_ties(25, 6, 4)
+    logits = 14.3 * img @ txt.T; y = torch.arange(25)
+    ref = ((F.cross_entropy(logits, y) + F.cross_entropy(logits.T, y)) / 2).item()
+    assert gallery_metrics(img, txt, 14.3, chunk=6, groups=groups)["loss"] == pytest.approx(ref, abs=1e-4)
+
+def test_querybank_normalisation_fixes_hubs():
+    img, txt, bank = make_hub_case(n=300, seed=1)
+    raw = gallery_metrics(img, txt, groups=torch.arange(300))
+    c = calibrate(img, txt, bank)
+    norm = gallery_metrics(img, txt, groups=torch.arange(300), bank=bank, beta=c["beta"])
+    assert norm["norm_j2i_mrr"] > raw["j2i_mrr"] + 0.1
+
+def test_canonical_json_ignores_order_spacing_and_empties():
+    a = canonical_json({"style": ["모던", "로맨틱"], "category": "블라우스", "detail": []})
+    assert a == canonical_json({"category": ["블라우스"], "style": ["로맨틱 ", "모던"]})
+    assert a != canonical_json({"category": "블라우스"})
