@@ -4,7 +4,7 @@
 
 # %% ../nbs/09_cli.ipynb #4bdc9bf0
 from __future__ import annotations
-import argparse, json, logging, sys
+import argparse, json, logging, os, sys
 from pathlib import Path
 from .config import Config, UserError, config_from_dict, load_config, save_config, update_config
 
@@ -87,6 +87,7 @@ def _train(a) -> int:
     out = Path(out or "outputs")
     res = train_run(config_from_args(a, base), data, out, resume=a.resume, progress=_progress(a))
     b = res.get("best_metrics") or {}
+    if int(os.environ.get("RANK", "0")) != 0: return 0  # under torchrun only rank 0 reports
     print(f"done: best epoch {res.get('best_epoch')}  val mrr {b.get('mrr', float('nan')):.4f}  top1 {b.get('top1', float('nan')):.4f}"
           f"  top5 {b.get('top5', float('nan')):.4f}  -> {out / 'checkpoints' / 'best_model.pt'}")
     return 0

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
-from .config import Config, UserError, atomic_write_text
+from .config import Config, UserError, atomic_path, atomic_write_text
 from .vocab import Vocab, collate_json
 from .evaluation import gallery_metrics
 from .models.json_encoder import JSONEncoder
@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['log', 'CKPT_FORMAT', 'resolve_device', 'seed_everything', 'PairedData', 'make_paired', 'standalone_targets',
-           'save_checkpoint', 'load_checkpoint', 'embed_rows', 'Trainer']
+           'save_checkpoint', 'load_checkpoint', 'embed_rows', 'make_adam', 'Trainer']
 
 # %% ../nbs/05_training.ipynb #4b831fc6
 def resolve_device(spec: str = "auto") -> torch.device:
@@ -76,13 +76,8 @@ CKPT_FORMAT = "fashion-json-encoder/1"
 
 def save_checkpoint(state: dict, path) -> Path:
     "Atomically write `state` with torch.save."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"); os.close(fd)
-    try:
-        torch.save(state, tmp); os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True); raise
-    return path
+    with atomic_path(path) as tmp: torch.save(state, tmp)
+    return Path(path)
 
 def load_checkpoint(path, map_location="cpu") -> dict:
     "Load a checkpoint safely (`weights_only=True`); a missing or foreign file is a `UserError`."
@@ -104,6 +99,11 @@ def embed_rows(encoder, data: PairedData, device, batch_size: int = 1024) -> tor
             out.append(encoder({k: v.to(device) for k, v in data.batch(idx).items()}).float().cpu())
     encoder.train(was)
     return torch.cat(out) if out else torch.empty(0, encoder.output_dim)
+
+def make_adam(params, lr: float, weight_decay: float) -> torch.optim.Adam:
+    "Adam, fused into one kernel where torch supports it for these parameters (float32 on CPU and CUDA)."
+    try: return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=True)
+    except (RuntimeError, TypeError): return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
 
 def _better(metric: str, new: dict, old: dict | None) -> bool:
     if old is None: return True
@@ -162,7 +162,7 @@ class Trainer:
 
     def _new_stage(self, stage: str, contrastive_epochs: int):
         params = [p for p in self.learner.parameters() if p.requires_grad]
-        self.opt = torch.optim.Adam(params, lr=self.cfg.learning_rate, weight_decay=self.cfg.weight_decay)
+        self.opt = make_adam(params, self.cfg.learning_rate, self.cfg.weight_decay)
         steps = contrastive_epochs * len(self._batches(0))
         self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, T_max=max(1, steps)) if stage == "contrastive" else None
         self.stage = stage

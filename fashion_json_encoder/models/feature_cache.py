@@ -15,7 +15,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
-from ..config import UserError, atomic_write_text
+from ..config import UserError, atomic_path, atomic_write_text
 from .image_encoder import CLIPImageEncoder, check_precision
 from ..data import CropDataset, collate_crops
 from ..distributed import barrier, get_rank, get_world_size, main_first
@@ -59,10 +59,9 @@ def write_chunk(root: Path, ids: list, features: Tensor,  # (n, D) features of t
     assert len(ids) == len(features), f"{len(ids)} ids for {len(features)} feature rows"
     h = hashlib.blake2b(json.dumps([ids, sorted(skipped)]).encode(), digest_size=10).hexdigest()
     path = Path(root) / f"chunk_{h}.safetensors"
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file({"features": features.to(torch.float16).contiguous()}, str(tmp),
-              metadata={"ids": json.dumps(ids), "skipped": json.dumps(skipped, ensure_ascii=False)})
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file({"features": features.to(torch.float16).contiguous()}, str(tmp),
+                  metadata={"ids": json.dumps(ids), "skipped": json.dumps(skipped, ensure_ascii=False)})
     return path
 
 def read_chunks(root: Path) -> tuple:
