@@ -1,6 +1,6 @@
 """Benchmark the CLIP feature-cache build (real ViT-B/32 architecture, random init) on synthetic K-Fashion crops.
 
-Usage: python bench/bench_cache.py [--crops 256] [--batch-size 64] [--num-workers 2] [--photo-size 800x1040] [--device cpu]
+Usage: python bench/bench_cache.py [--crops 1024] [--batch-size 64] [--num-workers 2] [--photo-size 800x1040] [--device cpu]
 Prints: decode-only rate, tower-alone rate on ready tensors, cache-build rate, fp32 and bf16, and a summary line.
 Exits 1 if it cannot measure. Random weights run exactly as fast as OpenAI's (same architecture, same FLOPs).
 """
@@ -31,7 +31,7 @@ def tower_alone(tower, pixels, batch_size):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--crops", type=int, default=256)
+    ap.add_argument("--crops", type=int, default=1024)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--num-workers", type=int, default=2)
     ap.add_argument("--photo-size", default="800x1040", help="WxH of the synthetic photos (K-Fashion: ~800 wide)")

@@ -43,7 +43,7 @@ def tower_pass(tower, pixels, batch_size):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--photos", type=int, default=1400, help="synthetic photos (about 1.5 target crops each)")
+    ap.add_argument("--photos", type=int, default=1500, help="synthetic photos (about 1.5 target crops each)")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--num-workers", type=int, default=2)
     ap.add_argument("--epochs", type=int, default=20, help="epochs of the whole run (1 standalone + the rest contrastive)")

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from .vocab import field_values
 
 # %% auto #0
-__all__ = ['BETAS', 'canonical_json', 'json_groups', 'retrieval_ranks', 'rank_metrics', 'gallery_info_nce', 'querybank_bias',
-           'make_hub_case', 'gallery_metrics', 'calibrate', 'bank_from_counts', 'save_embeddings', 'metrics_from_npz']
+__all__ = ['BETAS', 'canonical_json', 'json_groups', 'retrieval_ranks', 'rank_metrics', 'querybank_bias', 'make_hub_case',
+           'gallery_metrics', 'calibrate', 'bank_from_counts', 'save_embeddings', 'metrics_from_npz']
 
 # %% ../nbs/06_evaluation.ipynb #8b372c0f
 def canonical_json(item_json: dict, fields=None) -> str:
@@ -33,34 +33,60 @@ def _chunk_rows(n_gallery: int, budget: int = 1 << 24) -> int:
     "Query rows per chunk so that one (rows, n_gallery) float32 block stays under `budget` elements (64 MiB)."
     return max(1, min(n_gallery, budget // max(1, n_gallery)))
 
+def _negative_means(q, g, pos, groups, sizes) -> tuple:
+    "Mean cosine over all non-pairs and over pairs with different JSONs, in O(N·D) from per-JSON sums."
+    n, G = len(q), len(sizes)
+    total = q.sum(0) @ g.sum(0)                                                  # Σ_ij q_i·g_j
+    same = (torch.zeros(G, q.shape[1]).index_add_(0, groups, q) * torch.zeros(G, g.shape[1]).index_add_(0, groups, g)).sum()
+    n_diff = n * n - int((sizes.long() ** 2).sum())
+    return ((total - pos.sum()) / max(1, n * (n - 1))).item(), ((total - same) / max(1, n_diff)).item()
+
+def _count_ge(x: torch.Tensor, thr: torch.Tensor) -> torch.Tensor:
+    "Per row, how many entries of x (c, N) are >= thr (c, 1); on CPU numpy counts ~5x faster than torch's bool sum."
+    if x.device.type == "cpu": return torch.from_numpy(np.count_nonzero(x.numpy() >= thr.numpy(), axis=1))
+    return (x >= thr).sum(1)
+
 def retrieval_ranks(query: torch.Tensor,    # (N, D) unit-norm queries; query i's positive is gallery i
                     gallery: torch.Tensor,  # (N, D) unit-norm gallery
                     chunk: int | None = None,
                     groups: torch.Tensor | None = None,  # (N,) distinct-JSON id per item; None = all distinct
-                    scale: float = 1.0, bias: torch.Tensor | None = None) -> dict:  # bias: (N,) added per gallery item
+                    scale: float = 1.0, bias: torch.Tensor | None = None,  # bias: (N,) added per gallery item
+                    lse_scale: float | None = None) -> dict:  # also return each query's logsumexp(lse_scale * cos) row
     "Strict and identical-JSON-aware ranks (1 = best, ties against the query), positive cosines and negative-cosine means."
     assert query.shape == gallery.shape, f"query {tuple(query.shape)} and gallery {tuple(gallery.shape)} must match"
     n = len(query); chunk = chunk or _chunk_rows(n)
-    groups = torch.arange(n) if groups is None else groups.to(query.device)
-    strict, aware, pos = torch.empty(n, dtype=torch.long), torch.empty(n, dtype=torch.long), torch.empty(n)
-    neg_sum, neg_diff_sum, n_diff = 0.0, 0.0, 0
-    g = gallery.float()
+    groups = torch.arange(n) if groups is None else groups.cpu()
+    q_all, g = query.float().cpu(), gallery.float().cpu()
+    pos = (q_all * g).sum(1)                                        # (N,) positive-pair cosines
+    sizes = torch.bincount(groups)                                  # items per distinct JSON
+    members = torch.argsort(groups, stable=True)                    # items grouped by JSON ...
+    starts = torch.cumsum(sizes, 0) - sizes                         # ... group k at members[starts[k]:starts[k] + sizes[k]]
+    b = None if bias is None else bias.float().cpu()[None, :]
     tol = 4e-6 * (abs(scale) + (0 if bias is None else float(bias.abs().max())))  # float32 noise below this is a tie
+    strict, aware = torch.empty(n, dtype=torch.long), torch.empty(n, dtype=torch.long)
+    lse = torch.empty(n) if lse_scale else None
     for s in range(0, n, chunk):
-        q = query[s:s + chunk].float(); c = len(q); rows = torch.arange(c); idx = torch.arange(s, s + c)
-        cos = q @ g.T                                               # (c, N) cosine similarities
-        hit = groups[idx][:, None] == groups[None, :]               # (c, N) identical JSON as the pair (pair included)
-        p = cos[rows, idx]
-        neg_sum += (cos.sum() - p.sum()).item()
-        neg_diff_sum += cos.masked_fill(hit, 0).sum().item(); n_diff += int((~hit).sum())
-        sc = cos if scale == 1.0 and bias is None else scale * cos + (0 if bias is None else bias[None, :].float())
+        c = min(chunk, n - s); rows = torch.arange(c); idx = torch.arange(s, s + c)
+        sc = q_all[s:s + c] @ g.T                                   # (c, N) cosine similarities
+        if lse_scale: lse[s:s + c] = torch.logsumexp(lse_scale * sc, 1)  # InfoNCE denominators, from the same block
+        if scale != 1.0: sc.mul_(scale)
+        if b is not None: sc.add_(b)
         ps = sc[rows, idx]
-        strict[s:s + c] = (sc >= ps[:, None] - tol).sum(1).cpu()          # the pair itself counts once -> 1 + others >= pair
-        best = sc.masked_fill(~hit, -math.inf).max(1).values        # best-scoring hit
-        aware[s:s + c] = 1 + ((sc >= best[:, None] - tol) & ~hit).sum(1).cpu()
-        pos[s:s + c] = p.cpu()
-    return {"strict": strict, "aware": aware, "pos": pos, "neg_mean": neg_sum / max(1, n * (n - 1)),
-            "neg_diff_mean": neg_diff_sum / max(1, n_diff)}
+        strict[s:s + c] = _count_ge(sc, ps[:, None] - tol)          # the pair itself counts once -> 1 + others >= pair
+        aware[s:s + c] = strict[s:s + c]                           # a query whose JSON is unique: aware == strict
+        multi = rows[sizes[groups[idx]] > 1]
+        if len(multi):                                              # best-scoring hit among the items sharing the JSON
+            gid = groups[idx[multi]]; sz = sizes[gid]
+            r = multi.repeat_interleave(sz)                         # (H,) query row of each (query, hit) pair
+            first = torch.cumsum(sz, 0) - sz
+            cols = members[starts[gid].repeat_interleave(sz) + torch.arange(len(r)) - first.repeat_interleave(sz)]
+            vals = sc[r, cols]
+            best = torch.full((c,), -math.inf).scatter_reduce(0, r, vals, "amax")
+            ge = _count_ge(sc[multi], best[multi, None] - tol)      # everything at least as good as the best hit ...
+            ge_hit = torch.zeros(c, dtype=torch.long).scatter_add_(0, r, (vals >= best[r] - tol).long())
+            aware[s + multi] = 1 + ge - ge_hit[multi]              # ... minus the hits themselves
+    neg, neg_diff = _negative_means(q_all, g, pos, groups, sizes)
+    return {"strict": strict, "aware": aware, "pos": pos, "neg_mean": neg, "neg_diff_mean": neg_diff, "lse": lse}
 
 # %% ../nbs/06_evaluation.ipynb #99d963ed
 def rank_metrics(ranks: torch.Tensor, ks=(1, 5)) -> dict:
@@ -69,22 +95,7 @@ def rank_metrics(ranks: torch.Tensor, ks=(1, 5)) -> dict:
     out["mrr"] = (1.0 / ranks.float()).mean().item()
     return out
 
-# %% ../nbs/06_evaluation.ipynb #d94d094b
-def gallery_info_nce(image: torch.Tensor, text: torch.Tensor, logit_scale: float, chunk: int | None = None) -> float:
-    "Symmetric InfoNCE over the whole gallery (as if it were one batch), computed in row chunks."
-    n = len(image); chunk = chunk or _chunk_rows(n)
-    img, txt = image.float(), text.float()
-    row_loss, col_lse = 0.0, torch.full((n,), -math.inf, device=img.device)
-    for s in range(0, n, chunk):
-        logits = logit_scale * img[s:s + chunk] @ txt.T          # (c, N) image -> JSON logits
-        diag = logits[torch.arange(len(logits)), torch.arange(s, s + len(logits))]
-        row_loss += (torch.logsumexp(logits, 1) - diag).sum().item()
-        col_lse = torch.logaddexp(col_lse, torch.logsumexp(logits, 0))
-    pos = logit_scale * (img * txt).sum(1)
-    col_loss = (col_lse - pos).sum().item()
-    return (row_loss + col_loss) / (2 * n)
-
-# %% ../nbs/06_evaluation.ipynb #887043df
+# %% ../nbs/06_evaluation.ipynb #2aadf8ee
 def querybank_bias(image: torch.Tensor,   # (N, D) unit-norm gallery images
                    bank: torch.Tensor,    # (B, D) unit-norm embeddings of the distinct training JSONs
                    beta: float,
@@ -96,7 +107,7 @@ def querybank_bias(image: torch.Tensor,   # (N, D) unit-norm gallery images
     return torch.cat([-torch.logsumexp(beta * image[s:s + chunk].float() @ bank.T + lw[None, :], 1)
                       for s in range(0, len(image), chunk)])
 
-# %% ../nbs/06_evaluation.ipynb #d25fee42
+# %% ../nbs/06_evaluation.ipynb #ec466e63
 def make_hub_case(n: int = 300, d: int = 32, seed: int = 0, hub_fraction: float = 0.2, lean: float = 1.0, noise: float = 1.0) -> tuple:
     "Synthetic (image, json, bank) unit embeddings where `hub_fraction` of the images lean towards every JSON."
     g = torch.Generator().manual_seed(seed)
@@ -107,7 +118,7 @@ def make_hub_case(n: int = 300, d: int = 32, seed: int = 0, hub_fraction: float 
     img = F.normalize(txt + noise * torch.randn(n, d, generator=g) / d**.5 + hub * u, dim=1)
     return img, txt, bank
 
-# %% ../nbs/06_evaluation.ipynb #869741ce
+# %% ../nbs/06_evaluation.ipynb #0fff2182
 def _directions(image, text, groups, chunk, prefix, i2j_kw, j2i_kw) -> tuple:
     out, r = {}, {}
     for name, q, g, kw in (("i2j", image, text, i2j_kw), ("j2i", text, image, j2i_kw)):
@@ -128,9 +139,10 @@ def gallery_metrics(image: torch.Tensor,   # (N, D) unit-norm image embeddings
                     use_prior: bool = False) -> dict:
     "Loss, cosines, strict and identical-JSON-aware ranks in both directions, raw and (with a bank) normalised."
     if groups is None: groups = torch.unique(text.float(), dim=0, return_inverse=True)[1]
-    out = {"loss": gallery_info_nce(image, text, logit_scale, chunk), "gallery_size": len(image),
+    raw, r = _directions(image, text, groups, chunk, "", {"lse_scale": logit_scale}, {"lse_scale": logit_scale})
+    sp = logit_scale * r["i2j"]["pos"]                              # the InfoNCE loss from the ranking passes' row sums
+    out = {"loss": ((r["i2j"]["lse"] - sp).mean() + (r["j2i"]["lse"] - sp).mean()).item() / 2, "gallery_size": len(image),
            "distinct_jsons": int(groups.unique().numel())}
-    raw, r = _directions(image, text, groups, chunk, "", {}, {})
     pos = r["i2j"]["pos"].mean().item()
     out.update(pos_cosine=pos, neg_cosine=r["i2j"]["neg_mean"], cosine_gap=pos - r["i2j"]["neg_mean"],
                neg_cosine_aware=r["i2j"]["neg_diff_mean"], **raw)
@@ -142,7 +154,7 @@ def gallery_metrics(image: torch.Tensor,   # (N, D) unit-norm image embeddings
         out.update(norm, beta=beta, use_prior=bool(i2j_kw))
     return out
 
-# %% ../nbs/06_evaluation.ipynb #b00ff3e3
+# %% ../nbs/06_evaluation.ipynb #ca598f7c
 BETAS = (5., 10., 14.3, 20., 30., 50., 75., 100.)
 
 def calibrate(image, text, bank, bank_logw=None, prior=None, groups=None, betas=BETAS, chunk=None) -> dict:
@@ -164,7 +176,7 @@ def bank_from_counts(counts: Counter) -> tuple:
     strings = sorted(counts, key=lambda s: (-counts[s], s))
     return strings, torch.tensor([math.log(counts[s]) for s in strings])
 
-# %% ../nbs/06_evaluation.ipynb #c3f5b8f4
+# %% ../nbs/06_evaluation.ipynb #be9f509c
 def save_embeddings(path, image, text, keys, json_strings, logit_scale: float, calibration: dict | None = None) -> Path:
     "Write embeddings, keys, JSON strings and the normalisation inputs to an `.npz` file."
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)

@@ -4,7 +4,7 @@
 
 # %% ../nbs/06a_search.ipynb #9488af4e
 from __future__ import annotations
-import difflib, hashlib, json, logging, math
+import difflib, functools, hashlib, json, logging, math
 from collections import Counter
 from dataclasses import dataclass, asdict
 from pathlib import Path
@@ -92,6 +92,8 @@ class SearchIndex:
     qb_bias: torch.Tensor | None = None  # (N,) querybank term at `beta`
 
     def __len__(self): return len(self.keys)
+    @functools.cached_property
+    def features_f32(self) -> torch.Tensor: return self.features.float()  # (N, D), converted once rather than per query
     def save(self, path) -> Path:
         "Write atomically next to the checkpoint."
         from fashion_json_encoder.training import save_checkpoint
@@ -116,7 +118,7 @@ def build_search_index(items, features, encoder, tower_fingerprint: str = "", ca
 def search(index: SearchIndex, encoder, vocab: Vocab, query, k: int = 10, normalised: bool = True) -> list:
     "Top-k items for a JSON query: rank, key, image path, box, score, cosine and JSON."
     q = encode_json([check_query(query, vocab)], vocab, encoder).float().cpu()[0]   # (D,)
-    cos = index.features.float() @ q                                                 # (N,) cosine per image
+    cos = index.features_f32 @ q                                                     # (N,) cosine per image
     use_qb = normalised and index.qb_bias is not None
     score = index.beta * cos + index.qb_bias if use_qb else cos
     top = score.topk(min(k, len(index))).indices.tolist()
@@ -226,7 +228,7 @@ class Searcher:
 
 def format_hits(hits: list) -> str:
     "One line per search hit."
-    return "\n".join(f"{h['rank']:>3}  {h['score']:8.4f}  {h['image_path']}  box={[round(b) for b in h['box']]}  "
+    return "\n".join(f"{h['rank']:>3}  {h['score']:8.4f}  {h['image_path']}  xyxy={[round(b) for b in h['box']]}  "
                      f"{json.dumps(h['json'], ensure_ascii=False)}" for h in hits)
 
 def format_tags(tags: dict) -> str:
