@@ -4,17 +4,16 @@
 
 # %% ../nbs/06b_clip_text.ipynb #4d910d95
 from __future__ import annotations
-import copy, logging, warnings
+import copy, logging
 from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
 import open_clip
-from open_clip.factory import load_state_dict
 from open_clip.model import _build_text_tower
 from .config import UserError
 from .vocab import KFASHION_VALUES, field_values, romanize
-from .models.image_encoder import _is_torchscript, clip_model_config, openai_weights, weights_fingerprint
+from .models.image_encoder import clip_model_config, openai_weights, read_clip_checkpoint, weights_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -82,15 +81,7 @@ def tiny_text_config(width: int = 64, layers: int = 2) -> dict:
 
 def load_text_state_dict(path) -> dict:
     "The text-tower weights of a CLIP checkpoint file (everything but `visual.*` and the logit scale)."
-    p = Path(path).expanduser()
-    if not p.is_file(): raise UserError(f"{p}: CLIP checkpoint not found (--clip_pretrained takes 'openai', 'none' or a file)")
-    try:
-        if p.suffix != ".safetensors" and _is_torchscript(p):
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", FutureWarning)
-                sd = torch.jit.load(str(p), map_location="cpu").state_dict()
-        else: sd = load_state_dict(str(p), device="cpu", weights_only=True)
-    except Exception as e: raise UserError(f"{p}: not a readable CLIP checkpoint ({type(e).__name__})") from None
+    p, sd = read_clip_checkpoint(path)
     skip = ("logit_scale", "logit_bias", "input_resolution", "context_length", "vocab_size")
     sd = {k: v for k, v in sd.items() if not k.startswith("visual.") and k not in skip}
     if "token_embedding.weight" not in sd: raise UserError(f"{p}: no CLIP text-tower weights in this file")

@@ -19,8 +19,8 @@ log = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['log', 'OPENAI_FILES', 'BF16_MIN_COSINE', 'tiny_clip_config', 'clip_model_config', 'openai_weights',
-           'load_visual_state_dict', 'weights_fingerprint', 'resolve_device', 'CLIPImageEncoder',
-           'check_bf16_agreement', 'check_precision']
+           'read_clip_checkpoint', 'load_visual_state_dict', 'weights_fingerprint', 'resolve_device',
+           'CLIPImageEncoder', 'check_bf16_agreement', 'check_precision']
 
 # %% ../../nbs/03_image_encoder.ipynb #2fdcc6c4
 def tiny_clip_config(image_size: int = 64,  # input resolution (a multiple of the patch size 32)
@@ -76,18 +76,22 @@ def _is_torchscript(path: Path) -> bool:
     if not zipfile.is_zipfile(path): return False
     with zipfile.ZipFile(path) as z: return any(n.endswith("constants.pkl") for n in z.namelist())
 
-def load_visual_state_dict(path) -> dict:
-    "The visual-tower weights of a CLIP checkpoint file, with the `visual.` prefix removed."
+def read_clip_checkpoint(path) -> tuple:
+    "(path, full state dict) of a CLIP checkpoint file: OpenAI's TorchScript .pt, or an open_clip .pt/.bin/.safetensors."
     p = Path(path).expanduser()
     if not p.is_file(): raise UserError(f"{p}: CLIP checkpoint not found (--clip_pretrained takes 'openai', 'none' or a .pt/.bin/.safetensors file)")
     try:
         if p.suffix != ".safetensors" and _is_torchscript(p):
             with warnings.catch_warnings():  # torch.jit is deprecated, but it is how OpenAI's file reads
                 warnings.simplefilter("ignore", FutureWarning)
-                sd = torch.jit.load(str(p), map_location="cpu").state_dict()
-        else: sd = load_state_dict(str(p), device="cpu", weights_only=True)
+                return p, torch.jit.load(str(p), map_location="cpu").state_dict()
+        return p, load_state_dict(str(p), device="cpu", weights_only=True)
     except Exception as e:
         raise UserError(f"{p}: not a readable CLIP checkpoint ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+
+def load_visual_state_dict(path) -> dict:
+    "The visual-tower weights of a CLIP checkpoint file, with the `visual.` prefix removed."
+    p, sd = read_clip_checkpoint(path)
     vis = {k[len("visual."):]: v for k, v in sd.items() if k.startswith("visual.")}
     if not vis and "conv1.weight" in sd: vis = dict(sd)  # already a visual-tower state dict
     if not vis: raise UserError(f"{p}: no CLIP visual-tower weights in this file (no 'visual.*' keys)")
