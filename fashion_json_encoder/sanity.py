@@ -11,7 +11,7 @@ import torch
 from .config import Config, update_config
 from .vocab import collate_json
 from .synthetic import make_synthetic_kfashion
-from .training import PairedData, Trainer, embed_rows
+from .training import Trainer, crop_batches, embed_rows
 from .system import prepare_data
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ def sanity_check(cfg: Config | None = None, dataset_path=None, progress: bool = 
         checks.append(Check("output is 512-d and unit-norm", emb.shape[1] == 512 and bool(torch.allclose(norms, torch.ones_like(norms), atol=1e-4)),
                             f"shape {tuple(emb.shape)}, norm {norms.min():.5f}..{norms.max():.5f}"))
         before = _digest(tower)
-        idx, pixels = next(trainer._image_batches(PairedData(tr.json, None, tr.items), [torch.arange(min(8, len(tr)))]))  # crops: tower path
+        idx, pixels = next(crop_batches(tr.items, tower, [torch.arange(min(8, len(tr)))]))  # decoded crops: the tower path
         trainer.learner.train(); enc.zero_grad()
         trainer.learner(pixels.to(trainer.device), {k: v.to(trainer.device) for k, v in tr.batch(idx).items()}).backward()
         no_grad = [n for n, p in enc.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]

@@ -12,11 +12,11 @@ import torch.nn.functional as F
 from .config import Config, UserError, atomic_write_text, config_from_dict, load_config, log_config, update_config
 from .vocab import Vocab
 from .data import build_index, data_report
-from .models.image_encoder import CLIPImageEncoder
+from .models.image_encoder import CLIPImageEncoder, resolve_device
 from .models.feature_cache import build_feature_cache
 from .models.json_encoder import JSONEncoder
 from .evaluation import gallery_metrics
-from .training import PairedData, Trainer, embed_rows, load_checkpoint, make_paired, resolve_device
+from .training import PairedData, Trainer, embed_rows, load_checkpoint, make_paired, tower_features
 from .distributed import cleanup_distributed, init_distributed, is_main, main_first
 
 log = logging.getLogger(__name__)
@@ -128,7 +128,8 @@ def evaluate_checkpoint(checkpoint_path, dataset_path=None, split: str = "val", 
     prep = prepare_data(cfg, dataset_path, run_dir, vocab=vocab, tower=tower, progress=progress, splits=(split,))
     data = getattr(prep, split)
     if len(data) < 2: raise UserError(f"{dataset_path}: the {split} split has {len(data)} item(s); at least 2 are needed")
-    img = F.normalize(data.features.float(), dim=1) if data.features is not None else F.normalize(_tower_pass(prep, data, cfg), dim=1)
+    feats = data.features if data.features is not None else tower_features(data.items, prep.tower, cfg.batch_size, cfg.num_workers)
+    img = F.normalize(feats.float(), dim=1)
     txt = embed_rows(enc, data, dev)
     jsons, scale = [it.json for it in data.items], float(st["logit_scale"].exp())
     strings = [canonical_json(j, list(vocab.fields)) for j in jsons]; groups = json_groups(strings)
@@ -153,11 +154,6 @@ def evaluate_checkpoint(checkpoint_path, dataset_path=None, split: str = "val", 
         out["umap"] = str(plot_umap(img, txt, jsons, path=run_dir / "results" / "umap.png"))
     atomic_write_text(run_dir / "results" / "evaluation_results.json", json.dumps(out, ensure_ascii=False, indent=2) + "\n")
     return out
-
-def _tower_pass(prep, data, cfg):
-    tr = Trainer.__new__(Trainer)  # reuse the trainer's crop loader without building a model
-    tr.cfg, tr.tower, tr.device, tr.undecodable = cfg, prep.tower, torch.device("cpu"), 0
-    return tr._features(data).float()
 
 def format_metrics(res: dict) -> str:
     "A readable table of `evaluate_checkpoint`'s result: strict and aware, raw and normalised, baselines."

@@ -16,23 +16,17 @@ from .vocab import Vocab, collate_json
 from .evaluation import gallery_metrics
 from .models.json_encoder import JSONEncoder
 from .models.contrastive_learner import ContrastiveLearner
+from .models.image_encoder import resolve_device
 from .distributed import (all_gather_object, broadcast_object, gather_with_grad, get_rank,
                                               get_world_size, reduce_sum)
 
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'CKPT_FORMAT', 'resolve_device', 'seed_everything', 'PairedData', 'make_paired', 'standalone_targets',
-           'save_checkpoint', 'load_checkpoint', 'embed_rows', 'make_adam', 'Trainer']
+__all__ = ['log', 'CKPT_FORMAT', 'seed_everything', 'PairedData', 'make_paired', 'standalone_targets', 'save_checkpoint',
+           'load_checkpoint', 'crop_batches', 'tower_features', 'embed_rows', 'make_adam', 'Trainer']
 
-# %% ../nbs/05_training.ipynb #4b831fc6
-def resolve_device(spec: str = "auto") -> torch.device:
-    "`auto` -> CUDA when available, else CPU; a CUDA device that is not there is a user error."
-    if spec == "auto": return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if spec.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device '{spec}' requested but no CUDA GPU is available (use --device cpu or auto)")
-    return torch.device(spec)
-
+# %% ../nbs/05_training.ipynb #f9fd3cba
 def seed_everything(seed: int):
     "Seed Python, NumPy and torch (CPU and CUDA)."
     random.seed(seed); np.random.seed(seed % 2**32); torch.manual_seed(seed)
@@ -90,7 +84,27 @@ def load_checkpoint(path, map_location="cpu") -> dict:
         raise UserError(f"{path}: not a fashion-json-encoder checkpoint (format {CKPT_FORMAT} expected)")
     return state
 
-# %% ../nbs/05_training.ipynb #c045cc85
+# %% ../nbs/05_training.ipynb #5643228c
+def crop_batches(items: list, tower, batches: list, num_workers: int = 0, on_skip=None):
+    "Yield (row idx, pixels (b, 3, S, S)) for each batch of row indices; undecodable rows go to `on_skip(item, reason)`."
+    from fashion_json_encoder.data import CropDataset, collate_crops
+    assert tower is not None, "no cached features and no tower to run"
+    ds = CropDataset(items, tower.preprocess, min_side=tower.image_size)
+    dl = torch.utils.data.DataLoader(ds, batch_sampler=[list(map(int, b)) for b in batches], num_workers=num_workers,
+                                     collate_fn=collate_crops)
+    for pixels, ok, bad in dl:
+        for j, reason in bad:
+            if on_skip: on_skip(items[j], reason)
+        if ok: yield torch.tensor(ok), pixels
+
+def tower_features(items: list, tower, batch_size: int = 64, num_workers: int = 0, on_skip=None) -> torch.Tensor:
+    "(N, D) frozen-tower features of every item's crop in one pass; rows whose JPEG fails stay zero."
+    out = torch.zeros(len(items), tower.output_dim)
+    for idx, pixels in crop_batches(items, tower, list(torch.arange(len(items)).split(batch_size)), num_workers, on_skip):
+        out[idx] = tower(pixels.to(tower.device)).float().cpu()
+    return out
+
+# %% ../nbs/05_training.ipynb #36a68545
 def embed_rows(encoder, data: PairedData, device, batch_size: int = 1024) -> torch.Tensor:
     "JSON embeddings (N, D) of every row of `data`, in eval mode without gradients."
     was = encoder.training; encoder.eval(); out = []
@@ -109,7 +123,7 @@ def _better(metric: str, new: dict, old: dict | None) -> bool:
     if old is None: return True
     return new[metric] < old[metric] if metric == "loss" else new[metric] > old[metric]
 
-# %% ../nbs/05_training.ipynb #f6aabd9e
+# %% ../nbs/05_training.ipynb #079db83e
 class Trainer:
     "Stage 1 + stage 2 training with per-epoch validation, checkpoints, TensorBoard logs and a results file."
     def __init__(self, cfg: Config, vocab: Vocab, train: PairedData, val: PairedData, output_dir,
@@ -136,29 +150,20 @@ class Trainer:
         # frozen tower: val images embedded once, by the rank that validates
         self.val_image = F.normalize(self._features(val).float(), dim=1) if self.rank == 0 else None
 
+    def _skip(self, item, reason):
+        self.undecodable += 1
+        log.warning("%s: crop skipped (%s)", item.image_path, reason)
+
     def _image_batches(self, data: PairedData, batches: list):
         "Yield (row idx, image input): cached features, or decoded crops for the per-batch tower (bad JPEGs dropped)."
-        if data.features is not None:
+        if data.features is None: yield from crop_batches(data.items, self.tower, batches, self.cfg.num_workers, self._skip)
+        else:
             for idx in batches: yield idx, data.features[idx]
-            return
-        from fashion_json_encoder.data import CropDataset, collate_crops
-        assert self.tower is not None, "no cached features and no tower to run"
-        ds = CropDataset(data.items, self.tower.preprocess, min_side=self.tower.image_size)
-        dl = torch.utils.data.DataLoader(ds, batch_sampler=[b.tolist() for b in batches], num_workers=self.cfg.num_workers,
-                                         collate_fn=collate_crops)
-        for pixels, ok, bad in dl:
-            for j, reason in bad:
-                self.undecodable += 1
-                log.warning("%s: crop skipped (%s)", data.items[j].image_path, reason)
-            if ok: yield torch.tensor(ok), pixels
 
     def _features(self, data: PairedData) -> torch.Tensor:
-        "Image features (N, D) of every row: the cache, or one pass of the frozen tower (rows whose JPEG fails are zero)."
+        "Image features (N, D) of every row: the cache, or one pass of the frozen tower."
         if data.features is not None: return data.features
-        out = torch.zeros(len(data), self.cfg.output_dim)
-        for idx, pixels in self._image_batches(data, list(torch.arange(len(data)).split(self.cfg.batch_size))):
-            out[idx] = self.tower(pixels.to(self.device)).float().cpu()
-        return out
+        return tower_features(data.items, self.tower, self.cfg.batch_size, self.cfg.num_workers, self._skip)
 
     def _new_stage(self, stage: str, contrastive_epochs: int):
         params = [p for p in self.learner.parameters() if p.requires_grad]

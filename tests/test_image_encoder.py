@@ -185,3 +185,11 @@ def test_cuda_tower(tower):
     torch.testing.assert_close(gpu(x).cpu(), tower(x), atol=1e-4, rtol=1e-4)
     lp = CLIPImageEncoder(pretrained="none", model_cfg=TINY, device="cuda", precision="fp16")
     assert check_precision(lp, x.cuda()) >= BF16_MIN_COSINE
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_missing_gpu_is_a_user_error():
+    from fashion_json_encoder.models.image_encoder import resolve_device
+    from fashion_json_encoder.config import UserError
+    with pytest.raises(UserError, match="no CUDA GPU is available"): resolve_device("cuda:0")
+    assert resolve_device("cpu").type == "cpu"

@@ -1,5 +1,5 @@
 "Training: exact resume, atomic checkpoints, safe loading, and the run's output layout."
-import json, pickle
+import dataclasses, json, pickle
 from pathlib import Path
 import pytest
 import torch
@@ -96,3 +96,13 @@ def test_train_run_layout_and_evaluate(prepared, tmp_path):
     ev = evaluate_checkpoint(tmp_path / "checkpoints/best_model.pt", progress=False, tower=tower)
     assert ev["metrics"]["mrr"] == pytest.approx(res["best_metrics"]["mrr"], abs=1e-5)
     assert (tmp_path / "results/evaluation_results.json").is_file()
+
+def test_tower_pass_matches_the_cache_and_reports_bad_photos(prepared):
+    from fashion_json_encoder.training import tower_features
+    _, tower, p = prepared
+    items, cached = p.train.items[:6], p.train.features[:6].float()
+    skipped = []
+    bad = dataclasses.replace(items[0], image_path=items[0].image_path + ".missing")
+    out = tower_features([bad] + items, tower, batch_size=4, on_skip=lambda it, why: skipped.append(it.key))
+    assert skipped == [bad.key] and out[0].abs().sum() == 0       # the undecodable photo: reported, zero row
+    assert torch.allclose(out[1:], cached, atol=2e-3)              # the same features the fp16 cache holds

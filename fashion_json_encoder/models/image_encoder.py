@@ -111,8 +111,11 @@ def weights_fingerprint(module: nn.Module, cfg: dict | None = None) -> str:
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 def resolve_device(device: str = "auto") -> torch.device:
-    "`auto` -> cuda when available else cpu; anything else as torch reads it."
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else torch.device(device)
+    "`auto` -> CUDA when available, else CPU; a CUDA device that is not there is a user error."
+    if device == "auto": return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device '{device}' requested but no CUDA GPU is available (use --device cpu or auto)")
+    return torch.device(device)
 
 class CLIPImageEncoder(nn.Module):
     "open_clip's visual tower, frozen: images -> L2-normalised (B, 512) features, always eval, never a gradient."
