@@ -14,7 +14,7 @@ __all__ = ['add_train_args', 'config_from_args', 'run_command', 'train_main', 'b
 # %% ../nbs/09_cli.ipynb #2182a242
 def add_train_args(p: argparse.ArgumentParser):
     "The training flags shared by `train.py` and `main.py train`."
-    p.add_argument("--dataset_path", help="K-Fashion folder (raw AI Hub layout, searched recursively)")
+    p.add_argument("--dataset_path", help="K-Fashion folder: the release zips as downloaded, unzipped, or both (searched recursively)")
     p.add_argument("--config", help="JSON config file (see create_config); flags override it")
     p.add_argument("--output_dir", help="where checkpoints/, logs/, results/ and cache/ go (default: outputs, or the resumed run's folder)")
     p.add_argument("--epochs", type=int, dest="max_epochs", help="total epochs, standalone included (config max_epochs)")
@@ -24,6 +24,8 @@ def add_train_args(p: argparse.ArgumentParser):
     p.add_argument("--no_standalone", action="store_true", help="skip stage 1 (same as --standalone_epochs 0)")
     p.add_argument("--clip_pretrained", help="'openai' (default), a local .pt/.bin/.safetensors file, or 'none' (random init, tests only)")
     p.add_argument("--num_workers", type=int, help="DataLoader and index-building workers")
+    p.add_argument("--decode", choices=["auto", "cpu", "gpu"], help="JPEG decode for the feature-cache build: cpu (Pillow in workers), "
+                   "gpu (nvJPEG on the tower's GPU) or auto (default: gpu when the tower is on CUDA)")
     p.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
     p.add_argument("--seed", type=int, help="fixes data splits, init and order")
     p.add_argument("--resume", help="continue from a checkpoint, e.g. OUTPUT/checkpoints/last.pt (its config, dataset and folder unless given)")
@@ -35,7 +37,7 @@ def config_from_args(a: argparse.Namespace, base: Config | None = None) -> Confi
     "Defaults (or `base`, e.g. a resumed run's config) <- config file <- flags."
     cfg = load_config(a.config) if getattr(a, "config", None) else (base or Config())
     over = {k: getattr(a, k, None) for k in ("max_epochs", "batch_size", "learning_rate", "standalone_epochs",
-                                              "clip_pretrained", "num_workers", "device", "seed")}
+                                              "clip_pretrained", "num_workers", "decode", "device", "seed")}
     if getattr(a, "no_standalone", False): over["standalone_epochs"] = 0
     if getattr(a, "no_cache", False): over["feature_cache"] = False
     if over.get("max_epochs") is not None and over.get("standalone_epochs") is None and cfg.standalone_epochs > over["max_epochs"]:
@@ -144,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--output", required=True, help="path of the JSON file to write")
     c.add_argument("--config", help="start from this config instead of the defaults")
     i = sub.add_parser("inspect_data", help="what the loader sees in a K-Fashion folder", description="Data report.")
-    i.add_argument("--dataset_path", required=True, help="K-Fashion folder")
+    i.add_argument("--dataset_path", required=True, help="K-Fashion folder: release zips as downloaded, or unzipped")
     i.add_argument("--config", help="JSON config (target_categories, fields, crop_padding, ...)")
     i.add_argument("--output_dir", default="outputs", help="where the parsed-index cache is kept (default: outputs)")
     i.add_argument("--json", action="store_true", help="print one JSON object instead of a table")

@@ -63,11 +63,14 @@ class Config:
     val_fraction: float = 0.1           # val share when the dataset has no Training/Validation folders
     verify_images: bool = False         # decode every JPEG while indexing (slow; otherwise at feature extraction)
     num_workers: int = 2                # DataLoader / index-building workers
+    val_subset: int = 10_000            # items of the seeded per-epoch val subset (0 = the whole split); the whole split is evaluated at the end
+    cuda_graphs: bool = True            # on CUDA, capture each cached-feature training step as a CUDA graph (False = eager)
     # image tower
     clip_model: str = "ViT-B-32"        # open_clip architecture
     clip_pretrained: str = "openai"     # "openai", a local .pt/.bin/.safetensors path, or "none" (random init)
     clip_precision: str = "fp32"        # "fp32" or "bf16" tower (bf16 is checked against fp32)
     feature_cache: bool = True          # cache frozen-tower features on disk (False = run the tower per batch)
+    decode: str = "auto"                # JPEG decode for the cache build: "cpu", "gpu" (nvJPEG), "auto" (gpu when the tower is on CUDA)
     # run
     seed: int = 42                      # fixes splits, init and data order
     device: str = "auto"                # "auto", "cpu", "cuda", "cuda:N"
@@ -91,7 +94,7 @@ def validate_config(cfg: Config) -> Config:
         _check(ok, name, v, f"expected {t.__name__}, got {type(v).__name__}")
     for k in ("batch_size", "embedding_dim", "hidden_dim", "output_dim", "image_size"):
         _check(getattr(cfg, k) > 0, k, getattr(cfg, k), "must be > 0")
-    for k in ("max_epochs", "standalone_epochs", "save_every", "num_workers"):
+    for k in ("max_epochs", "standalone_epochs", "save_every", "num_workers", "val_subset"):
         _check(getattr(cfg, k) >= 0, k, getattr(cfg, k), "must be >= 0")
     _check(cfg.batch_size >= 2, "batch_size", cfg.batch_size, "InfoNCE needs at least 2 items per batch")
     _check(cfg.learning_rate > 0, "learning_rate", cfg.learning_rate, "must be > 0")
@@ -120,6 +123,8 @@ def validate_config(cfg: Config) -> Config:
     _check(size is None or cfg.image_size == size, "image_size", cfg.image_size,
            f"must be {size}: the {cfg.clip_model} tower's positional embeddings are fixed at that resolution")
     _check(cfg.clip_precision in ("fp32", "bf16"), "clip_precision", cfg.clip_precision, "must be 'fp32' or 'bf16'")
+    _check(cfg.val_subset != 1, "val_subset", cfg.val_subset, "must be 0 (the whole split) or at least 2 (a gallery needs negatives)")
+    _check(cfg.decode in ("auto", "cpu", "gpu"), "decode", cfg.decode, "must be 'auto', 'cpu' or 'gpu'")
     _check(cfg.select_metric in _SELECT, "select_metric", cfg.select_metric, f"must be one of {', '.join(_SELECT)}")
     _check(cfg.device == "auto" or cfg.device == "cpu" or cfg.device.startswith("cuda"), "device", cfg.device,
            "must be 'auto', 'cpu', 'cuda' or 'cuda:N'")

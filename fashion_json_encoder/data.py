@@ -4,13 +4,15 @@
 
 # %% ../nbs/01_data.ipynb #06a5a669
 from __future__ import annotations
-import gc, gzip, hashlib, json, logging, math, multiprocessing as mp, os, re, time
+import gc, gzip, hashlib, io, json, logging, math, multiprocessing as mp, os, re, time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 import torch
 from PIL import Image
 from .config import Config, UserError, STYLE_KEY, KFASHION_GROUPS, atomic_path
+from .archives import (IMAGE_MAX_BYTES, LABEL_MAX_BYTES, MEMBER_SEP, MemberError, read_bytes, scan_archives,
+                                           split_member)
 from .vocab import Vocab, normalise_value
 
 log = logging.getLogger(__name__)
@@ -25,7 +27,7 @@ __all__ = ['log', 'SKIP_REASONS', 'DECODE_ERRORS', 'Item', 'crop_box', 'read_lab
 class Item:
     "One sample: one garment crop of one photo with its item JSON."
     key: str         # "<style folder>/<stem>/<group>", unique and stable
-    image_path: str  # absolute path of the JPEG
+    image_path: str  # absolute path of the JPEG, or "<archive>.zip::<member>" for a photo read from a release zip
     group: str       # 상의 | 하의 | 아우터 | 원피스
     box: tuple       # (x0, y0, x1, y1) float, clipped to the image
     crop: tuple      # (x0, y0, x1, y1) int, padded box clipped to the image
@@ -47,6 +49,8 @@ SKIP_REASONS = {  # reason -> what was skipped (stable names: reports and tests 
     "box_invalid": "렉트좌표 with missing or non-numeric values (item skipped)",
     "box_zero_area": "box with zero width or height (item skipped)",
     "box_outside_image": "box entirely outside the image (item skipped)",
+    "bad_archive": "zip that cannot be opened at all (its members are missing: see the log line naming it)",
+    "bad_member": "archive member with a CRC error, an absurd declared size or cut short (photo skipped)",
 }
 
 # %% ../nbs/01_data.ipynb #fb0b92a7
@@ -65,7 +69,8 @@ def _first(section, group) -> dict:
 
 def read_label(path) -> tuple:
     "(label dict, None, note) or (None, skip reason, None); decodes utf-8-sig, then cp949."
-    raw = Path(path).read_bytes()
+    try: raw = read_bytes(path, LABEL_MAX_BYTES)  # a file, or a member of a release zip
+    except MemberError as e: log.warning("%s", e); return None, "bad_member", None
     for enc in ("utf-8-sig", "cp949"):
         try: text = raw.decode(enc); break
         except UnicodeDecodeError: continue
@@ -101,7 +106,8 @@ def item_json(attrs: dict, style: list, fields: dict, stats: Counter | None = No
 # %% ../nbs/01_data.ipynb #74b93591
 def _image_size(path, verify: bool):
     "(W, H) from the JPEG header; with `verify`, decode it fully (at 1/8 scale) first."
-    with Image.open(path) as im:
+    _, member = split_member(path)
+    with Image.open(io.BytesIO(read_bytes(path, IMAGE_MAX_BYTES)) if member else path) as im:
         size = im.size
         if verify: im.draft("RGB", (max(1, size[0] // 8), max(1, size[1] // 8))); im.load()
     return size
@@ -117,6 +123,7 @@ def parse_photo(label_path, image_path, fields: dict, targets, pad: float = 0.1,
     except (KeyError, TypeError, ValueError): size = (0, 0)
     if verify or min(size) <= 0:  # no usable size in the label: read the JPEG header
         try: size = _image_size(image_path, verify)
+        except MemberError: return {"skip": "bad_member"}
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError): return {"skip": "bad_image"}
     sty = _first(labels, STYLE_KEY)
     style = [sty.get("스타일"), sty.get("서브스타일")]
@@ -142,7 +149,7 @@ def parse_photo(label_path, image_path, fields: dict, targets, pad: float = 0.1,
 _SPLITS = {"training": "train", "train": "train", "validation": "val", "valid": "val", "val": "val"}
 _IMAGE_EXT = (".jpg", ".jpeg")
 
-def scan_dataset(root) -> tuple:
+def scan_dataset(root, archives: list | None = None) -> tuple:  # archives: a list that receives the *.zip files found
     "([(relpath, size, mtime_ns)] of label files, the same for JPEGs) under `root`, sorted."
     labels, images, stack = [], [], [str(root)]
     while stack:
@@ -151,15 +158,17 @@ def scan_dataset(root) -> tuple:
                 if e.name.startswith("."): continue
                 if e.is_dir(): stack.append(e.path); continue
                 low = e.name.lower()
-                dest = labels if low.endswith(".json") else images if low.endswith(_IMAGE_EXT) else None
+                dest = (labels if low.endswith(".json") else images if low.endswith(_IMAGE_EXT)
+                        else archives if archives is not None and low.endswith(".zip") else None)
                 if dest is not None:
                     st = e.stat()
                     dest.append((os.path.relpath(e.path, root).replace(os.sep, "/"), st.st_size, st.st_mtime_ns))
+    if archives is not None: archives.sort()
     return sorted(labels), sorted(images)
 
 def pair_key(rel: str) -> tuple:
-    "(split or None, style folder, stem) of a relative path."
-    parts = rel.split("/")
+    "(split or None, style folder, stem) of a relative path (an archive member's path reads as folders)."
+    parts = rel.replace(MEMBER_SEP, "/").split("/")
     split = next((_SPLITS[p.lower()] for p in parts[:-1] if p.lower() in _SPLITS), None)
     return split, (parts[-2] if len(parts) > 1 else ""), parts[-1].rsplit(".", 1)[0]
 
@@ -201,11 +210,12 @@ class DatasetIndex:
 
 _CACHE_VERSION, _PARALLEL_MIN = 1, 2000
 
-def _fingerprint(labels, images, cfg: Config) -> str:
+def _fingerprint(labels, images, cfg: Config, archives=()) -> str:
     h = hashlib.sha1(f"v{_CACHE_VERSION}".encode())
     keys = {k: getattr(cfg, k) for k in ("fields", "target_categories", "crop_padding", "val_fraction", "seed", "verify_images")}
     h.update(json.dumps(keys, sort_keys=True, ensure_ascii=False).encode())
     for rel, size, mtime in labels + [("", 0, 0)] + images: h.update(f"{rel}\t{size}\t{mtime}\n".encode())
+    for rel, size, mtime in archives: h.update(f"zip\t{rel}\t{size}\t{mtime}\n".encode())  # archives by size and mtime
     return h.hexdigest()
 
 def _parse_safe(label_path, image_path, *opts) -> dict:
@@ -228,6 +238,19 @@ def _parse_all(root, pairs, opts, workers: int) -> list:
     with ctx.Pool(workers) as pool: return [r for rs in pool.imap(_parse_chunk, chunks) for r in rs]
 
 # %% ../nbs/01_data.ipynb #3fddfcaa
+def _with_archives(root, labels, images, archives, workers) -> tuple:
+    "Loose files plus the members of the release zips; a member that an unzipped file of the same key shadows is dropped."
+    if not archives: return labels, images, Counter(), Counter()
+    lab, img, skipped, notes = scan_archives(root, archives, workers)
+    out = []
+    for loose, members in ((labels, lab), (images, img)):
+        have = {pair_key(r) for r, *_ in loose}
+        kept = [m for m in members if pair_key(m[0]) not in have]
+        notes["archive_member_shadowed"] += len(members) - len(kept)
+        out.append(sorted(loose + kept))
+    if n := notes["archive_member_shadowed"]: log.info("%d archive members ignored: the same files are also unzipped", n)
+    return out[0], out[1], skipped, +notes
+
 def _cache_path(cache_dir, root, fp):
     return Path(cache_dir) / f"index-{hashlib.sha1(str(root).encode()).hexdigest()[:8]}-{fp[:16]}.json.gz"
 
@@ -259,12 +282,12 @@ def build_index(dataset_path, cfg: Config, cache_dir=None, num_workers: int | No
     root = Path(dataset_path).expanduser().resolve()
     if not root.is_dir():
         raise UserError(f"{root}: dataset path does not exist or is not a folder (expected a K-Fashion folder with label *.json files)")
-    t0, (labels, images) = time.time(), scan_dataset(root)
-    if not labels:
-        zips = " (found .zip archives: extract them first)" if any(root.rglob("*.zip")) else ""
-        raise UserError(f"{root}: no K-Fashion label files (*.json) found; expected <스타일>/<id>.json files "
-                        f"under Training/, Validation/ or 라벨링데이터/{zips}")
-    fp = _fingerprint(labels, images, cfg)
+    t0, archives = time.time(), []
+    labels, images = scan_dataset(root, archives)  # one walk finds loose files and release zips
+    if not labels and not archives:
+        raise UserError(f"{root}: no K-Fashion label files (*.json) or release zips found; expected <스타일>/<id>.json files "
+                        f"under Training/, Validation/ or 라벨링데이터/, or Training/라벨링데이터.zip")
+    fp = _fingerprint(labels, images, cfg, archives)
     cpath = _cache_path(cache_dir, root, fp) if cache_dir else None
     if cpath and cpath.exists():
         try:
@@ -272,10 +295,16 @@ def build_index(dataset_path, cfg: Config, cache_dir=None, num_workers: int | No
             log.info("index loaded from cache %s in %.1fs", cpath, time.time() - t0)
             return index
         except (OSError, ValueError, KeyError, TypeError) as e: log.warning("ignoring unreadable index cache %s: %s", cpath, e)
-    pairs, skipped = pair_files(labels, images)
+    workers = cfg.num_workers if num_workers is None else num_workers
+    labels, images, skipped, stats = _with_archives(root, labels, images, archives, workers)
+    if not labels:
+        bad = f"; {skipped['bad_archive']} zip(s) cannot be opened (see the log)" if skipped.get("bad_archive") else ""
+        raise UserError(f"{root}: no K-Fashion label files (*.json) in its folders or readable zips{bad}")
+    pairs, sk = pair_files(labels, images)
+    skipped.update(sk)
     opts = (cfg.fields, tuple(cfg.target_categories), cfg.crop_padding, cfg.verify_images)
-    results = _parse_all(root, pairs, opts, cfg.num_workers if num_workers is None else num_workers)
-    stats, recs, seen = Counter(), [], set()
+    results = _parse_all(root, pairs, opts, workers)
+    recs, seen = [], set()
     for (lrel, irel), r in zip(pairs, results):
         if "skip" in r: skipped[r["skip"]] += 1; continue
         split, style, stem = pair_key(lrel)
@@ -303,13 +332,15 @@ def load_crop(item: Item, min_side: int | None = None) -> Image.Image:  # min_si
     "The RGB crop of `item` (raw pixels, no EXIF rotation); raises `ImageDecodeError` if the JPEG does not decode."
     x0, y0, x1, y1 = item.crop
     try:
-        with Image.open(item.image_path) as im:
+        _, member = split_member(item.image_path)
+        with Image.open(io.BytesIO(read_bytes(item.image_path)) if member else item.image_path) as im:
             W, H = im.size
             f = min_side / max(1, min(x1 - x0, y1 - y0)) if min_side else 1
             if f < 1: im.draft("RGB", (max(1, math.ceil(W * f)), max(1, math.ceil(H * f))))  # JPEG DCT scaling
             sx, sy = im.size[0] / W, im.size[1] / H
             b = (math.floor(x0 * sx), math.floor(y0 * sy), math.ceil(x1 * sx), math.ceil(y1 * sy))
             return im.convert("RGB").crop((b[0], b[1], max(b[2], b[0] + 1), max(b[3], b[1] + 1)))
+    except MemberError: raise  # the archive's fault, not the JPEG's: counted as bad_member
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise ImageDecodeError(f"{item.image_path}: cannot decode image ({e})") from None
 

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from .vocab import field_values
 
 # %% auto #0
-__all__ = ['BETAS', 'canonical_json', 'json_groups', 'retrieval_ranks', 'rank_metrics', 'querybank_bias', 'make_hub_case',
-           'gallery_metrics', 'calibrate', 'bank_from_counts', 'save_embeddings', 'metrics_from_npz']
+__all__ = ['BETAS', 'canonical_json', 'json_groups', 'retrieval_ranks', 'paired_ranks', 'rank_metrics', 'querybank_bias',
+           'make_hub_case', 'gallery_metrics', 'calibrate', 'bank_from_counts', 'save_embeddings', 'metrics_from_npz']
 
 # %% ../nbs/06_evaluation.ipynb #8b372c0f
 def canonical_json(item_json: dict, fields=None) -> str:
@@ -35,9 +35,9 @@ def _chunk_rows(n_gallery: int, budget: int = 1 << 24) -> int:
 
 def _negative_means(q, g, pos, groups, sizes) -> tuple:
     "Mean cosine over all non-pairs and over pairs with different JSONs, in O(N·D) from per-JSON sums."
-    n, G = len(q), len(sizes)
+    n, G, z = len(q), len(sizes), lambda: torch.zeros(len(sizes), q.shape[1], device=q.device)
     total = q.sum(0) @ g.sum(0)                                                  # Σ_ij q_i·g_j
-    same = (torch.zeros(G, q.shape[1]).index_add_(0, groups, q) * torch.zeros(G, g.shape[1]).index_add_(0, groups, g)).sum()
+    same = (z().index_add_(0, groups, q) * z().index_add_(0, groups, g)).sum()
     n_diff = n * n - int((sizes.long() ** 2).sum())
     return ((total - pos.sum()) / max(1, n * (n - 1))).item(), ((total - same) / max(1, n_diff)).item()
 
@@ -54,19 +54,20 @@ def retrieval_ranks(query: torch.Tensor,    # (N, D) unit-norm queries; query i'
                     lse_scale: float | None = None) -> dict:  # also return each query's logsumexp(lse_scale * cos) row
     "Strict and identical-JSON-aware ranks (1 = best, ties against the query), positive cosines and negative-cosine means."
     assert query.shape == gallery.shape, f"query {tuple(query.shape)} and gallery {tuple(gallery.shape)} must match"
-    n = len(query); chunk = chunk or _chunk_rows(n)
-    groups = torch.arange(n) if groups is None else groups.cpu()
-    q_all, g = query.float().cpu(), gallery.float().cpu()
+    n, dev = len(query), query.device; chunk = chunk or _chunk_rows(n)
+    ar = lambda *a: torch.arange(*a, device=dev)
+    groups = ar(n) if groups is None else groups.to(dev)
+    q_all, g = query.float(), gallery.float().to(dev)
     pos = (q_all * g).sum(1)                                        # (N,) positive-pair cosines
     sizes = torch.bincount(groups)                                  # items per distinct JSON
     members = torch.argsort(groups, stable=True)                    # items grouped by JSON ...
     starts = torch.cumsum(sizes, 0) - sizes                         # ... group k at members[starts[k]:starts[k] + sizes[k]]
-    b = None if bias is None else bias.float().cpu()[None, :]
+    b = None if bias is None else bias.float().to(dev)[None, :]
     tol = 4e-6 * (abs(scale) + (0 if bias is None else float(bias.abs().max())))  # float32 noise below this is a tie
-    strict, aware = torch.empty(n, dtype=torch.long), torch.empty(n, dtype=torch.long)
-    lse = torch.empty(n) if lse_scale else None
+    strict, aware = torch.empty(n, dtype=torch.long, device=dev), torch.empty(n, dtype=torch.long, device=dev)
+    lse = torch.empty(n, device=dev) if lse_scale else None
     for s in range(0, n, chunk):
-        c = min(chunk, n - s); rows = torch.arange(c); idx = torch.arange(s, s + c)
+        c = min(chunk, n - s); rows = ar(c); idx = ar(s, s + c)
         sc = q_all[s:s + c] @ g.T                                   # (c, N) cosine similarities
         if lse_scale: lse[s:s + c] = torch.logsumexp(lse_scale * sc, 1)  # InfoNCE denominators, from the same block
         if scale != 1.0: sc.mul_(scale)
@@ -79,14 +80,86 @@ def retrieval_ranks(query: torch.Tensor,    # (N, D) unit-norm queries; query i'
             gid = groups[idx[multi]]; sz = sizes[gid]
             r = multi.repeat_interleave(sz)                         # (H,) query row of each (query, hit) pair
             first = torch.cumsum(sz, 0) - sz
-            cols = members[starts[gid].repeat_interleave(sz) + torch.arange(len(r)) - first.repeat_interleave(sz)]
+            cols = members[starts[gid].repeat_interleave(sz) + ar(len(r)) - first.repeat_interleave(sz)]
             vals = sc[r, cols]
-            best = torch.full((c,), -math.inf).scatter_reduce(0, r, vals, "amax")
+            best = torch.full((c,), -math.inf, device=dev).scatter_reduce(0, r, vals, "amax")
             ge = _count_ge(sc[multi], best[multi, None] - tol)      # everything at least as good as the best hit ...
-            ge_hit = torch.zeros(c, dtype=torch.long).scatter_add_(0, r, (vals >= best[r] - tol).long())
+            ge_hit = torch.zeros(c, dtype=torch.long, device=dev).scatter_add_(0, r, (vals >= best[r] - tol).long())
             aware[s + multi] = 1 + ge - ge_hit[multi]              # ... minus the hits themselves
     neg, neg_diff = _negative_means(q_all, g, pos, groups, sizes)
     return {"strict": strict, "aware": aware, "pos": pos, "neg_mean": neg, "neg_diff_mean": neg_diff, "lse": lse}
+
+
+# %% ../nbs/06_evaluation.ipynb #4d7d9fbd
+_TILE = {"cpu": (1024, 8192), "cuda": (8192, 65536)}  # (rows, cols) of one score tile: L3-sized on CPU, ~2 GiB on a GPU
+_pool = None
+
+def _tile_counts(s: torch.Tensor, thr_r: torch.Tensor, thr_c: torch.Tensor) -> tuple:
+    "Counts of entries of the tile s (r, c) >= their row threshold thr_r (r,) and >= their column threshold thr_c (c,)."
+    if s.device.type != "cpu" or torch.get_num_threads() < 2 or s.shape[0] < 64:
+        if s.device.type != "cpu": return (s >= thr_r[:, None]).sum(1), (s >= thr_c[None, :]).sum(0)
+        a = s.numpy(); return torch.from_numpy(np.count_nonzero(a >= thr_r.numpy()[:, None], axis=1)), torch.from_numpy((a >= thr_c.numpy()).sum(0))
+    global _pool
+    from concurrent.futures import ThreadPoolExecutor
+    k = torch.get_num_threads()
+    if _pool is None or _pool._max_workers != k: _pool = ThreadPoolExecutor(k)   # numpy releases the GIL in compares
+    a, tr, tc = s.numpy(), thr_r.numpy()[:, None], thr_c.numpy()[None, :]
+    def part(lo, hi):
+        b = a[lo:hi] >= tr[lo:hi]; r = np.count_nonzero(b, axis=1)
+        return r, np.greater_equal(a[lo:hi], tc, out=b).sum(0)
+    cuts = np.linspace(0, len(a), k + 1).astype(int)
+    parts = list(_pool.map(lambda i: part(cuts[i], cuts[i + 1]), range(k)))
+    return torch.from_numpy(np.concatenate([p[0] for p in parts])), torch.from_numpy(sum(p[1] for p in parts))
+
+def paired_ranks(image: torch.Tensor,  # (N, D) unit-norm image embeddings
+                 text: torch.Tensor,   # (N, D) unit-norm JSON embeddings, row i pairs with image i
+                 groups: torch.Tensor | None = None,  # (N,) distinct-JSON ids; None = all distinct
+                 lse_scale: float | None = None,  # also the InfoNCE log-sum-exps at this logit scale, both directions
+                 tile: tuple | None = None) -> dict | None:  # (rows, cols) of one score tile
+    "Strict and aware ranks of both directions from one pass over image @ text.T; None if a group's JSON rows differ."
+    n, dev = len(image), image.device
+    img, txt = image.float(), text.float().to(dev)
+    groups = torch.arange(n, device=dev) if groups is None else groups.to(dev)
+    sizes = torch.bincount(groups)
+    rep = torch.full((len(sizes),), n, device=dev).scatter_reduce(0, groups, torch.arange(n, device=dev), "amin")
+    if n and (txt - txt[rep[groups]]).abs().max() > 1e-6: return None      # JSON rows of a group not identical
+    tol, pos = 4e-6, (img * txt).sum(1)                                    # ties below float32 noise; (N,) pair cosines
+    R, C = tile or _TILE["cuda" if dev.type == "cuda" else "cpu"]
+    R, C = min(R, n), min(C, n)
+    cnt_r, cnt_c = torch.zeros(n, dtype=torch.long, device=dev), torch.zeros(n, dtype=torch.long, device=dev)
+    fast = lse_scale is not None and lse_scale <= 40        # exp(scale·cos) in [e^-40, e^40]: a float32 sum cannot overflow
+    lse_r = lse_c = None
+    if lse_scale is not None:
+        lse_r, lse_c = torch.full((n,), -math.inf, device=dev), torch.full((n,), -math.inf, device=dev)
+        if fast: lse_r, lse_c = torch.zeros(n, dtype=torch.float64, device=dev), torch.zeros(n, dtype=torch.float64, device=dev)
+    k = (lse_scale or math.log(2)) / math.log(2)        # the tile holds k·cos, so exp2 of it is exp(lse_scale·cos)
+    buf, thr, img_k = torch.empty(R * C, device=dev), k * (pos - tol), img * k
+    ones = torch.ones(max(R, C), device=dev)
+    for r0 in range(0, n, R):
+        for c0 in range(0, n, C):
+            r, c = min(R, n - r0), min(C, n - c0)
+            s = torch.mm(img_k[r0:r0 + r], txt[c0:c0 + c].T, out=buf[:r * c].view(r, c))   # (r, c) k·cosines
+            a, b = _tile_counts(s, thr[r0:r0 + r], thr[c0:c0 + c])
+            cnt_r[r0:r0 + r] += a.to(dev); cnt_c[c0:c0 + c] += b.to(dev)
+            if fast:                                       # one exp per score serves both directions' sums
+                s.exp2_()
+                lse_r[r0:r0 + r] += torch.mv(s, ones[:c]); lse_c[c0:c0 + c] += torch.mv(s.T, ones[:r])  # float32 tile sums
+            elif lse_scale is not None:
+                s.mul_(math.log(2))
+                lse_r[r0:r0 + r] = torch.logaddexp(lse_r[r0:r0 + r], torch.logsumexp(s, 1))
+                lse_c[c0:c0 + c] = torch.logaddexp(lse_c[c0:c0 + c], torch.logsumexp(s, 0))
+    if fast: lse_r, lse_c = (x.log().float() for x in (lse_r, lse_c))
+    # JSON -> image aware ranks: t* = the member of each JSON whose pair scores best; its column counts all >= best hit
+    g_best = torch.full((len(sizes),), -math.inf, device=dev).scatter_reduce(0, groups, pos, "amax")
+    is_best = pos >= g_best[groups]
+    t_star = torch.full((len(sizes),), n, device=dev).scatter_reduce(0, groups, torch.where(is_best, torch.arange(n, device=dev), n), "amin")
+    ge_hit = torch.zeros(len(sizes), dtype=torch.long, device=dev).scatter_add_(0, groups, (pos >= g_best[groups] - tol).long())
+    aware_c = 1 + cnt_c[t_star][groups] - ge_hit[groups]
+    neg, neg_diff = _negative_means(img, txt, pos, groups, sizes)
+    common = {"pos": pos, "neg_mean": neg, "neg_diff_mean": neg_diff}
+    return {"i2j": {"strict": cnt_r, "aware": cnt_r - sizes[groups] + 1, "lse": lse_r, **common},
+            "j2i": {"strict": cnt_c, "aware": aware_c, "lse": lse_c, **common}}
+
 
 # %% ../nbs/06_evaluation.ipynb #99d963ed
 def rank_metrics(ranks: torch.Tensor, ks=(1, 5)) -> dict:
@@ -102,8 +175,8 @@ def querybank_bias(image: torch.Tensor,   # (N, D) unit-norm gallery images
                    bank_logw: torch.Tensor | None = None,  # (B,) log training count of each bank JSON
                    chunk: int | None = None) -> torch.Tensor:
     "(N,) −log Σ_bank w·exp(β·cos(image, bank)) per image."
-    chunk = chunk or _chunk_rows(len(bank)); bank = bank.float()
-    lw = torch.zeros(len(bank), device=bank.device) if bank_logw is None else bank_logw.float()
+    chunk = chunk or _chunk_rows(len(bank)); bank = bank.float().to(image.device)
+    lw = torch.zeros(len(bank), device=bank.device) if bank_logw is None else bank_logw.float().to(bank.device)
     return torch.cat([-torch.logsumexp(beta * image[s:s + chunk].float() @ bank.T + lw[None, :], 1)
                       for s in range(0, len(image), chunk)])
 
@@ -119,16 +192,21 @@ def make_hub_case(n: int = 300, d: int = 32, seed: int = 0, hub_fraction: float 
     return img, txt, bank
 
 # %% ../nbs/06_evaluation.ipynb #0fff2182
-def _directions(image, text, groups, chunk, prefix, i2j_kw, j2i_kw) -> tuple:
-    out, r = {}, {}
-    for name, q, g, kw in (("i2j", image, text, i2j_kw), ("j2i", text, image, j2i_kw)):
-        r[name] = retrieval_ranks(q, g, chunk, groups, **kw)
+def _summarise(r: dict, prefix: str) -> dict:
+    "top-k and MRR of both directions' strict and aware ranks, and their means over the two directions."
+    out = {}
+    for name in ("i2j", "j2i"):
         for var in ("strict", "aware"):
             p = prefix + ("aware_" if var == "aware" else "")
             out.update({f"{p}{name}_{k}": v for k, v in rank_metrics(r[name][var]).items()})
     for var in ("", "aware_"):
         out.update({f"{prefix}{var}{k}": (out[f"{prefix}{var}i2j_{k}"] + out[f"{prefix}{var}j2i_{k}"]) / 2 for k in ("top1", "top5", "mrr")})
-    return out, r
+    return out
+
+def _directions(image, text, groups, chunk, prefix, i2j_kw, j2i_kw) -> tuple:
+    r = {name: retrieval_ranks(q, g, chunk, groups, **kw)
+         for name, q, g, kw in (("i2j", image, text, i2j_kw), ("j2i", text, image, j2i_kw))}
+    return _summarise(r, prefix), r
 
 def gallery_metrics(image: torch.Tensor,   # (N, D) unit-norm image embeddings
                     text: torch.Tensor,    # (N, D) unit-norm JSON embeddings, row i pairs with image i
@@ -139,7 +217,10 @@ def gallery_metrics(image: torch.Tensor,   # (N, D) unit-norm image embeddings
                     use_prior: bool = False) -> dict:
     "Loss, cosines, strict and identical-JSON-aware ranks in both directions, raw and (with a bank) normalised."
     if groups is None: groups = torch.unique(text.float(), dim=0, return_inverse=True)[1]
-    raw, r = _directions(image, text, groups, chunk, "", {"lse_scale": logit_scale}, {"lse_scale": logit_scale})
+    groups = groups.to(image.device)
+    r = paired_ranks(image, text, groups, logit_scale, chunk and (chunk, chunk))   # one pass, both directions
+    if r is None: raw, r = _directions(image, text, groups, chunk, "", {"lse_scale": logit_scale}, {"lse_scale": logit_scale})
+    else: raw = _summarise(r, "")
     sp = logit_scale * r["i2j"]["pos"]                              # the InfoNCE loss from the ranking passes' row sums
     out = {"loss": ((r["i2j"]["lse"] - sp).mean() + (r["j2i"]["lse"] - sp).mean()).item() / 2, "gallery_size": len(image),
            "distinct_jsons": int(groups.unique().numel())}

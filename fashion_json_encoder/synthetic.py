@@ -4,7 +4,7 @@
 
 # %% ../nbs/01a_synthetic.ipynb #9c1d9a70
 from __future__ import annotations
-import colorsys, io, json, logging, random, unicodedata, zlib
+import colorsys, io, json, logging, multiprocessing as mp, random, struct, unicodedata, zipfile, zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,8 +15,8 @@ from .vocab import KFASHION_VALUES
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'CATEGORIES', 'FITS', 'LENGTHS', 'LAYOUTS', 'PhotoSpec', 'label_json', 'label_bytes', 'draw_photo',
-           'synthetic_plan', 'expected_counts', 'make_synthetic_kfashion']
+__all__ = ['log', 'CATEGORIES', 'FITS', 'LENGTHS', 'LAYOUTS', 'NAME_ENCODINGS', 'DAMAGES', 'PhotoSpec', 'label_json',
+           'label_bytes', 'draw_photo', 'synthetic_plan', 'expected_counts', 'make_synthetic_kfashion', 'damage_zip']
 
 # %% ../nbs/01a_synthetic.ipynb #8b97af1d
 CATEGORIES = {"아우터": "코트 재킷 점퍼 패딩 베스트 가디건 짚업".split(), "상의": "티셔츠 블라우스 셔츠 니트웨어 탑 후드티 브라탑".split(),
@@ -253,34 +253,97 @@ def expected_counts(plan: list, target_categories=("상의", "하의", "아우�
     return {"records": dict(rec), "items": dict(items), "skipped": dict(skipped), "box_clipped": clipped}
 
 # %% ../nbs/01a_synthetic.ipynb #2f2b53bd
-LAYOUTS = ("split", "unzipped", "sample")
+LAYOUTS = ("split", "unzipped", "sample", "zips")
+NAME_ENCODINGS = ("utf8", "cp949", "nfd")  # how a zip stores member names (see `make_synthetic_kfashion`)
 _ARCHIVE_1 = {"리조트", "모던", "로맨틱", "소피스트케이티드", "매니시", "레트로", "섹시", "기타", "밀리터리"}
+_ZIP_TIME = (2020, 9, 14, 5, 16, 46)
 
 def _dirs(root, p, layout):
-    "(label folder, image folder) of photo `p`."
+    "(label folder, image folder) of photo `p`; for `zips`, the unzipped folders whose name + .zip is the archive."
     if layout == "split": return (root / p.split / p.style_dir,) * 2
     n = 1 if p.style_dir in _ARCHIVE_1 else 2 if p.style_dir == "스트리트" else 3
-    if layout == "unzipped": return root / p.split / "라벨링데이터" / p.style_dir, root / p.split / f"원천데이터_{n}" / p.style_dir
+    if layout in ("unzipped", "zips"): return root / p.split / "라벨링데이터" / p.style_dir, root / p.split / f"원천데이터_{n}" / p.style_dir
     return root / "라벨링데이터" / p.style_dir, root / "원천데이터" / "원천데이터_1" / p.style_dir
 
 def _jpeg(im, quality=85) -> bytes:
     buf = io.BytesIO(); im.save(buf, "JPEG", quality=quality); return buf.getvalue()
 
+def _photo_bytes(args):
+    "The JPEG bytes written for one photo (None: no image)."
+    p, stub = args
+    if p.image == "none": return None
+    data = stub or _jpeg(draw_photo(p))
+    return data[: len(data) * 2 // 5] if p.image == "truncated" else data
+
+class _CP949Info(zipfile.ZipInfo):
+    "A member name stored as CP949 bytes without the UTF-8 flag, as Korean Windows zips store it."
+    def _encodeFilenameFlags(self): return self.filename.encode("cp949"), self.flag_bits & ~0x800
+
+class _Sink:
+    "Write files, or members of the release zips (`Training/라벨링데이터.zip` ...) for the `zips` layout."
+    def __init__(self, layout, names):
+        self.zips, self.names, self.made, self.layout = {}, names, set(), layout
+    def write(self, folder: Path, name: str, data: bytes):
+        if self.layout != "zips":
+            if folder not in self.made: folder.mkdir(parents=True, exist_ok=True); self.made.add(folder)
+            return (folder / name).write_bytes(data)
+        arc = folder.parent.with_name(folder.parent.name + ".zip")
+        if arc not in self.zips: arc.parent.mkdir(parents=True, exist_ok=True); self.zips[arc] = zipfile.ZipFile(arc, "w")
+        member = f"{folder.name}/{name}"
+        zi = (_CP949Info if self.names == "cp949" else zipfile.ZipInfo)(
+            unicodedata.normalize("NFD", member) if self.names == "nfd" else member, _ZIP_TIME)
+        zi.compress_type, level = zipfile.ZIP_DEFLATED, (1 if name.endswith(".jpg") else 6)
+        self.zips[arc].writestr(zi, data, compresslevel=level)
+    def close(self):
+        for z in self.zips.values(): z.close()
+
 def make_synthetic_kfashion(path, n_photos: int = 120, seed: int = 0, bad_cases: bool = False, layout: str = "split",
                             size=(240, 320),  # (W, H) of every photo
-                            image_mode: str = "full") -> Path:  # full | stub (one flat JPEG reused) | none
+                            image_mode: str = "full",  # full | stub (one flat JPEG reused) | none
+                            names: str = "utf8",  # zips layout: member names as utf8 (flagged), cp949 (no flag) or nfd
+                            num_workers: int = 0) -> Path:  # processes drawing and encoding the JPEGs
     "Write a synthetic K-Fashion dataset in the raw layout under `path` and return `path`."
     assert layout in LAYOUTS, f"layout must be one of {LAYOUTS}, got {layout!r}"
     assert image_mode in ("full", "stub", "none"), f"image_mode must be full, stub or none, got {image_mode!r}"
-    root, made = Path(path), set()
+    assert names in NAME_ENCODINGS, f"names must be one of {NAME_ENCODINGS}, got {names!r}"
+    root, plan = Path(path), synthetic_plan(n_photos, seed, bad_cases, size)
     stub = _jpeg(Image.new("RGB", tuple(size), (200, 200, 200))) if image_mode == "stub" else None
-    for p in synthetic_plan(n_photos, seed, bad_cases, size):
-        ldir, idir = _dirs(root, p, layout)
-        for d in (ldir, idir):
-            if d not in made: d.mkdir(parents=True, exist_ok=True); made.add(d)
-        if p.label != "none": (ldir / f"{p.stem}.json").write_bytes(label_bytes(p))
-        if p.image == "none" or image_mode == "none": continue
-        data = stub or _jpeg(draw_photo(p))
-        (idir / f"{p.stem}.jpg").write_bytes(data[: len(data) * 2 // 5] if p.image == "truncated" else data)
+    args = [(p, stub) for p in plan] if image_mode != "none" else []
+    if num_workers > 1 and image_mode == "full":
+        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+        with ctx.Pool(num_workers) as pool: jpegs = pool.map(_photo_bytes, args, chunksize=16)
+    else: jpegs = [_photo_bytes(a) for a in args]
+    sink = _Sink(layout, names)
+    try:
+        for i, p in enumerate(plan):
+            ldir, idir = _dirs(root, p, layout)
+            if p.label != "none": sink.write(ldir, f"{p.stem}.json", label_bytes(p))
+            if jpegs and jpegs[i] is not None: sink.write(idir, f"{p.stem}.jpg", jpegs[i])
+    finally: sink.close()
     log.info("wrote %d synthetic photos (%s layout) to %s", n_photos, layout, root)
     return root
+
+
+# %% ../nbs/01a_synthetic.ipynb #c096e5fe
+DAMAGES = ("truncate", "crc", "bomb", "not_zip")
+
+def _central_entry(data: bytes, zf: zipfile.ZipFile, index: int) -> int:
+    "Byte offset of the `index`-th central directory entry."
+    off = zf.start_dir
+    for _ in range(index):
+        nlen, xlen, clen = struct.unpack_from("<HHH", data, off + 28)
+        off += 46 + nlen + xlen + clen
+    assert data[off:off + 4] == b"PK\x01\x02", "not a central directory entry"
+    return off
+
+def damage_zip(path, how: str, member: int = 0) -> str | None:  # member: index (in the archive) of the member to damage
+    "Damage a zip the ways downloads and tools do; returns the damaged member's name (None for the whole archive)."
+    assert how in DAMAGES, f"how must be one of {DAMAGES}, got {how!r}"
+    p = Path(path); data = bytearray(p.read_bytes())
+    if how == "not_zip": p.write_bytes(b"<html><body>404 Not Found</body></html>\n"); return None
+    if how == "truncate": p.write_bytes(bytes(data[: len(data) * 3 // 5])); return None  # the central directory is gone
+    with zipfile.ZipFile(p) as zf: name, off = zf.infolist()[member].filename, _central_entry(bytes(data), zf, member)
+    if how == "crc": struct.pack_into("<I", data, off + 16, struct.unpack_from("<I", data, off + 16)[0] ^ 0x5A5A5A5A)
+    else: struct.pack_into("<I", data, off + 24, 0x7FFF0000)  # bomb: declares ~2 GiB uncompressed
+    p.write_bytes(bytes(data)); return name
+

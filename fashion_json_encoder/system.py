@@ -38,7 +38,7 @@ def make_tower(cfg: Config, device=None, clip_pretrained: str | None = None) -> 
 
 def _cached_split(items, tower, cache_dir, cfg, progress, skipped):
     cache = build_feature_cache(items, tower, cache_dir, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
-                                progress=progress, crop_padding=cfg.crop_padding)
+                                progress=progress, crop_padding=cfg.crop_padding, decode=cfg.decode)
     pos = {k: i for i, k in enumerate(cache.keys)}
     kept = [it for it in items if it.key in pos]
     for reason in cache.skipped.values(): skipped[reason] += 1
@@ -134,11 +134,12 @@ def evaluate_checkpoint(checkpoint_path, dataset_path=None, split: str = "val", 
     jsons, scale = [it.json for it in data.items], float(st["logit_scale"].exp())
     strings = [canonical_json(j, list(vocab.fields)) for j in jsons]; groups = json_groups(strings)
     # querybank: beta (and the JSON prior) are chosen on val and saved next to the checkpoint; other splits reuse them
-    calib = (calibrate_checkpoint(checkpoint_path, enc, vocab, [it.json for it in prep.index.items["train"]], img, txt, strings)
+    img_d, txt_d = img.to(dev), txt.to(dev)   # ranking on the GPU when there is one (same numbers as on the CPU)
+    calib = (calibrate_checkpoint(checkpoint_path, enc, vocab, [it.json for it in prep.index.items["train"]], img_d, txt_d, strings)
              if split == "val" else load_calibration(checkpoint_path, enc))
     kw = dict(bank=calib["bank"], bank_logw=calib["bank_logw"], beta=calib["beta"], prior=json_prior(strings, calib),
               use_prior=calib["use_prior"]) if calib else {}
-    m = gallery_metrics(img, txt, scale, groups=groups, **kw)
+    m = gallery_metrics(img_d, txt_d, scale, groups=groups.to(dev), **kw)
     out = {"checkpoint": str(checkpoint_path), "epoch": st["epoch"], "split": split, "metrics": m, **prep.info}
     if calib: out["calibration"] = {"beta": calib["beta"], "use_prior": calib["use_prior"], "prior_gain": calib["prior_gain"],
                                     "bank_size": len(calib["bank_strings"]), "beta_mrr": calib["beta_mrr"]}

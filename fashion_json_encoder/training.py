@@ -4,7 +4,7 @@
 
 # %% ../nbs/05_training.ipynb #98f6f9ba
 from __future__ import annotations
-import json, logging, math, os, random, tempfile, time
+import copy, json, logging, math, os, random, tempfile, time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 import numpy as np
@@ -17,6 +17,7 @@ from .evaluation import gallery_metrics
 from .models.json_encoder import JSONEncoder
 from .models.contrastive_learner import ContrastiveLearner
 from .models.image_encoder import resolve_device
+from .resident import RowsLoss, graph_rows_loss, resident, rows_step
 from .distributed import (all_gather_object, broadcast_object, gather_with_grad, get_rank,
                                               get_world_size, reduce_sum)
 
@@ -24,7 +25,7 @@ log = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['log', 'CKPT_FORMAT', 'seed_everything', 'PairedData', 'make_paired', 'standalone_targets', 'save_checkpoint',
-           'load_checkpoint', 'crop_batches', 'tower_features', 'embed_rows', 'make_adam', 'Trainer']
+           'load_checkpoint', 'crop_batches', 'tower_features', 'embed_rows', 'val_subset_rows', 'make_adam', 'Trainer']
 
 # %% ../nbs/05_training.ipynb #f9fd3cba
 def seed_everything(seed: int):
@@ -105,14 +106,23 @@ def tower_features(items: list, tower, batch_size: int = 64, num_workers: int = 
     return out
 
 # %% ../nbs/05_training.ipynb #36a68545
-def embed_rows(encoder, data: PairedData, device, batch_size: int = 1024) -> torch.Tensor:
-    "JSON embeddings (N, D) of every row of `data`, in eval mode without gradients."
+def embed_rows(encoder, data: PairedData, device, batch_size: int = 1024,
+               rows: torch.Tensor | None = None,  # (K,) rows to embed; None = all
+               keep: bool = False) -> torch.Tensor:  # keep the result on `device` (else on the CPU)
+    "JSON embeddings (N, D) of the rows of `data`, in eval mode without gradients."
     was = encoder.training; encoder.eval(); out = []
+    rows = torch.arange(len(data)) if rows is None else rows
     with torch.no_grad():
-        for idx in torch.arange(len(data)).split(batch_size):
-            out.append(encoder({k: v.to(device) for k, v in data.batch(idx).items()}).float().cpu())
+        for idx in rows.split(batch_size):
+            e = encoder({k: v.to(device) for k, v in data.batch(idx).items()}).float()
+            out.append(e if keep else e.cpu())
     encoder.train(was)
-    return torch.cat(out) if out else torch.empty(0, encoder.output_dim)
+    return torch.cat(out) if out else torch.empty(0, encoder.output_dim, device=device if keep else "cpu")
+
+def val_subset_rows(n: int, k: int, seed: int) -> torch.Tensor | None:
+    "Sorted rows of a seeded random subset of `k` of `n` val items; None (the whole split) when k is 0 or k >= n."
+    if not k or k >= n: return None
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k].sort().values
 
 def make_adam(params, lr: float, weight_decay: float) -> torch.optim.Adam:
     "Adam, fused into one kernel where torch supports it for these parameters (float32 on CPU and CUDA)."
@@ -147,8 +157,16 @@ class Trainer:
         self.tower, self.history, self.best, self.stage, self.opt, self.sched = tower, [], None, None, None, None
         self.undecodable, self._resume_opt, self._rank_rng = 0, None, None
         self.targets = standalone_targets(train.json, cfg.output_dim, cfg.seed)
-        # frozen tower: val images embedded once, by the rank that validates
-        self.val_image = F.normalize(self._features(val).float(), dim=1) if self.rank == 0 else None
+        # frozen tower: val images embedded once, by the rank that validates; per epoch only a seeded subset is ranked
+        self.val_feats = self._features(val) if self.rank == 0 else None
+        self.val_rows = val_subset_rows(len(val), cfg.val_subset, cfg.seed)
+        self.val_image = self._val_image(self.val_rows) if self.rank == 0 else None
+        self._rows_loss, self.train_path = {}, None
+
+    def _val_image(self, rows) -> torch.Tensor:
+        "Unit image features of val `rows` (None: all), on the training device."
+        f = self.val_feats if rows is None else self.val_feats[rows]
+        return F.normalize(f.to(self.device).float(), dim=1)
 
     def _skip(self, item, reason):
         self.undecodable += 1
@@ -177,7 +195,45 @@ class Trainer:
         "This rank's row batches of `epoch` (per-rank batch_size; the global batch is world_size times larger)."
         return self.train_data.batches(self.cfg.batch_size, self.cfg.seed, epoch, rank=self.rank, world_size=self.world)
 
+    def _resident(self) -> dict:
+        "The training data on the device (once): JSON ids, standalone targets, cached features (or pinned host memory)."
+        if not hasattr(self, "_res"):
+            d = self.train_data
+            self._res = {"json": {k: v.to(self.device) for k, v in d.json.items()}, "targets": self.targets.to(self.device),
+                         "features": None if d.features is None else resident(d.features, self.device)}
+        return self._res
+
+    def _rows(self, stage: str) -> tuple:
+        "(RowsLoss of `stage`, whether it runs as a CUDA graph), built on first use."
+        if stage not in self._rows_loss:
+            r = self._resident()
+            mod = RowsLoss(self.encoder, self.learner, r["json"], **({"targets": r["targets"]} if stage == "standalone"
+                                                                        else {"features": r["features"]}))
+            on_gpu = stage == "standalone" or r["features"].device.type == self.device.type
+            graphed = self.cfg.cuda_graphs and on_gpu and graph_rows_loss(mod, self.cfg.batch_size)
+            self._rows_loss[stage] = (mod, graphed)
+            self.train_path = ("cuda-graph" if graphed else "device-resident") if self.device.type == "cuda" else "cpu"
+            if stage == "contrastive" and not on_gpu: self.train_path = "pinned-host"
+            log.info("%s stage: %s steps", stage, self.train_path)
+        return self._rows_loss[stage]
+
+    def _resident_epoch(self, epoch: int, stage: str) -> float:
+        "One epoch of either stage on resident data: batches drawn on the device, the loss summed there, one sync."
+        mod, graphed = self._rows(stage)
+        batches = self._batches(epoch)
+        if not batches: return 0.0
+        rows = torch.cat(batches).to(self.device).split([len(b) for b in batches])  # one host->device copy per epoch
+        self.learner.train(); total, n = torch.zeros((), device=self.device), 0
+        for idx in self._bar(rows, epoch):
+            self.learner.clamp_logit_scale_()
+            loss = rows_step(mod, graphed, idx, self.cfg.batch_size)
+            self.opt.zero_grad(set_to_none=True); loss.backward(); self.opt.step()
+            if self.sched: self.sched.step()
+            total += loss.detach() * len(idx); n += len(idx)
+        return total.item() / max(n, 1)   # the epoch's only host-device synchronisation
+
     def _standalone_epoch(self, epoch: int) -> float:
+        if self.world == 1: return self._resident_epoch(epoch, "standalone")
         self.encoder.train(); total, n = 0.0, 0
         for idx in self._bar(self._batches(epoch), epoch):
             n_all = reduce_sum(len(idx), self.device)  # rows of the global batch
@@ -190,6 +246,7 @@ class Trainer:
         return reduce_sum(total, self.device) / max(n, 1)
 
     def _contrastive_epoch(self, epoch: int) -> float:
+        if self.world == 1 and self.train_data.features is not None: return self._resident_epoch(epoch, "contrastive")
         self.learner.train(); total, n = 0.0, 0
         batches = self._batches(epoch)
         amp = self.device.type == "cuda"
@@ -206,13 +263,28 @@ class Trainer:
     def _bar(self, it, epoch, total=None):
         return tqdm(it, total=total, desc=f"epoch {epoch}", leave=False, disable=not self.progress or self.rank != 0)
 
-    def validate(self) -> dict:
-        "Whole-gallery metrics on the val split (computed once, by rank 0, and shared with the other ranks)."
+    def validate(self, whole: bool = False, encoder=None) -> dict:
+        "Gallery metrics on the per-epoch val subset (or the `whole` split), by rank 0, shared with the other ranks."
         m = None
         if self.rank == 0:
-            txt = embed_rows(self.encoder, self.val_data, self.device)
-            m = gallery_metrics(self.val_image, txt, self.learner.logit_scale.exp().item())
+            rows = None if whole else self.val_rows
+            img = self.val_image if not whole or self.val_rows is None else self._val_image(None)
+            txt = embed_rows(encoder or self.encoder, self.val_data, self.device, rows=rows, keep=True)
+            m = gallery_metrics(img, txt, self.learner.logit_scale.exp().item())
         return broadcast_object(m)
+
+    def final_evaluation(self, ckpt: Path) -> dict | None:
+        "Whole-val-split metrics of best_model.pt (per-epoch numbers come from the seeded subset)."
+        if self.best is None: return None
+        info = {"model": "checkpoints/best_model.pt", "epoch": self.best["epoch"], "split": "val", "items": len(self.val_data)}
+        if self.val_rows is None:  # every epoch already ranked the whole split: the best epoch's numbers are final
+            return {**info, "metrics": self.best["val"], "seconds": 0.0, "recomputed": False}
+        t0, enc = time.perf_counter(), None
+        if self.rank == 0:
+            enc = copy.deepcopy(self.encoder)
+            enc.load_state_dict(load_checkpoint(ckpt / "best_model.pt")["encoder"])
+        m = self.validate(whole=True, encoder=enc)
+        return {**info, "metrics": m, "seconds": time.perf_counter() - t0, "recomputed": True}
 
     # -- checkpoints and resume -------------------------------------------------------------------------------------
     def state(self, epoch: int) -> dict:
@@ -255,6 +327,10 @@ class Trainer:
         main = self.rank == 0  # only rank 0 writes checkpoints, logs and results
         writer = SummaryWriter(str(self.out / "logs")) if main else None
         metric, t_run = self.cfg.select_metric, time.perf_counter()
+        nv = len(self.val_data)
+        scope = (f"a seeded subset of {len(self.val_rows):,} of the {nv:,} val items (config val_subset)" if self.val_rows is not None
+                 else f"the whole val split ({nv:,} items)")
+        log.info("per-epoch validation (best_model.pt selection, TensorBoard val/*): %s; final evaluation: the whole val split", scope)
         try:
             for epoch in range(start, S + C + 1):
                 stage = "standalone" if epoch <= S else "contrastive"
@@ -268,8 +344,10 @@ class Trainer:
                 loss = self._standalone_epoch(epoch) if stage == "standalone" else self._contrastive_epoch(epoch)
                 secs = time.perf_counter() - t0
                 val = self.validate()
-                rec = {"epoch": epoch, "stage": stage, "train_loss": loss, "val": val, "lr": self.opt.param_groups[0]["lr"],
-                       "temperature": 1 / self.learner.logit_scale.exp().item(), "train_seconds": secs,
+                val_secs = time.perf_counter() - t0 - secs
+                rec = {"epoch": epoch, "stage": stage, "train_loss": loss, "val": val, "val_items": val["gallery_size"],
+                       "lr": self.opt.param_groups[0]["lr"],
+                       "temperature": 1 / self.learner.logit_scale.exp().item(), "train_seconds": secs, "val_seconds": val_secs,
                        "samples_per_s": len(self.train_data) / secs}
                 self.history.append(rec)
                 if self.world > 1:
@@ -282,6 +360,8 @@ class Trainer:
                 if main and self.cfg.save_every and epoch % self.cfg.save_every == 0:
                     save_checkpoint(self.state(epoch), ckpt / f"checkpoint_epoch_{epoch}.pt")
                 if main: save_checkpoint(self.state(epoch), ckpt / "last.pt")
+            self.final = self.final_evaluation(ckpt)
+            if main and self.final: self._log_final(writer, self.final)
         finally:
             if writer: writer.close()
         results = self.results(time.perf_counter() - t_run)
@@ -290,11 +370,20 @@ class Trainer:
 
     def _log(self, writer, rec: dict):
         e, v = rec["epoch"], rec["val"]
-        log.info("epoch %d (%s): train loss %.4f | val loss %.4f top1 %.3f top5 %.3f mrr %.3f pos cos %.3f | %.0f samples/s",
-                 e, rec["stage"], rec["train_loss"], v["loss"], v["top1"], v["top5"], v["mrr"], v["pos_cosine"], rec["samples_per_s"])
+        log.info("epoch %d (%s): train loss %.4f | val (%d items) loss %.4f top1 %.3f top5 %.3f mrr %.3f pos cos %.3f | "
+                 "%.0f samples/s, validation %.1fs", e, rec["stage"], rec["train_loss"], rec["val_items"], v["loss"], v["top1"],
+                 v["top5"], v["mrr"], v["pos_cosine"], rec["samples_per_s"], rec["val_seconds"])
         writer.add_scalar(f"train/loss_{rec['stage']}", rec["train_loss"], e)
         for k in ("loss", "top1", "top5", "mrr", "pos_cosine", "i2j_mrr", "j2i_mrr"): writer.add_scalar(f"val/{k}", v[k], e)
         writer.add_scalar("train/lr", rec["lr"], e); writer.add_scalar("train/temperature", rec["temperature"], e)
+        writer.flush()
+
+    def _log_final(self, writer, fin: dict):
+        m = fin["metrics"]
+        log.info("final evaluation of best_model.pt (epoch %d) on the whole val split (%d items): loss %.4f top1 %.3f top5 %.3f "
+                 "mrr %.3f aware mrr %.3f (%.1fs)", fin["epoch"], fin["items"], m["loss"], m["top1"], m["top5"], m["mrr"],
+                 m["aware_mrr"], fin["seconds"])
+        for k in ("loss", "top1", "top5", "mrr", "aware_mrr", "i2j_mrr", "j2i_mrr"): writer.add_scalar(f"final/{k}", m[k], fin["epoch"])
         writer.flush()
 
     def results(self, seconds: float) -> dict:
@@ -306,4 +395,8 @@ class Trainer:
                 "world_size": self.world, "global_batch_size": self.cfg.batch_size * self.world,
                 "timings": {**self.info.get("timings", {}), "fit_seconds": seconds,
                             "contrastive_samples_per_s": (sum(h["samples_per_s"] for h in con) / len(con)) if con else None},
-                "undecodable_at_train": self.undecodable}
+                "undecodable_at_train": self.undecodable, "train_path": self.train_path,
+                "validation": {"per_epoch": "subset" if self.val_rows is not None else "whole",
+                               "per_epoch_items": len(self.val_rows) if self.val_rows is not None else len(self.val_data),
+                               "val_items": len(self.val_data), "subset_seed": self.cfg.seed},
+                "final_metrics": (getattr(self, "final", None) or {}).get("metrics"), "final": getattr(self, "final", None)}

@@ -52,9 +52,11 @@ def plot_umap(image: torch.Tensor, text: torch.Tensor, jsons: list, fields=("cat
     return Path(path)
 
 # %% ../nbs/07_visualise.ipynb #3a397a6d
-def _crop(image_path, box, size: int = 96):
+def _crop(image_path, box, size: int = 96):  # image_path: a file or a release-zip member ("…zip::style/id.jpg")
+    import io
     from PIL import Image
-    with Image.open(image_path) as im: c = im.convert("RGB").crop(tuple(int(round(b)) for b in box))
+    from fashion_json_encoder.archives import read_bytes
+    with Image.open(io.BytesIO(read_bytes(image_path))) as im: c = im.convert("RGB").crop(tuple(int(round(b)) for b in box))
     c.thumbnail((size, size)); return c
 
 def _label(j: dict, width: int = 28) -> str:

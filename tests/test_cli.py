@@ -105,3 +105,18 @@ def test_resume_from_cli_keeps_run_config_and_folder(trained, capsys):
     assert "done: best epoch" in capsys.readouterr().out
     res = json.loads((out / "results/training_results.json").read_text(encoding="utf-8"))
     assert [h["epoch"] for h in res["history"]] == [1, 2, 3, 4] and res["config"]["batch_size"] == 8
+
+
+def test_inspect_data_and_decode_flag_on_release_zips(dataset, tmp_path, capsys):
+    "Issue 10: the release zips report what the unzipped tree reports; --decode reaches the config."
+    from fashion_json_encoder.cli import add_train_args, config_from_args
+    import argparse
+    zips = make_synthetic_kfashion(tmp_path / "zips", n_photos=24, seed=2, bad_cases=True, layout="zips", names="cp949")
+    reps = []
+    for d in (zips, dataset):
+        assert main(["inspect_data", "--dataset_path", str(d), "--output_dir", str(tmp_path / "o"), "--json", "--quiet"]) == 0
+        reps.append({k: v for k, v in json.loads(capsys.readouterr().out).items() if k != "dataset"})
+    assert reps[0] == reps[1] and reps[0]["records"]["train"] > 0
+    a = add_train_args(argparse.ArgumentParser()).parse_args(["--decode", "cpu"])
+    assert config_from_args(a).decode == "cpu"
+    with pytest.raises(SystemExit): add_train_args(argparse.ArgumentParser()).parse_args(["--decode", "nvjpeg"])

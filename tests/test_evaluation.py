@@ -99,3 +99,35 @@ def test_canonical_json_ignores_order_spacing_and_empties():
     a = canonical_json({"style": ["모던", "로맨틱"], "category": "블라우스", "detail": []})
     assert a == canonical_json({"category": ["블라우스"], "style": ["로맨틱 ", "모던"]})
     assert a != canonical_json({"category": "블라우스"})
+
+from fashion_json_encoder.evaluation import paired_ranks
+
+@given(n=st.integers(2, 40), rows=st.integers(1, 41), cols=st.integers(1, 41), seed=st.integers(0, 10_000),
+       scale=st.sampled_from([1.0, 14.3, 60.0]))
+def test_one_pass_ranks_equal_two_passes(n, rows, cols, seed, scale):
+    img, txt, groups = embeddings_with_ties(n, 3, seed)       # duplicated JSONs have identical JSON rows
+    p = paired_ranks(img, txt, groups, lse_scale=scale, tile=(rows, cols))
+    for d, q, g in (("i2j", img, txt), ("j2i", txt, img)):
+        r = retrieval_ranks(q, g, 5, groups, lse_scale=scale)
+        assert torch.equal(p[d]["strict"], r["strict"]) and torch.equal(p[d]["aware"], r["aware"]), d
+        assert torch.allclose(p[d]["lse"], r["lse"], atol=1e-4), d
+
+def test_one_pass_declines_groups_with_different_rows():
+    img, txt, groups = embeddings_with_ties(30, 4, 7)
+    assert paired_ranks(img, txt, groups) is not None
+    bad = txt.clone(); j = int((groups == groups[torch.bincount(groups)[groups] > 1][0]).nonzero()[1]); bad[j] = -bad[j]
+    assert paired_ranks(img, bad, groups) is None
+    a, b = gallery_metrics(img, bad, 14.3, groups=groups), brute(img, bad, groups)   # the two-pass fallback
+    assert a["aware_j2i_mrr"] == pytest.approx(rank_stats(b["j2i"][1])[2], abs=1e-6)
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_metrics_equal_cpu_metrics():
+    g = torch.Generator().manual_seed(0)
+    txt = F.normalize(torch.randn(3000, 64, generator=g), dim=1); txt[1500:] = txt[:1500]   # half the JSONs twice
+    img = F.normalize(txt + 0.8 * torch.randn(3000, 64, generator=g) / 8, dim=1)
+    groups = json_groups([str(i % 1500) for i in range(3000)])
+    bank = txt[:500]
+    cpu = gallery_metrics(img, txt, 14.3, groups=groups, bank=bank, beta=20.0)
+    gpu = gallery_metrics(img.cuda(), txt.cuda(), 14.3, groups=groups.cuda(), bank=bank.cuda(), beta=20.0)
+    assert cpu.keys() == gpu.keys()
+    for k in cpu: assert gpu[k] == pytest.approx(cpu[k], abs=1e-5), k

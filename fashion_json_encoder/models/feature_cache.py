@@ -17,23 +17,25 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 from ..config import UserError, atomic_path, atomic_write_text
 from .image_encoder import CLIPImageEncoder, check_precision
-from ..data import CropDataset, collate_crops
+from ..archives import member_stat
+from ..decode import PhotoDataset, collate_photos, crop_tensor, decode_crops, decode_jpegs, photo_groups, resolve_decode
 from ..distributed import barrier, get_rank, get_world_size, main_first
 
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'CACHE_VERSION', 'cache_key', 'cache_path', 'record_id', 'plan_chunks', 'write_chunk', 'read_chunks',
-           'FeatureCache', 'build_feature_cache', 'cache_contents']
+__all__ = ['log', 'CACHE_VERSION', 'cache_key', 'cache_path', 'record_id', 'plan_chunks', 'plan_photo_chunks', 'write_chunk',
+           'read_chunks', 'FeatureCache', 'build_feature_cache', 'cache_contents']
 
 # %% ../../nbs/03a_feature_cache.ipynb #1cb94a9f
 CACHE_VERSION = 1  # bump when the on-disk format changes
 
-def cache_key(tower: CLIPImageEncoder, crop_padding: float | None = None) -> dict:
+def cache_key(tower: CLIPImageEncoder, crop_padding: float | None = None,
+              decode: str = "cpu") -> dict:  # decode: "cpu" or "gpu" (resolved); GPU-decoded features get their own cache
     "Everything besides the record that a cached feature depends on."
     return {"version": CACHE_VERSION, "model": tower.model_name, "fingerprint": tower.fingerprint,
             "precision": tower.precision, "image_size": tower.image_size, "preprocess": tower.preprocess_cfg,
-            "crop_padding": crop_padding}
+            "crop_padding": crop_padding} | ({"decode": decode} if decode != "cpu" else {})
 
 def cache_path(cache_dir, key: dict) -> Path:
     "The folder inside `cache_dir` that holds the cache for `key`."
@@ -41,10 +43,10 @@ def cache_path(cache_dir, key: dict) -> Path:
     return Path(cache_dir) / re.sub(r"[^\w.-]", "_", f"{key['model']}-{key['precision']}-{h}")
 
 def record_id(item) -> str | None:
-    "A stable id of one crop of one version of an image file; None when the file is missing."
-    try: st = os.stat(item.image_path)
-    except OSError: return None
-    rec = [item.key, list(item.crop), st.st_size, st.st_mtime_ns]
+    "A stable id of one crop of one version of an image (file: size + mtime; zip member: size + CRC-32); None when missing."
+    st = member_stat(item.image_path)
+    if st is None: return None
+    rec = [item.key, list(item.crop), *st]
     return hashlib.blake2b(json.dumps(rec, ensure_ascii=False).encode(), digest_size=12).hexdigest()
 
 # %% ../../nbs/03a_feature_cache.ipynb #7035f772
@@ -52,6 +54,15 @@ def plan_chunks(n: int, chunk_size: int, rank: int = 0, world_size: int = 1) -> 
     "The chunks (ranges of `range(n)`) that `rank` of `world_size` encodes."
     assert chunk_size > 0 and 0 <= rank < world_size, f"bad chunk plan: chunk_size={chunk_size}, rank={rank}/{world_size}"
     return [range(s, min(s + chunk_size, n)) for s in range(0, n, chunk_size)][rank::world_size]
+
+def plan_photo_chunks(sizes: list, chunk_size: int, rank: int = 0, world_size: int = 1) -> list:  # sizes: crops per photo
+    "The chunks (lists of photo indices, at most `chunk_size` crops unless one photo has more) that `rank` encodes."
+    assert chunk_size > 0 and 0 <= rank < world_size, f"bad chunk plan: chunk_size={chunk_size}, rank={rank}/{world_size}"
+    chunks, cur, n = [], [], 0
+    for p, k in enumerate(sizes):
+        if cur and n + k > chunk_size: chunks.append(cur); cur, n = [], 0
+        cur.append(p); n += k
+    return (chunks + [cur] if cur else chunks)[rank::world_size]
 
 def write_chunk(root: Path, ids: list, features: Tensor,  # (n, D) features of the records `ids`, in order
                 skipped: dict) -> Path:  # record id -> [item key, reason, detail]
@@ -81,13 +92,15 @@ class FeatureCache:
     "The tower features of a list of items, read from the on-disk cache; skipped items have no row."
     features: Tensor  # (N, D) fp16, rows in item order
     keys: list  # item key of each row
-    skipped: dict  # item key -> reason: "bad_image" (does not decode) or "missing_image" (no file)
+    skipped: dict  # item key -> reason: "bad_image" (does not decode), "bad_member" (damaged zip member), "missing_image"
     path: Path  # the cache folder
     n_cached: int = 0  # rows found on disk at the start of the build
     n_computed: int = 0  # crops this build sent through the tower (failures included)
     build_seconds: float = 0.
     images_per_s: float = 0.  # n_computed / build_seconds
     skip_details: dict = field(default_factory=dict)  # item key -> the decoder's message
+    decode: str = "cpu"  # where this build decoded JPEGs: "cpu" or "gpu"
+    decode_stats: dict = field(default_factory=dict)  # photos, decodes (CPU), gpu_decoded, gpu_decode_fallback[_<why>]
 
     def __post_init__(self): self._rows = {k: i for i, k in enumerate(self.keys)}
     def __len__(self): return len(self.keys)
@@ -107,27 +120,57 @@ def _write_manifest(root: Path, key: dict):
     atomic_write_text(p, json.dumps({"key": key, "format": fmt}, ensure_ascii=False, indent=1) + "\n")
 
 # %% ../../nbs/03a_feature_cache.ipynb #7652252c
+def _gpu_pixels(batch, tower, stats, bad):
+    "Decode the batch's JPEGs on the tower's GPU and cut their crops; a photo the GPU refuses goes the CPU path."
+    rows, pix, cfg = [], [], tower.preprocess_cfg
+    imgs = decode_jpegs(batch["jpegs"], tower.device)
+    for img, jpeg, rs, crops, scales in zip(imgs, batch["jpegs"], batch["gpu_rows"], batch["crops"], batch["scales"]):
+        if img is not None:
+            pix.append(crop_tensor(img, crops, tower.image_size, cfg["mean"], cfg["std"], scales)); stats["gpu_decoded"] += 1
+        else:
+            stats["gpu_decode_fallback"] += 1
+            try: pix.append(torch.stack([tower.preprocess(im) for im in decode_crops(jpeg.numpy().tobytes(), crops, tower.image_size)[0]]))
+            except Exception as e: bad += [(r, "bad_image", f"{type(e).__name__}: {e}"[:300]) for r in rs]; continue
+        rows += rs
+    return rows, pix
+
 def _encode_missing(items, ids, todo, tower, root, batch_size, num_workers, progress, chunk_size, load_fn,
-                    rank=0, world_size=1):
+                    rank=0, world_size=1, decode="cpu", per_photo=True, stats=None):
     "Encode this rank's shard of the crops `items[i]` for i in `todo` and write them as chunks under `root`."
-    ds = CropDataset([items[i] for i in todo], tower.preprocess, tower.image_size, load_fn)
-    chunks = plan_chunks(len(todo), chunk_size, rank, world_size)
-    batches = [list(c[j:j + batch_size]) for c in chunks for j in range(0, len(c), batch_size)]
+    sub = [items[i] for i in todo]  # rows below are positions in `todo`
+    groups = photo_groups(range(len(sub)), sub) if per_photo and load_fn is None else [[j] for j in range(len(sub))]
+    chunks = plan_photo_chunks([len(g) for g in groups], chunk_size, rank, world_size)
+    batches = []
+    for c in chunks:  # photos packed into batches of about `batch_size` crops; a batch never straddles a chunk
+        cur, n = [], 0
+        for p in c:
+            cur.append(p); n += len(groups[p])
+            if n >= batch_size: batches.append(cur); cur, n = [], 0
+        if cur: batches.append(cur)
     if not batches: return
-    dl = DataLoader(ds, batch_sampler=batches, num_workers=num_workers, collate_fn=collate_crops,
-                    pin_memory=tower.device.type == "cuda")
-    bar = tqdm(total=sum(map(len, chunks)), unit="img", desc="CLIP features", disable=not progress or not sys.stderr.isatty())
+    ds = PhotoDataset(sub, groups, tower.preprocess, tower.image_size, decode, load_fn)
+    dl = DataLoader(ds, batch_sampler=batches, num_workers=num_workers, collate_fn=collate_photos,
+                    pin_memory=tower.device.type == "cuda", prefetch_factor=4 if num_workers else None)
+    sizes = [sum(len(groups[p]) for p in c) for c in chunks]
+    bar = tqdm(total=sum(sizes), unit="img", desc="CLIP features", disable=not progress or not sys.stderr.isatty())
     checked, ci, done, got_ids, got, skipped = tower.precision == "fp32", 0, 0, [], [], {}
-    for pixels, ok, bad in dl:
-        if pixels is not None:
+    stats = Counter() if stats is None else stats
+    for b in dl:
+        rows, pix, bad = list(b["rows"]), [b["pixels"]] if b["pixels"] is not None else [], list(b["bad"])
+        stats.update(photos=b["photos"], decodes=b["decodes"]); stats.update(f"gpu_decode_fallback_{w}" for w in b["fallbacks"])
+        if b["jpegs"]:
+            r2, p2 = _gpu_pixels(b, tower, stats, bad)
+            rows += r2; pix += p2
+        if pix:
+            pixels = torch.cat([p.to(tower.device, non_blocking=True) for p in pix])  # (n, 3, S, S)
             if not checked: check_precision(tower, pixels[:16]); checked = True
-            got.append(tower(pixels).to(torch.float16).cpu())  # (b, D)
-            got_ids += [ids[todo[j]] for j in ok]
-        for j, why in bad:
+            got.append(tower(pixels).to(torch.float16).cpu())  # (n, D)
+            got_ids += [ids[todo[j]] for j in rows]
+        for j, reason, why in bad:
             log.warning("%s: crop skipped (%s)", items[todo[j]].key, why)
-            skipped[ids[todo[j]]] = [items[todo[j]].key, "bad_image", why]
-        done += len(ok) + len(bad); bar.update(len(ok) + len(bad))
-        if done == len(chunks[ci]):
+            skipped[ids[todo[j]]] = [items[todo[j]].key, reason, why]
+        done += len(rows) + len(bad); bar.update(len(rows) + len(bad))
+        if done == sizes[ci]:
             feats = torch.cat(got) if got else torch.zeros(0, tower.output_dim, dtype=torch.float16)
             write_chunk(root, got_ids, feats, skipped)
             ci, done, got_ids, got, skipped = ci + 1, 0, [], [], {}
@@ -135,31 +178,38 @@ def _encode_missing(items, ids, todo, tower, root, batch_size, num_workers, prog
 
 def build_feature_cache(items: list,  # `Item`s (key, image_path, crop are read)
                         tower: CLIPImageEncoder, cache_dir,  # the frozen tower; caches live in subfolders of cache_dir
-                        batch_size: int = 64, num_workers: int = 2,  # inference batch; DataLoader decode workers
+                        batch_size: int = 64, num_workers: int = 2,  # inference batch (crops); DataLoader decode workers
                         progress: bool = True,  # tqdm bar (only on a terminal)
                         crop_padding: float | None = None,  # recorded in the cache key (crop boxes are per record too)
                         chunk_size: int = 1024,  # crops per chunk file: the unit of resume
-                        load_fn=None,  # load_fn(item, min_side) -> PIL image; default `data.load_crop`
+                        load_fn=None,  # load_fn(item, min_side) -> PIL crop: decode per crop with it (CPU only)
                         rank: int | None = None, world_size: int | None = None,  # shard to encode; default: `distributed`'s (0 of 1 without torchrun)
+                        decode: str = "auto",  # "cpu" (Pillow in workers), "gpu" (nvJPEG on the tower's GPU), "auto": gpu on CUDA
+                        per_photo: bool = True,  # one decode per photo for all its crops (False: one per crop, as before issue 10)
                        ) -> FeatureCache:
     "Features of `items` from the cache in `cache_dir`, encoding (and storing) only the crops it lacks."
     t0 = time.perf_counter()
     rank = get_rank() if rank is None else rank
     world_size = get_world_size() if world_size is None else world_size
-    key = cache_key(tower, crop_padding)
+    decode = "cpu" if load_fn is not None else resolve_decode(decode, tower.device)
+    key = cache_key(tower, crop_padding, decode)
     root = cache_path(cache_dir, key); root.mkdir(parents=True, exist_ok=True)
     with main_first(): _write_manifest(root, key)
     ids = [record_id(it) for it in items]
     rows, skipped = read_chunks(root)
     todo = [i for i, r in enumerate(ids) if r is not None and r not in rows and r not in skipped]
     n_cached = sum(r in rows for r in ids)
-    if rank == 0: log.info("feature cache %s: %d of %d crops cached, %d to encode", root, n_cached, len(items), len(todo))
+    if rank == 0: log.info("feature cache %s: %d of %d crops cached, %d to encode (%s decode)", root, n_cached, len(items), len(todo), decode)
     barrier()  # every rank plans from the same chunks before any rank writes a new one
+    stats = Counter()
     if todo:
         _encode_missing(items, ids, todo, tower, root, batch_size, num_workers, progress and rank == 0, chunk_size,
-                        load_fn, rank, world_size)
+                        load_fn, rank, world_size, decode, per_photo, stats)
         barrier()  # the union of the ranks' chunks is the whole cache
         rows, skipped = read_chunks(root)
+        if stats.get("gpu_decode_fallback") or any(k.startswith("gpu_decode_fallback_") for k in stats):
+            log.info("GPU decode: %d photos decoded on the CPU instead (%s)", sum(v for k, v in stats.items() if k.startswith("gpu_decode_fallback")),
+                     {k: v for k, v in stats.items() if k.startswith("gpu_decode_fallback")})
     keep = [i for i, r in enumerate(ids) if r in rows]
     by_file = {}
     for n, i in enumerate(keep): by_file.setdefault(rows[ids[i]][0], []).append((n, rows[ids[i]][1]))
@@ -173,7 +223,8 @@ def build_feature_cache(items: list,  # `Item`s (key, image_path, crop are read)
     if skip: log.warning("feature cache: %d of %d crops skipped (%s)", len(skip), len(items), dict(Counter(skip.values())))
     secs = time.perf_counter() - t0
     return FeatureCache(feats, [items[i].key for i in keep], skip, root, n_cached, len(todo), secs,
-                        len(todo) / secs if todo else 0., details)
+                        len(todo) / secs if todo else 0., details, decode, dict(stats))
+
 
 # %% ../../nbs/03a_feature_cache.ipynb #6b359174
 def cache_contents(path) -> dict:

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The GPU checks of issues 10 and 11 in two device runs: PART=tests (the CUDA tests), then PART=bench (the benchmarks,
+# before = the previous release unpacked in .base/, after = this tree). Prepare on the CPU machine first:
+#   mkdir -p .whl && pip download --no-deps -d .whl open_clip_torch==3.3.0 ftfy wcwidth   # the GPU image lacks open_clip
+#   mkdir -p .base && git archive <old commit> fashion_json_encoder | tar -x -C .base     # the "before" package
+# and run it there with .whl and .base carried; results land in $OUT (all.log and the benches' JSON).
+set -uo pipefail
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/gpu-bench-out}; mkdir -p "$OUT"
+SITE=/tmp/site; [ -d "$SITE/open_clip" ] || pip install -q --no-deps --no-index --target "$SITE" .whl/*.whl 2>&1 | tail -1
+export PYTHONPATH="$SITE:${PYTHONPATH:-}"
+NEW="$PWD:$PYTHONPATH"; OLD="$PWD/.base:$PYTHONPATH"
+step() { local name=$1 limit=$2; shift 2; echo "=== $name ($(date +%T))" | tee -a "$OUT/all.log"; timeout "$limit" "$@" 2>&1 | tee -a "$OUT/all.log"; echo "=== $name exit ${PIPESTATUS[0]} ($(date +%T))" | tee -a "$OUT/all.log"; }
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$OUT/all.log"
+python3 -c "import torch, torchvision, open_clip; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'open_clip', open_clip.__version__)" | tee -a "$OUT/all.log"
+
+if [ "${PART:-tests}" = tests ]; then
+  step tests ${LIMIT:-140} env PYTHONPATH="$NEW" python3 -m pytest -q -p no:cacheprovider -rs tests/test_training.py tests/test_evaluation.py \
+      tests/test_decode.py tests/test_image_encoder.py -k "cuda or gpu or resident or resume or subset or pinned"
+  exit 0
+fi
+# issue 10: the cache build's input pipeline (its rates feed the projections below)
+step decode 150 env PYTHONPATH="$NEW" python3 bench/bench_decode.py --photos ${PHOTOS:-3000} --device cuda --num-workers 12 --batch-size 256 --out-json "$OUT/decode.json"
+CACHE_RATE=$(python3 -c "import json; b = json.load(open('$OUT/decode.json'))['builds']; print(max(v['crops_per_s'] for v in b.values()))" 2>/dev/null)
+INDEX_RATE=$(python3 -c "import json; print(json.load(open('$OUT/decode.json'))['index_labels_per_s']['zips'])" 2>/dev/null)
+echo "measured: cache build ${CACHE_RATE:-?} crops/s, index ${INDEX_RATE:-?} labels/s (used in the projections)" | tee -a "$OUT/all.log"
+RATES="${CACHE_RATE:+--cache-rate $CACHE_RATE} ${INDEX_RATE:+--index-rate $INDEX_RATE}"
+# issue 11: training and evaluation at K-Fashion's size; before and after side by side at scale 0.1
+step scale_after_full 200 env PYTHONPATH="$NEW" python3 bench/bench_kfashion_scale.py --scale 1 --epochs 2 --standalone 1 --bare 0 $RATES --json "$OUT/scale_after_full.json"
+step scale_before_0.1 120 env PYTHONPATH="$OLD" python3 bench/bench_kfashion_scale.py --scale 0.1 --epochs 1 --standalone 1 --bare 0 $RATES --json "$OUT/scale_before.json"
+step eval_gpu_180k 45 env PYTHONPATH="$NEW" python3 bench/bench_scale.py --n 180000 --queries 50 --device cuda
+step scale_after_0.1 60 env PYTHONPATH="$NEW" python3 bench/bench_kfashion_scale.py --scale 0.1 --epochs 2 --standalone 1 $RATES --json "$OUT/scale_after.json"
+echo '{"cuda_graphs": false}' > /tmp/eager.json
+step scale_after_0.1_eager 60 env PYTHONPATH="$NEW" python3 bench/bench_kfashion_scale.py --scale 0.1 --epochs 2 --standalone 0 --bare 0 --config /tmp/eager.json $RATES --json "$OUT/scale_eager.json"

@@ -1,0 +1,114 @@
+"Issue 10 §2-3: one decode per photo (exact pixels of the per-crop path) and batched GPU decode (features agree)."
+import io
+from pathlib import Path
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
+from PIL import Image
+from fashion_json_encoder.decode import decode_jpegs
+
+from fashion_json_encoder.config import Config, UserError
+from fashion_json_encoder.data import Item, build_index, load_crop
+from fashion_json_encoder.decode import crop_tensor, decode_crops, draft_scales, gpu_refusal, resolve_decode
+from fashion_json_encoder.models.feature_cache import build_feature_cache
+from fashion_json_encoder.models.image_encoder import CLIPImageEncoder, tiny_clip_config
+from fashion_json_encoder.synthetic import make_synthetic_kfashion
+
+CUDA = torch.cuda.is_available()
+
+
+@pytest.fixture(scope="module")
+def photo(tmp_path_factory):
+    p = tmp_path_factory.mktemp("ph") / "p.jpg"
+    im = Image.effect_noise((800, 1040), 50).convert("RGB")
+    im.paste((200, 40, 90), (100, 200, 500, 700))
+    im.save(p, quality=88)
+    return p
+
+
+@pytest.fixture(scope="module")
+def tower(): return CLIPImageEncoder(pretrained="none", model_cfg=tiny_clip_config(), seed=0)
+
+
+@pytest.fixture(scope="module")
+def release(tmp_path_factory):
+    return make_synthetic_kfashion(tmp_path_factory.mktemp("rel") / "z", 40, 5, layout="zips", size=(800, 1040), num_workers=2)
+
+
+_box = st.tuples(st.integers(0, 790), st.integers(0, 1030), st.integers(1, 800), st.integers(1, 1040)).map(
+    lambda t: (t[0], t[1], min(800, t[0] + t[2]), min(1040, t[1] + t[3])))
+
+@settings(max_examples=25, deadline=None)
+@given(crops=st.lists(_box, min_size=1, max_size=4), min_side=st.sampled_from([None, 32, 64, 224]))
+def test_one_decode_per_photo_gives_the_exact_pixels_of_load_crop(photo, crops, min_side):
+    ims, n = decode_crops(photo.read_bytes(), crops, min_side)
+    assert 1 <= n <= len({s for s in draft_scales(photo.read_bytes(), crops, min_side)})
+    for c, im in zip(crops, ims):
+        assert im.tobytes() == load_crop(Item("k", str(photo), "상의", c, c, {}, "l"), min_side).tobytes()
+
+
+def test_per_photo_cache_equals_per_crop_cache(release, tower, tmp_path):
+    ix = build_index(release, Config(num_workers=0))
+    items = ix.items["train"] + ix.items["val"]
+    a = build_feature_cache(items, tower, tmp_path / "a", batch_size=16, num_workers=2, progress=False, per_photo=True)
+    b = build_feature_cache(items, tower, tmp_path / "b", batch_size=16, num_workers=2, progress=False, per_photo=False)
+    assert a.keys == b.keys and len(a) == len(items) > len({it.image_path for it in items})
+    torch.testing.assert_close(a.features.float(), b.features.float(), atol=2e-3, rtol=0)  # fp16 rounding, batching
+    assert a.decode_stats["photos"] == len({it.image_path for it in items}) < b.decode_stats["photos"] == len(items)
+    assert a.decode_stats["decodes"] < b.decode_stats["decodes"]
+
+
+def _cosines(release, tower, pool: bool):
+    ix = build_index(release, Config(num_workers=0))
+    by_photo = {}
+    for it in ix.items["train"] + ix.items["val"]: by_photo.setdefault(it.image_path, []).append(it.crop)
+    cos = []
+    for path, crops in list(by_photo.items())[:12]:
+        from fashion_json_encoder.archives import read_bytes
+        data = read_bytes(path)
+        cpu = torch.stack([tower.preprocess(im) for im in decode_crops(data, crops, tower.image_size)[0]])
+        img = decode_jpegs([torch.frombuffer(bytearray(data), dtype=torch.uint8)], "cpu")[0]
+        dev = crop_tensor(img, crops, tower.image_size, tower.preprocess_cfg["mean"], tower.preprocess_cfg["std"],
+                          draft_scales(data, crops, tower.image_size) if pool else None)
+        cos += F.cosine_similarity(tower(cpu), tower(dev)).tolist()
+    return cos
+
+
+def test_tensor_preprocessing_matches_the_pil_path(release):
+    "The GPU path's math, run on the CPU: features of every crop within cosine 0.999 of the Pillow path's."
+    b32 = CLIPImageEncoder(pretrained="none", model_cfg=tiny_clip_config(image_size=224), seed=0)  # 224 px inputs: draft scales > 1
+    cos = _cosines(release, b32, pool=True)
+    assert min(cos) >= 0.999, (min(cos), sum(cos) / len(cos))
+    assert min(_cosines(release, b32, pool=False)) < min(cos)  # the draft-scale pooling is what closes the gap
+
+
+def test_gpu_refusal_reasons(photo, tmp_path):
+    data = photo.read_bytes()
+    assert gpu_refusal(data) is None
+    buf = io.BytesIO(); Image.open(photo).convert("CMYK").save(buf, "JPEG"); assert gpu_refusal(buf.getvalue()) == "cmyk"
+    buf = io.BytesIO(); Image.open(photo).save(buf, "JPEG", progressive=True); assert gpu_refusal(buf.getvalue()) == "progressive"
+    buf = io.BytesIO(); Image.open(photo).save(buf, "PNG"); assert gpu_refusal(buf.getvalue()) == "not_jpeg"
+    assert gpu_refusal(data[: len(data) // 2]) == "truncated"
+
+
+def test_resolve_decode():
+    assert resolve_decode("auto", "cpu") == "cpu" and resolve_decode("cpu", "cpu") == "cpu"
+    with pytest.raises(UserError, match="CUDA"): resolve_decode("gpu", "cpu")
+    with pytest.raises(UserError, match="decode must be"): resolve_decode("nvjpeg", "cpu")
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+def test_gpu_build_agrees_with_cpu_build_and_falls_back(release, tmp_path):
+    tw = CLIPImageEncoder("ViT-B-32", pretrained="none", seed=0, device="cuda")
+    ix = build_index(release, Config(num_workers=0))
+    items = ix.items["train"] + ix.items["val"]
+    cmyk = tmp_path / "cmyk.jpg"
+    Image.new("CMYK", (800, 1040), (10, 200, 30, 0)).save(cmyk, "JPEG")
+    items.append(Item("모던/cmyk/상의", str(cmyk), "상의", (10., 10., 400., 500.), (10, 10, 400, 500), {}, "cmyk"))
+    g = build_feature_cache(items, tw, tmp_path / "g", batch_size=32, num_workers=2, progress=False, decode="gpu")
+    c = build_feature_cache(items, tw, tmp_path / "c", batch_size=32, num_workers=2, progress=False, decode="cpu")
+    assert g.decode == "gpu" and g.path != c.path and g.keys == c.keys and len(g) == len(items)
+    assert g.decode_stats["gpu_decode_fallback_cmyk"] == 1 and g.decode_stats["gpu_decoded"] == len({it.image_path for it in items}) - 1
+    cos = F.cosine_similarity(g.features.float(), c.features.float())
+    assert cos.min() >= 0.999, (cos.min().item(), cos.mean().item())

@@ -1,0 +1,165 @@
+"Issue 10 §1: the K-Fashion release read as downloaded (zips in place), with Korean Windows names and damaged archives."
+import os, shutil, unicodedata, zipfile
+from pathlib import Path
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from fashion_json_encoder import archives as A
+from fashion_json_encoder import data as D
+from fashion_json_encoder.archives import MEMBER_SEP, member_name, read_bytes, split_member
+from fashion_json_encoder.config import Config
+from fashion_json_encoder.data import build_index, data_report
+from fashion_json_encoder.models.feature_cache import build_feature_cache, record_id
+from fashion_json_encoder.models.image_encoder import CLIPImageEncoder, tiny_clip_config
+from fashion_json_encoder.synthetic import damage_zip, expected_counts, make_synthetic_kfashion, synthetic_plan
+
+CFG = Config(num_workers=0)
+N, SEED = 30, 4
+
+
+@pytest.fixture(scope="module")
+def trees(tmp_path_factory):
+    base = tmp_path_factory.mktemp("rel")
+    out = {"unzipped": make_synthetic_kfashion(base / "unzipped", N, SEED, bad_cases=True, layout="unzipped")}
+    for names in ("utf8", "cp949", "nfd"):
+        out[names] = make_synthetic_kfashion(base / names, N, SEED, bad_cases=True, layout="zips", names=names)
+    return out
+
+
+def _summary(index):
+    return (index.records, dict(index.skipped), {s: [(it.key, it.crop, it.json, it.look) for it in v] for s, v in index.items.items()})
+
+
+# ---- names ----------------------------------------------------------------------------------------------------------
+_NAME = st.text(st.sampled_from([chr(c) for c in range(0xAC00, 0xD7A4, 37)] + list("0123456789abcXYZ_-. ")), min_size=1, max_size=12)
+
+@settings(max_examples=200, deadline=None)
+@given(folder=_NAME, stem=_NAME)
+def test_member_names_decode_to_nfc_whatever_the_encoding(folder, stem):
+    name = f"{folder}/{stem}.jpg"
+    def info(raw: bytes, flag: int):
+        zi = zipfile.ZipInfo("x"); zi.filename, zi.flag_bits = raw.decode("utf-8" if flag else "cp437"), flag; return zi
+    assert member_name(info(name.encode("utf-8"), 0x800)) == name  # flagged UTF-8
+    assert member_name(info(name.encode("cp949"), 0)) == name  # Korean Windows: CP949, no flag
+    assert member_name(info(unicodedata.normalize("NFD", name).encode("utf-8"), 0x800)) == name  # macOS: NFD
+    assert member_name(info(name.encode("utf-8"), 0)) == name  # UTF-8 without the flag (old Info-ZIP)
+
+
+@given(archive=_NAME, member=st.text(min_size=1, max_size=20))
+def test_member_path_round_trip(archive, member):
+    assert split_member(A.member_path(f"/d/{archive}.zip", member)) == (f"/d/{archive}.zip", member)
+
+
+@pytest.mark.parametrize("names", ["utf8", "cp949", "nfd"])
+def test_zip_release_indexes_like_the_unzipped_tree(trees, names):
+    raw = {n for z in trees[names].rglob("*.zip") for n in zipfile.ZipFile(z).namelist()}
+    if names == "cp949": assert not any("스트리트" in n for n in raw)  # zipfile alone shows mojibake
+    z, u = build_index(trees[names], CFG), build_index(trees["unzipped"], CFG)
+    assert _summary(z) == _summary(u)
+    exp = expected_counts(synthetic_plan(N, SEED, bad_cases=True))
+    assert sum(z.records.values()) == sum(exp["records"].values())
+    it = z.items["train"][0]
+    archive, member = split_member(it.image_path)
+    assert archive.endswith(".zip") and Path(archive).is_file() and member == unicodedata.normalize("NFC", member)
+    assert read_bytes(it.image_path)[:2] == b"\xff\xd8"
+    assert not list(trees[names].rglob("*.jpg")) and not list(trees[names].rglob("*.json"))  # nothing extracted
+
+
+def test_partly_unzipped_release(trees, tmp_path):
+    "Labels unzipped, photos still zipped, and the label zip left next to its extracted copy: nothing counted twice."
+    mixed = tmp_path / "mixed"
+    for split in ("Training", "Validation"):
+        shutil.copytree(trees["unzipped"] / split / "라벨링데이터", mixed / split / "라벨링데이터")
+        for z in (trees["cp949"] / split).glob("*.zip"): shutil.copy(z, mixed / split / z.name)
+    z, u = build_index(mixed, CFG), build_index(trees["unzipped"], CFG)
+    assert _summary(z) == _summary(u)
+    assert z.stats["archive_member_shadowed"] == sum(1 for _ in (trees["unzipped"]).rglob("*.json"))
+
+
+def test_parallel_index_workers_read_members_like_one_process(trees, monkeypatch):
+    monkeypatch.setattr(D, "_PARALLEL_MIN", 1)
+    one = build_index(trees["cp949"], Config(num_workers=0))
+    A._OPEN.clear(); A.open_archive(next(trees["cp949"].rglob("라벨링데이터.zip")))  # the parent holds a handle before forking
+    assert _summary(build_index(trees["cp949"], Config(num_workers=2))) == _summary(one)
+
+
+def test_index_cache_is_keyed_on_the_archives(trees, tmp_path):
+    rel = shutil.copytree(trees["utf8"], tmp_path / "rel")
+    first = build_index(rel, CFG, cache_dir=tmp_path / "cache")
+    again = build_index(rel, CFG, cache_dir=tmp_path / "cache")
+    assert again.from_cache and _summary(again) == _summary(first)
+    assert again.items["train"][0].image_path == first.items["train"][0].image_path
+    z = rel / "Training" / "라벨링데이터.zip"; st_ = z.stat()
+    os.utime(z, ns=(st_.st_atime_ns, st_.st_mtime_ns + 10**9))
+    assert not build_index(rel, CFG, cache_dir=tmp_path / "cache").from_cache
+
+
+# ---- damaged archives -------------------------------------------------------------------------------------------------
+def _copy(trees, tmp_path, names="utf8"):
+    return Path(shutil.copytree(trees[names], tmp_path / "rel"))
+
+
+def test_not_a_zip_is_one_line_and_the_rest_is_used(trees, tmp_path, caplog):
+    rel = _copy(trees, tmp_path)
+    victim = next(p for p in sorted((rel / "Training").glob("원천데이터_*.zip")))
+    stems = lambda z: {n.rsplit(".", 1)[0] for n in zipfile.ZipFile(z).namelist()}
+    labelled = len(stems(victim) & stems(rel / "Training" / "라벨링데이터.zip"))
+    damage_zip(victim, "not_zip")
+    base, ix = build_index(trees["utf8"], CFG), build_index(rel, CFG)
+    assert ix.skipped["bad_archive"] == 1 and labelled > 5
+    assert ix.skipped["label_without_image"] - base.skipped["label_without_image"] == labelled  # their labels lost their photos
+    assert 0 < sum(ix.records.values()) < sum(base.records.values())
+    lines = [r for r in caplog.records if victim.name in r.getMessage() and r.levelname == "ERROR"]
+    assert len(lines) == 1 and "cannot be opened" in lines[0].getMessage()
+
+
+@pytest.mark.parametrize("how", ["crc", "bomb"])
+def test_damaged_label_member_is_skipped_and_counted(trees, tmp_path, how):
+    rel = _copy(trees, tmp_path)
+    damage_zip(rel / "Training" / "라벨링데이터.zip", how, member=3)
+    base, ix = build_index(trees["utf8"], CFG), build_index(rel, CFG)
+    assert ix.skipped["bad_member"] == 1
+    assert sum(ix.records.values()) == sum(base.records.values()) - 1
+
+
+def test_truncated_archive_keeps_the_members_before_the_cut(trees, tmp_path):
+    rel = _copy(trees, tmp_path)
+    z = rel / "Training" / "라벨링데이터.zip"
+    total = len(zipfile.ZipFile(z).namelist())
+    damage_zip(z, "truncate")
+    with pytest.raises(zipfile.BadZipFile): zipfile.ZipFile(z)
+    ix = build_index(rel, CFG)
+    assert ix.stats["archive_truncated"] == 1 and "bad_archive" not in ix.skipped
+    kept = len(A.Archive(z).members)
+    assert 0 < kept < total
+    base = build_index(trees["utf8"], CFG)
+    assert 0 < sum(ix.records.values()) < sum(base.records.values())
+    assert ix.skipped["bad_member"] <= 1  # at most the member cut in the middle
+
+
+# ---- feature cache ----------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tower(): return CLIPImageEncoder(pretrained="none", model_cfg=tiny_clip_config(), seed=0)
+
+
+def test_cache_from_zips_is_bit_identical_to_the_unzipped_tree(trees, tower, tmp_path):
+    z, u = build_index(trees["cp949"], CFG), build_index(trees["unzipped"], CFG)
+    zi, ui = z.items["train"] + z.items["val"], u.items["train"] + u.items["val"]
+    fz = build_feature_cache(zi, tower, tmp_path / "cz", batch_size=8, num_workers=2, progress=False)
+    fu = build_feature_cache(ui, tower, tmp_path / "cu", batch_size=8, num_workers=2, progress=False)
+    assert fz.keys == fu.keys and fz.skipped == fu.skipped and len(fz) > 20
+    assert torch.equal(fz.features, fu.features)  # same bits, per item key
+    assert record_id(zi[0]) != record_id(ui[0])  # ids: member size + CRC-32 vs file size + mtime
+
+
+def test_damaged_photo_member_skips_its_crops(trees, tower, tmp_path):
+    rel = _copy(trees, tmp_path)
+    z = rel / "Training" / "원천데이터_2.zip"
+    name = damage_zip(z, "crc", member=0)
+    ix = build_index(rel, CFG)
+    items = ix.items["train"] + ix.items["val"]
+    hit = [it.key for it in items if split_member(it.image_path)[1] == A.member_name(zipfile.ZipFile(z).getinfo(name))]
+    fc = build_feature_cache(items, tower, tmp_path / "c", batch_size=8, num_workers=0, progress=False)
+    assert hit and {k: fc.skipped[k] for k in hit} == {k: "bad_member" for k in hit}
+    assert "CRC" in fc.skip_details[hit[0]] and len(fc) == len(items) - len(fc.skipped)
