@@ -174,7 +174,10 @@ def main(argv=None):
     if bare: print(f"trainer epoch / bare loop of the same steps (forward, loss, backward, Adam; eager, data on {dev.type}): "
                    f"{sec_co:.2f} s / {min(bare):.2f} s = {sec_co / min(bare):.2f}")
     print(f"per-epoch validation: {val_sec:.2f} s on {h[-1].get('val_items', n_va):,} items "
-          f"= {100 * val_sec / sec_co:.1f} % of a training epoch; checkpoints and logs {other:.2f} s per epoch")
+          f"= {100 * val_sec / sec_co:.1f} % of a training epoch"
+          + (f" ({100 * val_sec / (sec_co / a.scale):.1f} % at full size: the subset stays {h[-1].get('val_items', n_va):,} items)"
+             if a.scale < 1 and (res.get("validation") or {}).get("per_epoch") == "subset" else "")
+          + f"; checkpoints and logs {other:.2f} s per epoch")
     print(f"final whole-split evaluation ({n_va:,} items): " + (f"{t_final:.1f} s" if not math.isnan(t_final) else "none (per-epoch validation was already whole-split)")
           + f"; val mrr best epoch {res['best_metrics']['mrr']:.4f}" + (f", whole split {fin['metrics']['mrr']:.4f}" if fin else ""))
     print(f"search index over {len(index):,} items: {t_index:.1f} s; one query {1000 * t_query:.1f} ms ({len(hits)} hits)")

@@ -1,6 +1,9 @@
 """Learning quality against the Bayes-optimal retriever in a synthetic world (issue 6, section 3).
 
 Usage: python bench/bench_quality.py [--sigmas 1,2] [--train 40000] [--gallery 5000] [--epochs 12]
+                                     [--batch-size 256] [--lr 2e-3] [--dropout 0] [--standalone-epochs 0]
+       python bench/bench_quality.py --settings [B:LR:DROPOUT:STANDALONE,...] [--train 20000] [--budget 30]
+                                     [--val-subset 2000] [--threads 1] [--device cpu|cuda]
 
 Each value of each field gets a fixed random unit vector u in R^512 (PAD gets none). An item's clean direction is
 t = normalise(sum_f w_f * mean of its field-f value vectors); its "image feature" is x = normalise(t + sigma*eps/sqrt(512)).
@@ -11,6 +14,21 @@ Yardstick: the Bayes-optimal scorer, score(i, q) = kappa<x_i, t_q> - log sum_{q'
 kappa = 512 sqrt(1 + sigma^2) / sigma^2 and the bank = the training JSONs. Reported: learned MRR / Bayes MRR and top-1,
 plain and with querybank normalisation (beta chosen on a separate val set, the project's `evaluation.calibrate`), and a bag-of-attributes linear baseline.
 Prints the figures and a final summary line; exits 1 if it cannot measure.
+
+Sweep mode (--settings, issue 11 section 3): training settings batch:lr:dropout:standalone_epochs (default: the seed's
+64:1e-4:0.1:5 and larger batches with a scaled learning rate) compared at EQUAL TRAINING TIME on the same data and
+held-out gallery per sigma. A short probe run of each setting (1 standalone epoch if it has any, 1 contrastive epoch)
+measures the fixed cost (Trainer set-up + final evaluation) and the cost of one standalone and one contrastive epoch
+(each with its per-epoch validation on `val_subset` items and checkpoint); the number of contrastive epochs that fits
+--budget seconds is then fixed up front (the cosine schedule needs it) and the setting is trained from scratch with the
+project's Trainer (other keys: Config defaults, e.g. weight_decay 1e-5, tau 0.07) and scored like the default mode
+(querybank normalisation for JSON->image, the JSON prior for image->JSON only where val says it helps; the encoder
+scored is the last epoch's, as in the default mode). Default settings: the learning rate grows with the batch (x4 per
+x4 batch up to 1024, then x2: linear scaling while it is stable, square-root beyond), dropout off and no standalone
+stage for the large batches (what the default mode already uses).
+Clock: on the CPU the budget is PROCESS CPU TIME (time.process_time, all threads of this process) with --threads torch
+threads (default 1), a proxy for wall time on an unshared machine that other jobs on shared cores barely disturb (with
+several threads OpenMP spin-waits inflate it under load); on CUDA it is wall time.
 """
 import argparse, logging, math, os, sys, tempfile, time
 from collections import Counter
@@ -101,7 +119,8 @@ def bag_of_attributes(train_j, x_train, test_j, vocab, lam=1.0):
     return F.normalize(design(test_j) @ W, dim=1)
 
 
-def run_sigma(sigma, a, world, out_dir):
+def prepare(sigma, a, world):
+    "One sigma's world sample: train/val/test JSONs, clean directions, image features, vocabulary, paired data."
     n_tr, n_ga = a.train, a.gallery
     js = world.items(n_tr + 2 * n_ga)
     t = world.clean(js); x = world.image(t, sigma)
@@ -109,43 +128,203 @@ def run_sigma(sigma, a, world, out_dir):
     vocab = Vocab.build(js[tr], list(FIELDS))
     names = list(vocab.fields)
     def paired(sl): return PairedData(collate_json([vocab.encode(j) for j in js[sl]], names), x[sl].half(), js[sl])
-    cfg = Config(batch_size=a.batch_size, learning_rate=a.lr, max_epochs=a.epochs, standalone_epochs=0, save_every=0,
-                 dropout_rate=0.0, weight_decay=0.0, num_workers=0, clip_pretrained="none", device="cpu", seed=a.seed)
-    t0 = time.perf_counter()
-    trainer = Trainer(cfg, vocab, paired(tr), paired(va), out_dir / f"sigma{sigma}", device="cpu", progress=False)
-    res = trainer.fit(0, a.epochs)
-    secs = time.perf_counter() - t0
-    enc = trainer.encoder
-    e = {k: embed_rows(enc, paired(sl), "cpu") for k, sl in (("train", tr), ("val", va), ("test", te))}
-    xv, xt = x[va], x[te]
-    groups = json_groups([canonical(j) for j in js[te]])
+    return {"sigma": sigma, "js": js, "t": t, "x": x, "tr": tr, "va": va, "te": te, "vocab": vocab,
+            "data": {"train": paired(tr), "val": paired(va), "test": paired(te)},
+            "groups": json_groups([canonical(j) for j in js[te]])}
+
+
+def reference(d):
+    "The Bayes-optimal and bag-of-attributes scores of the test gallery (independent of the learned encoder)."
+    js, t, x, tr, te, sigma = d["js"], d["t"], d["x"], d["tr"], d["te"], d["sigma"]
     kappa = D * math.sqrt(1 + sigma ** 2) / sigma ** 2
     tb, logw, counts = bank_of(t[tr], js[tr])
-    eb, _, _ = bank_of(e["train"], js[tr])
     # Bayes-optimal: kappa-scaled scores minus the per-image log-partition over the training-JSON bank -- the same
     # querybank-normalised ranking code as the learned encoder, with the generator's clean directions and kappa
-    bayes = directions(gallery_metrics(xt, t[te], groups=groups, bank=tb, bank_logw=logw, beta=kappa), "norm_")
+    bayes = directions(gallery_metrics(x[te], t[te], groups=d["groups"], bank=tb, bank_logw=logw, beta=kappa), "norm_")
+    boa = directions(gallery_metrics(x[te], bag_of_attributes(js[tr], x[tr], js[te], d["vocab"]), groups=d["groups"]))
+    return bayes, boa
+
+
+def learned(enc, d):
+    "The learned encoder on the test gallery: plain cosine and querybank-normalised (beta and prior chosen on val)."
+    js, x, tr, va, te = d["js"], d["x"], d["tr"], d["va"], d["te"]
+    enc = enc.cpu()
+    e = {k: embed_rows(enc, d["data"][k], "cpu") for k in ("train", "val", "test")}
+    xv, xt = x[va], x[te]
+    _, logw, counts = bank_of(d["t"][tr], js[tr])
+    eb, _, _ = bank_of(e["train"], js[tr])
     cal = calibrate(xv, e["val"], eb, logw, prior=prior_of(js[va], counts),
                     groups=json_groups([canonical(j) for j in js[va]]))
-    m = gallery_metrics(xt, e["test"], groups=groups, bank=eb, bank_logw=logw, beta=cal["beta"],
+    m = gallery_metrics(xt, e["test"], groups=d["groups"], bank=eb, bank_logw=logw, beta=cal["beta"],
                         prior=prior_of(js[te], counts), use_prior=True)
-    plain, qb = directions(m), directions(m, "norm_")   # norm_ i2j carries the JSON prior (kept or not below)
-    boa = directions(gallery_metrics(xt, bag_of_attributes(js[tr], x[tr], js[te], vocab), groups=groups))
-    return {"bayes": bayes, "plain": plain, "qb": qb, "boa": boa, "beta": cal["beta"], "use_prior": cal["use_prior"], "train_seconds": secs,
-            "best_val_mrr": res["best_metrics"]["mrr"]}
+    plain, qb = directions(m), directions(m, "norm_")   # norm_ i2j carries the JSON prior (kept or not by the caller)
+    return {"plain": plain, "qb": qb, "beta": cal["beta"], "use_prior": cal["use_prior"]}
+
+
+def run_sigma(sigma, a, world, out_dir):
+    d = prepare(sigma, a, world)
+    cfg = Config(batch_size=a.batch_size, learning_rate=a.lr, max_epochs=a.standalone_epochs + a.epochs,
+                 standalone_epochs=a.standalone_epochs, save_every=0, dropout_rate=a.dropout, weight_decay=0.0,
+                 num_workers=0, clip_pretrained="none", device="cpu", seed=a.seed)
+    t0 = time.perf_counter()
+    trainer = Trainer(cfg, d["vocab"], d["data"]["train"], d["data"]["val"], out_dir / f"sigma{sigma}", device="cpu", progress=False)
+    res = trainer.fit(a.standalone_epochs, a.epochs)
+    secs = time.perf_counter() - t0
+    bayes, boa = reference(d)
+    r = learned(trainer.encoder, d)
+    return {"bayes": bayes, "boa": boa, **r, "train_seconds": secs, "best_val_mrr": res["best_metrics"]["mrr"]}
+
+
+# -- sweep mode: settings at equal training time ------------------------------------------------------------------
+SEED_SETTING = "64:1e-4:0.1:5"   # the project's defaults: batch_size, learning_rate, dropout_rate, standalone_epochs
+DEFAULT_SETTINGS = "64:1e-4:0.1:5,256:4e-4:0.1:1,1024:2e-3:0.0:0,4096:4e-3:0.0:0"
+
+
+def parse_settings(text):
+    "'B:LR:DROPOUT:STANDALONE,...' -> [(label, batch, lr, dropout, standalone_epochs)]."
+    out = []
+    for item in filter(None, (x.strip() for x in text.split(","))):
+        parts = item.split(":")
+        if len(parts) != 4: raise SystemExit(f"error: setting {item!r}: expected batch:lr:dropout:standalone_epochs")
+        out.append((item, int(parts[0]), float(parts[1]), float(parts[2]), int(parts[3])))
+    return out
+
+
+def clock_of(device):
+    "The budget clock: process CPU time on the CPU (all threads), wall time on CUDA (synchronised)."
+    if device.startswith("cuda"):
+        def wall():
+            torch.cuda.synchronize(); return time.perf_counter()
+        return wall, "wall"
+    return time.process_time, "CPU"
+
+
+def setting_config(s, a, standalone, contrastive):
+    _, b, lr, p, _ = s
+    return Config(batch_size=b, learning_rate=lr, dropout_rate=p, standalone_epochs=standalone,
+                  max_epochs=standalone + contrastive, save_every=0, num_workers=0, clip_pretrained="none",
+                  device=a.device, seed=a.seed, val_subset=a.val_subset)
+
+
+def probe(s, d, a, out_dir, clock):
+    "Measured cost of one setting: fixed (set-up + final evaluation), one standalone epoch, one contrastive epoch."
+    S = min(s[4], 1)
+    c0 = clock()
+    trainer = Trainer(setting_config(s, a, S, 1), d["vocab"], d["data"]["train"], d["data"]["val"], out_dir,
+                      device=a.device, progress=False)
+    init = clock() - c0
+    spent = Counter()
+    for name in ("_standalone_epoch", "_contrastive_epoch", "final_evaluation"):  # time the pieces of one fit
+        f = getattr(trainer, name)
+        def timed(*args, _f=f, _name=name, **kw):
+            t0 = clock(); r = _f(*args, **kw); spent[_name] += clock() - t0; return r
+        setattr(trainer, name, timed)
+    c1 = clock()
+    trainer.fit(S, 1)
+    fit = clock() - c1
+    per_epoch = max(0.0, fit - sum(spent.values())) / (S + 1)   # validation on val_subset, checkpoint, logs
+    return {"fixed": init + spent["final_evaluation"], "standalone": spent["_standalone_epoch"] / max(S, 1) + per_epoch,
+            "contrastive": spent["_contrastive_epoch"] + per_epoch,
+            "samples_per_s": len(d["data"]["train"]) / max(1e-9, spent["_contrastive_epoch"])}  # contrastive steps only
+
+
+def plan(s, cost, budget):
+    "Contrastive epochs that fit the budget after the fixed cost and the setting's standalone epochs (at least 1)."
+    left = budget - cost["fixed"] - s[4] * cost["standalone"]
+    return max(1, int(left // cost["contrastive"]))
+
+
+def train_setting(s, C, d, a, out_dir, clock):
+    S = s[4]
+    c0 = clock()
+    trainer = Trainer(setting_config(s, a, S, C), d["vocab"], d["data"]["train"], d["data"]["val"], out_dir,
+                      device=a.device, progress=False)
+    trainer.fit(S, C)
+    return trainer.encoder, clock() - c0
+
+
+def sweep(a):
+    settings = parse_settings(a.settings)
+    torch.set_num_threads(a.threads) if not a.device.startswith("cuda") else None
+    clock, kind = clock_of(a.device)
+    world = World(a.seed)
+    costs, rows = {}, {}
+    print(f"sweep: {len(settings)} settings x sigma {a.sigmas}; {a.train} train, {a.gallery} val, {a.gallery} test gallery; "
+          f"budget {a.budget:g} s of {kind} time per setting per sigma"
+          + (f" (process CPU time, {torch.get_num_threads()} torch thread(s): a proxy for wall time on an unshared machine)"
+             if kind == "CPU" else "") + f"; per-epoch val on {a.val_subset} items; device {a.device}")
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        for sigma in map(float, a.sigmas.split(",")):
+            d = prepare(sigma, a, world)
+            bayes, boa = reference(d)
+            B = bayes
+            print(f"\nsigma = {sigma:g}   Bayes-optimal MRR j2i {B['j2i']['mrr']:.4f}, i2j {B['i2j']['mrr']:.4f}; "
+                  f"bag-of-attributes j2i {boa['j2i']['mrr']:.4f}, i2j {boa['i2j']['mrr']:.4f}")
+            print(f"{'setting B:lr:drop:S':<22}{'epochs S+C':>11}{kind + ' s':>8}{'samples/s':>10}{'beta':>6}"
+                  f"{'j2i MRR':>9}{'i2j MRR':>9}{'j2i/Bayes':>10}{'i2j/Bayes':>10}", flush=True)
+            for s in settings:
+                label = s[0]
+                if label not in costs:  # the cost of an epoch does not depend on sigma: one probe per setting
+                    costs[label] = probe(s, d, a, tmp / f"probe{len(costs)}", clock)
+                C = plan(s, costs[label], a.budget)
+                sps = costs[label]["samples_per_s"]
+                enc, secs = train_setting(s, C, d, a, tmp / f"s{sigma}_{len(rows)}", clock)
+                r = learned(enc, d)
+                qb = r["qb"]
+                if not r["use_prior"]: qb["i2j"] = r["plain"]["i2j"]   # the prior did not help on val: not used
+                jr, ir = qb["j2i"]["mrr"] / B["j2i"]["mrr"], qb["i2j"]["mrr"] / B["i2j"]["mrr"]
+                over = "*" if secs > 1.1 * a.budget else ""
+                rows[(label, sigma)] = {"S": s[4], "C": C, "secs": secs, "sps": sps, "j2i": qb["j2i"]["mrr"],
+                                        "i2j": qb["i2j"]["mrr"], "jr": jr, "ir": ir}
+                ep = f"{s[4]}+{C}"
+                print(f"{label:<22}{ep:>11}{secs:>7.1f}{over:1}{sps:>10.0f}{r['beta']:>6g}"
+                      f"{qb['j2i']['mrr']:>9.4f}{qb['i2j']['mrr']:>9.4f}{jr:>10.3f}{ir:>10.3f}", flush=True)
+    sigmas = list(map(float, a.sigmas.split(",")))
+    print(f"\nlearned/Bayes MRR at equal {kind} time ({a.budget:g} s per setting per sigma; JSON->image with querybank "
+          f"normalisation, image->JSON with the JSON prior where val kept it); * = over budget by > 10 %; samples/s: "
+          f"training samples per {kind} second of a contrastive epoch's steps (probe, without validation)")
+    head = "".join(f"{f's{g:g} j2i':>9}{f's{g:g} i2j':>9}" for g in sigmas)
+    print(f"{'setting B:lr:drop:S':<22}{'epochs S+C':>11}{f'samples/{kind} s':>17}{head}{'worst':>8}")
+    worst = {}
+    for s in settings:
+        label = s[0]
+        rs = [rows[(label, g)] for g in sigmas]
+        vals = [v for r in rs for v in (r["jr"], r["ir"])]
+        worst[label] = min(vals)
+        ep = f"{rs[0]['S']}+{rs[0]['C']}"
+        print(f"{label:<22}{ep:>11}{rs[0]['sps']:>17.0f}"
+              + "".join(f"{v:>9.3f}" for v in vals) + f"{worst[label]:>8.3f}")
+    best = max(worst, key=worst.get)
+    seed = SEED_SETTING if SEED_SETTING in worst else settings[0][0]
+    beats = [l for l in worst if l != seed and all(rows[(l, g)][k] > rows[(seed, g)][k] for g in sigmas for k in ("jr", "ir"))]
+    print(f"SUMMARY equal {kind} time {a.budget:g} s: best setting {best} (worst-case learned/Bayes MRR {worst[best]:.3f} "
+          f"over sigma {a.sigmas} x j2i/i2j) vs seed {seed} ({worst[seed]:.3f}); better than the seed on all "
+          f"{2 * len(sigmas)} figures: {', '.join(beats) if beats else 'none'}")
+    return 0
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sigmas", default="1,2")
-    ap.add_argument("--train", type=int, default=40000)
+    ap.add_argument("--train", type=int, default=None, help="training items (default 40000; sweep: 20000)")
     ap.add_argument("--gallery", type=int, default=5000)
     ap.add_argument("--epochs", type=int, default=12)
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--dropout", type=float, default=0.0, help="dropout_rate (default mode)")
+    ap.add_argument("--standalone-epochs", type=int, default=0, help="stage-1 epochs before --epochs contrastive ones (default mode)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--settings", nargs="?", const=DEFAULT_SETTINGS, default=None,
+                    help=f"sweep mode: comma-separated batch:lr:dropout:standalone_epochs (bare flag: {DEFAULT_SETTINGS})")
+    ap.add_argument("--budget", type=float, default=30.0, help="sweep: seconds of training per setting per sigma (CPU: process CPU time)")
+    ap.add_argument("--val-subset", type=int, default=2000, help="sweep: per-epoch validation items (Config val_subset)")
+    ap.add_argument("--threads", type=int, default=1, help="sweep on the CPU: torch threads")
+    ap.add_argument("--device", default="cpu", help="sweep: cpu or cuda")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    if a.train is None: a.train = 40000 if a.settings is None else 20000  # the sweep's default fits ~15 min on 2 shared cores
+    if a.settings is not None: return sweep(a)
     world = World(a.seed)
     summary = []
     with tempfile.TemporaryDirectory() as d:
