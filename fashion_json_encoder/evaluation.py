@@ -13,8 +13,9 @@ import torch.nn.functional as F
 from .vocab import field_values
 
 # %% auto #0
-__all__ = ['BETAS', 'canonical_json', 'json_groups', 'retrieval_ranks', 'paired_ranks', 'rank_metrics', 'querybank_bias',
-           'make_hub_case', 'gallery_metrics', 'calibrate', 'bank_from_counts', 'save_embeddings', 'metrics_from_npz']
+__all__ = ['BETAS', 'canonical_json', 'json_groups', 'retrieval_ranks', 'paired_ranks', 'rank_metrics', 'querybank_biases',
+           'querybank_bias', 'make_hub_case', 'gallery_metrics', 'strict_ranks', 'calibrate', 'bank_from_counts',
+           'save_embeddings', 'metrics_from_npz']
 
 # %% ../nbs/06_evaluation.ipynb #8b372c0f
 def canonical_json(item_json: dict, fields=None) -> str:
@@ -94,22 +95,26 @@ def retrieval_ranks(query: torch.Tensor,    # (N, D) unit-norm queries; query i'
 _TILE = {"cpu": (1024, 8192), "cuda": (8192, 65536)}  # (rows, cols) of one score tile: L3-sized on CPU, ~2 GiB on a GPU
 _pool = None
 
-def _tile_counts(s: torch.Tensor, thr_r: torch.Tensor, thr_c: torch.Tensor) -> tuple:
+def _tile_counts(s: torch.Tensor, thr_r: torch.Tensor | None, thr_c: torch.Tensor | None) -> tuple:
     "Counts of entries of the tile s (r, c) >= their row threshold thr_r (r,) and >= their column threshold thr_c (c,)."
-    if s.device.type != "cpu" or torch.get_num_threads() < 2 or s.shape[0] < 64:
-        if s.device.type != "cpu": return (s >= thr_r[:, None]).sum(1), (s >= thr_c[None, :]).sum(0)
-        a = s.numpy(); return torch.from_numpy(np.count_nonzero(a >= thr_r.numpy()[:, None], axis=1)), torch.from_numpy((a >= thr_c.numpy()).sum(0))
+    if s.device.type != "cpu":
+        return (None if thr_r is None else (s >= thr_r[:, None]).sum(1)), (None if thr_c is None else (s >= thr_c[None, :]).sum(0))
     global _pool
     from concurrent.futures import ThreadPoolExecutor
-    k = torch.get_num_threads()
-    if _pool is None or _pool._max_workers != k: _pool = ThreadPoolExecutor(k)   # numpy releases the GIL in compares
-    a, tr, tc = s.numpy(), thr_r.numpy()[:, None], thr_c.numpy()[None, :]
+    k = max(1, min(torch.get_num_threads(), len(s) // 32))     # numpy releases the GIL in compares: one slice per thread
+    if k > 1 and (_pool is None or _pool._max_workers != k): _pool = ThreadPoolExecutor(k)
+    a = s.numpy()
+    tr = None if thr_r is None else thr_r.numpy()[:, None]
+    tc = None if thr_c is None else thr_c.numpy()[None, :]
     def part(lo, hi):
-        b = a[lo:hi] >= tr[lo:hi]; r = np.count_nonzero(b, axis=1)
-        return r, np.greater_equal(a[lo:hi], tc, out=b).sum(0)
+        b = np.empty((hi - lo, a.shape[1]), dtype=bool)
+        r = None if tr is None else np.count_nonzero(np.greater_equal(a[lo:hi], tr[lo:hi], out=b), axis=1)
+        return r, (None if tc is None else np.greater_equal(a[lo:hi], tc, out=b).sum(0))
     cuts = np.linspace(0, len(a), k + 1).astype(int)
-    parts = list(_pool.map(lambda i: part(cuts[i], cuts[i + 1]), range(k)))
-    return torch.from_numpy(np.concatenate([p[0] for p in parts])), torch.from_numpy(sum(p[1] for p in parts))
+    parts = [part(cuts[0], cuts[1])] if k == 1 else list(_pool.map(lambda i: part(cuts[i], cuts[i + 1]), range(k)))
+    rows = None if tr is None else torch.from_numpy(np.concatenate([p[0] for p in parts]))
+    cols = None if tc is None else torch.from_numpy(sum(p[1] for p in parts))
+    return rows, cols
 
 def paired_ranks(image: torch.Tensor,  # (N, D) unit-norm image embeddings
                  text: torch.Tensor,   # (N, D) unit-norm JSON embeddings, row i pairs with image i
@@ -169,16 +174,25 @@ def rank_metrics(ranks: torch.Tensor, ks=(1, 5)) -> dict:
     return out
 
 # %% ../nbs/06_evaluation.ipynb #2aadf8ee
-def querybank_bias(image: torch.Tensor,   # (N, D) unit-norm gallery images
-                   bank: torch.Tensor,    # (B, D) unit-norm embeddings of the distinct training JSONs
-                   beta: float,
-                   bank_logw: torch.Tensor | None = None,  # (B,) log training count of each bank JSON
-                   chunk: int | None = None) -> torch.Tensor:
-    "(N,) −log Σ_bank w·exp(β·cos(image, bank)) per image."
+def querybank_biases(image: torch.Tensor,   # (N, D) unit-norm gallery images
+                     bank: torch.Tensor,    # (B, D) unit-norm embeddings of the distinct training JSONs
+                     betas,                 # the β values to compute
+                     bank_logw: torch.Tensor | None = None,  # (B,) log training count of each bank JSON
+                     chunk: int | None = None) -> dict:
+    "{β: (N,) −log Σ_bank w·exp(β·cos(image, bank))}, from one image·bankᵀ product per chunk for all β."
     chunk = chunk or _chunk_rows(len(bank)); bank = bank.float().to(image.device)
     lw = torch.zeros(len(bank), device=bank.device) if bank_logw is None else bank_logw.float().to(bank.device)
-    return torch.cat([-torch.logsumexp(beta * image[s:s + chunk].float() @ bank.T + lw[None, :], 1)
-                      for s in range(0, len(image), chunk)])
+    out = {b: [] for b in betas}
+    for s in range(0, len(image), chunk):
+        cos = image[s:s + chunk].float() @ bank.T                      # (c, B)
+        for b in betas: out[b].append(-torch.logsumexp(b * cos + lw[None, :], 1))
+    return {b: torch.cat(v) if v else torch.empty(0, device=image.device) for b, v in out.items()}
+
+def querybank_bias(image: torch.Tensor, bank: torch.Tensor, beta: float,
+                   bank_logw: torch.Tensor | None = None, chunk: int | None = None) -> torch.Tensor:
+    "(N,) −log Σ_bank w·exp(β·cos(image, bank)) per image."
+    return querybank_biases(image, bank, [beta], bank_logw, chunk)[beta]
+
 
 # %% ../nbs/06_evaluation.ipynb #ec466e63
 def make_hub_case(n: int = 300, d: int = 32, seed: int = 0, hub_fraction: float = 0.2, lean: float = 1.0, noise: float = 1.0) -> tuple:
@@ -238,17 +252,45 @@ def gallery_metrics(image: torch.Tensor,   # (N, D) unit-norm image embeddings
 # %% ../nbs/06_evaluation.ipynb #ca598f7c
 BETAS = (5., 10., 14.3, 20., 30., 50., 75., 100.)
 
+def strict_ranks(image: torch.Tensor, text: torch.Tensor,  # (N, D) unit-norm pairs: image i pairs with JSON i
+                 scorings: list,  # [(direction "i2j" | "j2i", scale, bias (N,) per gallery item or None)]
+                 tile: tuple | None = None) -> list:
+    "Strict ranks (N,) of each scoring `scale·cos + bias[gallery item]`, all from one pass over image @ text.T."
+    n, dev = len(image), image.device
+    img, txt = image.float(), text.float().to(dev)
+    pos, k = (img * txt).sum(1), torch.get_num_threads()
+    R, C = tile or _TILE["cuda" if dev.type == "cuda" else "cpu"]
+    R, C = min(R, n), min(C, n)
+    plans = []
+    for d, sc, b in scorings:
+        b = None if b is None else b.float().to(dev)
+        tol = 4e-6 * (abs(sc) + (0 if b is None else float(b.abs().max())))
+        plans.append((d, sc, b, sc * pos + (0 if b is None else b) - tol, torch.zeros(n, dtype=torch.long, device=dev)))
+    buf, sbuf = torch.empty(R * C, device=dev), torch.empty(R * C, device=dev)
+    for r0 in range(0, n, R):
+        for c0 in range(0, n, C):
+            r, c = min(R, n - r0), min(C, n - c0)
+            s = torch.mm(img[r0:r0 + r], txt[c0:c0 + c].T, out=buf[:r * c].view(r, c))   # (r, c) cosines
+            for d, sc, b, thr, cnt in plans:
+                x = s
+                if b is not None:   # the bias belongs to the gallery item: image rows for j2i, JSON columns for i2j
+                    x = torch.add(b[r0:r0 + r, None] if d == "j2i" else b[None, c0:c0 + c], s, alpha=sc, out=sbuf[:r * c].view(r, c))
+                elif sc != 1.0: x = torch.mul(s, sc, out=sbuf[:r * c].view(r, c))
+                if d == "i2j": cnt[r0:r0 + r] += _tile_counts(x, thr[r0:r0 + r], None)[0].to(dev)
+                else: cnt[c0:c0 + c] += _tile_counts(x, None, thr[c0:c0 + c])[1].to(dev)
+    return [p[4] for p in plans]
+
 def calibrate(image, text, bank, bank_logw=None, prior=None, groups=None, betas=BETAS, chunk=None) -> dict:
     "β maximising val JSON→image MRR under querybank normalisation, and whether the prior helps image→JSON."
-    scores = {}
-    for b in betas:
-        r = retrieval_ranks(text, image, chunk, groups, scale=b, bias=querybank_bias(image, bank, b, bank_logw, chunk))
-        scores[b] = rank_metrics(r["strict"])["mrr"]
+    qb = querybank_biases(image, bank, betas, bank_logw, chunk)
+    scorings = [("j2i", b, qb[b]) for b in betas]
+    if prior is not None: scorings += [("i2j", 1.0, None)] + [("i2j", b, prior) for b in betas]
+    mrr = [rank_metrics(r)["mrr"] for r in strict_ranks(image, text, scorings, chunk and (chunk, chunk))]
+    scores = dict(zip(betas, mrr))
     beta = max(scores, key=lambda b: (scores[b], -b))
     use_prior, gain = False, 0.0
     if prior is not None:
-        base = rank_metrics(retrieval_ranks(image, text, chunk, groups)["strict"])["mrr"]
-        gain = rank_metrics(retrieval_ranks(image, text, chunk, groups, scale=beta, bias=prior)["strict"])["mrr"] - base
+        gain = dict(zip(betas, mrr[len(betas) + 1:]))[beta] - mrr[len(betas)]
         use_prior = gain > 0
     return {"beta": beta, "use_prior": use_prior, "prior_gain": gain, "beta_mrr": {str(k): v for k, v in scores.items()}}
 

@@ -131,3 +131,29 @@ def test_gpu_metrics_equal_cpu_metrics():
     gpu = gallery_metrics(img.cuda(), txt.cuda(), 14.3, groups=groups.cuda(), bank=bank.cuda(), beta=20.0)
     assert cpu.keys() == gpu.keys()
     for k in cpu: assert gpu[k] == pytest.approx(cpu[k], abs=1e-5), k
+
+from fashion_json_encoder.evaluation import strict_ranks, querybank_biases, BETAS
+
+@given(n=st.integers(2, 30), rows=st.integers(1, 31), cols=st.integers(1, 31), seed=st.integers(0, 10_000))
+def test_many_scorings_in_one_pass_equal_one_pass_each(n, rows, cols, seed):
+    img, txt, groups = embeddings_with_ties(n, 3, seed)
+    g = torch.Generator().manual_seed(seed)
+    bias = torch.randint(-2, 3, (n,), generator=g).float() / 4            # coarse: ties stay exact ties
+    scorings = [("i2j", 1.0, None), ("j2i", 1.0, None), ("j2i", 20.0, bias), ("i2j", 5.0, bias), ("i2j", 3.0, None)]
+    got = strict_ranks(img, txt, scorings, tile=(rows, cols))
+    for (d, sc, b), r in zip(scorings, got):
+        q, gal = (img, txt) if d == "i2j" else (txt, img)
+        assert torch.equal(r, retrieval_ranks(q, gal, 7, groups, scale=sc, bias=b)["strict"]), (d, sc, b is None)
+
+def test_calibration_equals_one_pass_per_beta():
+    img, txt, bank = make_hub_case(n=200, seed=2)
+    prior = torch.log1p(torch.arange(200) % 3).float()
+    c = calibrate(img, txt, bank, prior=prior, chunk=64)
+    qb = querybank_biases(img, bank, BETAS)
+    for b in BETAS:
+        want = rank_metrics(retrieval_ranks(txt, img, 50, scale=b, bias=qb[b])["strict"])["mrr"]
+        assert c["beta_mrr"][str(b)] == pytest.approx(want, abs=1e-6), b
+        assert torch.allclose(qb[b], querybank_bias(img, bank, b), atol=1e-6)
+    base = rank_metrics(retrieval_ranks(img, txt, 50)["strict"])["mrr"]
+    with_prior = rank_metrics(retrieval_ranks(img, txt, 50, scale=c["beta"], bias=prior)["strict"])["mrr"]
+    assert c["prior_gain"] == pytest.approx(with_prior - base, abs=1e-6) and c["use_prior"] == (with_prior > base)
