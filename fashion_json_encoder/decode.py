@@ -114,11 +114,19 @@ def draft_scales(data: bytes, crops: list, min_side: int | None) -> list:
             out.append(im.decoderconfig[0] if im.decoderconfig else 1)
     return out
 
+_NORM = {}
+
+def _norm_tensors(mean, std, device) -> tuple:
+    "Mean and std as (3, 1, 1) tensors on `device`, made once: a copy from pageable host memory waits for the GPU."
+    key = (str(device), tuple(mean), tuple(std))
+    if key not in _NORM: _NORM[key] = tuple(torch.tensor(v, device=device).view(3, 1, 1) for v in (mean, std))
+    return _NORM[key]
+
 def crop_tensor(img: torch.Tensor,  # (3, H, W) uint8 decoded photo, on any device
                 crops: list, size: int, mean, std,  # crops: (x0, y0, x1, y1) int boxes; size/mean/std: the tower's preprocess
                 scales: list | None = None) -> torch.Tensor:  # per crop: draft scale of the CPU path (`draft_scales`)
     "(k, 3, size, size) float crops as the CPU path makes them: draft-scale pooling, bicubic short-side resize, centre crop, normalise."
-    mean = torch.tensor(mean, device=img.device).view(3, 1, 1); std = torch.tensor(std, device=img.device).view(3, 1, 1)
+    mean, std = _norm_tensors(mean, std, img.device)
     H, W = img.shape[-2:]
     out = []
     for (x0, y0, x1, y1), s in zip(crops, scales or [1] * len(crops)):
@@ -132,8 +140,8 @@ def crop_tensor(img: torch.Tensor,  # (3, H, W) uint8 decoded photo, on any devi
         nh, nw = (int(size * h / w), size) if w <= h else (size, int(size * w / h))  # torchvision's Resize(size) sizes
         x = F.interpolate(x, size=(nh, nw), mode="bicubic", antialias=True, align_corners=False).round_().clamp_(0, 255)
         top, left = int(round((nh - size) / 2.0)), int(round((nw - size) / 2.0))
-        out.append((x[0, :, top:top + size, left:left + size] / 255 - mean) / std)
-    return torch.stack(out)
+        out.append(x[0, :, top:top + size, left:left + size])
+    return (torch.stack(out) / 255 - mean) / std   # (k, 3, size, size), normalised in one pass per photo
 
 # %% ../nbs/01d_decode.ipynb #f84fbf0c
 def decode_jpegs(jpegs: list, device) -> list:  # jpegs: 1-d uint8 CPU tensors
