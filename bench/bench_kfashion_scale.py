@@ -45,7 +45,6 @@ def draw_items(n: int, seed: int, sigma: float = 1.0, chunk: int = 200_000) -> t
     for f, (size, w, (lo, hi), p_miss) in FIELDS.items():
         p = 1 / np.arange(1, size + 1) ** 1.1; p = rng.permutation(p / p.sum())
         k = rng.integers(lo, hi + 1, n); k[rng.random(n) < p_miss] = 0
-        if f == "category": k[:] = np.where(rng.random(n) < p_miss, 0, 1)
         # k distinct values per row: the k largest of log p + Gumbel noise (sampling without replacement)
         top = np.argsort(-(np.log(p)[None, :] + rng.gumbel(size=(n, size))), axis=1)[:, :max(hi, 1)]
         col = np.arange(top.shape[1])[None, :]

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from fashion_json_encoder.data import Item
-from fashion_json_encoder.evaluation import _TILE, gallery_metrics, json_groups, querybank_bias
+from fashion_json_encoder.evaluation import _TILE, _tiles, gallery_metrics, json_groups, querybank_bias
 from fashion_json_encoder.models.json_encoder import JSONEncoder
 from fashion_json_encoder.search import build_search_index, search
 from fashion_json_encoder.vocab import KFASHION_VALUES, Vocab
@@ -33,10 +33,8 @@ def matmul_floor(img, txt) -> float:
     buf = torch.empty(R * C, device=dev)
     if dev.type == "cuda": torch.cuda.synchronize(dev)
     t0 = time.perf_counter()
-    for r0 in range(0, n, R):
-        for c0 in range(0, n, C):
-            r, c = min(R, n - r0), min(C, n - c0)
-            torch.mm(img[r0:r0 + r], txt[c0:c0 + c].T, out=buf[:r * c].view(r, c))
+    for r0, r, c0, c in _tiles(n, None, dev):   # the tiles `gallery_metrics` walks
+        torch.mm(img[r0:r0 + r], txt[c0:c0 + c].T, out=buf[:r * c].view(r, c))
     if dev.type == "cuda": torch.cuda.synchronize(dev)
     return time.perf_counter() - t0
 

@@ -47,6 +47,10 @@ def _count_ge(x: torch.Tensor, thr: torch.Tensor) -> torch.Tensor:
     if x.device.type == "cpu": return torch.from_numpy(np.count_nonzero(x.numpy() >= thr.numpy(), axis=1))
     return (x >= thr).sum(1)
 
+def _last_if_nan(ranks: torch.Tensor, pair_scores: torch.Tensor) -> torch.Tensor:
+    "Ranks with every query whose pair score is not finite moved to the last place (a NaN model must not score hits)."
+    return torch.where(torch.isfinite(pair_scores), ranks, len(ranks))
+
 def retrieval_ranks(query: torch.Tensor,    # (N, D) unit-norm queries; query i's positive is gallery i
                     gallery: torch.Tensor,  # (N, D) unit-norm gallery
                     chunk: int | None = None,
@@ -87,6 +91,7 @@ def retrieval_ranks(query: torch.Tensor,    # (N, D) unit-norm queries; query i'
             ge = _count_ge(sc[multi], best[multi, None] - tol)      # everything at least as good as the best hit ...
             ge_hit = torch.zeros(c, dtype=torch.long, device=dev).scatter_add_(0, r, (vals >= best[r] - tol).long())
             aware[s + multi] = 1 + ge - ge_hit[multi]              # ... minus the hits themselves
+    strict, aware = _last_if_nan(strict, pos), _last_if_nan(aware, pos)
     neg, neg_diff = _negative_means(q_all, g, pos, groups, sizes)
     return {"strict": strict, "aware": aware, "pos": pos, "neg_mean": neg, "neg_diff_mean": neg_diff, "lse": lse}
 
@@ -94,6 +99,13 @@ def retrieval_ranks(query: torch.Tensor,    # (N, D) unit-norm queries; query i'
 # %% ../nbs/06_evaluation.ipynb #4d7d9fbd
 _TILE = {"cpu": (1024, 8192), "cuda": (8192, 65536)}  # (rows, cols) of one score tile: L3-sized on CPU, ~2 GiB on a GPU
 _pool = None
+
+def _tiles(n: int, tile: tuple | None, device):
+    "(r0, r, c0, c) of the (rows, cols) tiles that cover an n × n score matrix (default tile size per device type)."
+    R, C = tile or _TILE["cuda" if torch.device(device).type == "cuda" else "cpu"]
+    R, C = min(R, n), min(C, n)
+    for r0 in range(0, n, R):
+        for c0 in range(0, n, C): yield r0, min(R, n - r0), c0, min(C, n - c0)
 
 def _tile_counts(s: torch.Tensor, thr_r: torch.Tensor | None, thr_c: torch.Tensor | None) -> tuple:
     "Counts of entries of the tile s (r, c) >= their row threshold thr_r (r,) and >= their column threshold thr_c (c,)."
@@ -129,8 +141,7 @@ def paired_ranks(image: torch.Tensor,  # (N, D) unit-norm image embeddings
     rep = torch.full((len(sizes),), n, device=dev).scatter_reduce(0, groups, torch.arange(n, device=dev), "amin")
     if n and (txt - txt[rep[groups]]).abs().max() > 1e-6: return None      # JSON rows of a group not identical
     tol, pos = 4e-6, (img * txt).sum(1)                                    # ties below float32 noise; (N,) pair cosines
-    R, C = tile or _TILE["cuda" if dev.type == "cuda" else "cpu"]
-    R, C = min(R, n), min(C, n)
+    R, C = (min(x, n) for x in (tile or _TILE["cuda" if dev.type == "cuda" else "cpu"]))
     cnt_r, cnt_c = torch.zeros(n, dtype=torch.long, device=dev), torch.zeros(n, dtype=torch.long, device=dev)
     fast = lse_scale is not None and lse_scale <= 40        # exp(scale·cos) in [e^-40, e^40]: a float32 sum cannot overflow
     lse_r = lse_c = None
@@ -140,26 +151,26 @@ def paired_ranks(image: torch.Tensor,  # (N, D) unit-norm image embeddings
     k = (lse_scale or math.log(2)) / math.log(2)        # the tile holds k·cos, so exp2 of it is exp(lse_scale·cos)
     buf, thr, img_k = torch.empty(R * C, device=dev), k * (pos - tol), img * k
     ones = torch.ones(max(R, C), device=dev)
-    for r0 in range(0, n, R):
-        for c0 in range(0, n, C):
-            r, c = min(R, n - r0), min(C, n - c0)
-            s = torch.mm(img_k[r0:r0 + r], txt[c0:c0 + c].T, out=buf[:r * c].view(r, c))   # (r, c) k·cosines
-            a, b = _tile_counts(s, thr[r0:r0 + r], thr[c0:c0 + c])
-            cnt_r[r0:r0 + r] += a.to(dev); cnt_c[c0:c0 + c] += b.to(dev)
-            if fast:                                       # one exp per score serves both directions' sums
-                s.exp2_()
-                lse_r[r0:r0 + r] += torch.mv(s, ones[:c]); lse_c[c0:c0 + c] += torch.mv(s.T, ones[:r])  # float32 tile sums
-            elif lse_scale is not None:
-                s.mul_(math.log(2))
-                lse_r[r0:r0 + r] = torch.logaddexp(lse_r[r0:r0 + r], torch.logsumexp(s, 1))
-                lse_c[c0:c0 + c] = torch.logaddexp(lse_c[c0:c0 + c], torch.logsumexp(s, 0))
+    for r0, r, c0, c in _tiles(n, (R, C), dev):
+        s = torch.mm(img_k[r0:r0 + r], txt[c0:c0 + c].T, out=buf[:r * c].view(r, c))   # (r, c) k·cosines
+        a, b = _tile_counts(s, thr[r0:r0 + r], thr[c0:c0 + c])
+        cnt_r[r0:r0 + r] += a.to(dev); cnt_c[c0:c0 + c] += b.to(dev)
+        if fast:                                       # one exp per score serves both directions' sums
+            s.exp2_()
+            lse_r[r0:r0 + r] += torch.mv(s, ones[:c]); lse_c[c0:c0 + c] += torch.mv(s.T, ones[:r])  # float32 tile sums
+        elif lse_scale is not None:
+            s.mul_(math.log(2))
+            lse_r[r0:r0 + r] = torch.logaddexp(lse_r[r0:r0 + r], torch.logsumexp(s, 1))
+            lse_c[c0:c0 + c] = torch.logaddexp(lse_c[c0:c0 + c], torch.logsumexp(s, 0))
     if fast: lse_r, lse_c = (x.log().float() for x in (lse_r, lse_c))
+    cnt_r, cnt_c = _last_if_nan(cnt_r, pos), _last_if_nan(cnt_c, pos)
     # JSON -> image aware ranks: t* = the member of each JSON whose pair scores best; its column counts all >= best hit
-    g_best = torch.full((len(sizes),), -math.inf, device=dev).scatter_reduce(0, groups, pos, "amax")
-    is_best = pos >= g_best[groups]
+    pf = torch.where(torch.isfinite(pos), pos, -math.inf)                 # a non-finite pair is never the best hit
+    g_best = torch.full((len(sizes),), -math.inf, device=dev).scatter_reduce(0, groups, pf, "amax")
+    is_best = pf >= g_best[groups]
     t_star = torch.full((len(sizes),), n, device=dev).scatter_reduce(0, groups, torch.where(is_best, torch.arange(n, device=dev), n), "amin")
-    ge_hit = torch.zeros(len(sizes), dtype=torch.long, device=dev).scatter_add_(0, groups, (pos >= g_best[groups] - tol).long())
-    aware_c = 1 + cnt_c[t_star][groups] - ge_hit[groups]
+    ge_hit = torch.zeros(len(sizes), dtype=torch.long, device=dev).scatter_add_(0, groups, (pf >= g_best[groups] - tol).long())
+    aware_c = (1 + cnt_c[t_star][groups] - ge_hit[groups]).clamp(min=1)
     neg, neg_diff = _negative_means(img, txt, pos, groups, sizes)
     common = {"pos": pos, "neg_mean": neg, "neg_diff_mean": neg_diff}
     return {"i2j": {"strict": cnt_r, "aware": cnt_r - sizes[groups] + 1, "lse": lse_r, **common},
@@ -259,26 +270,23 @@ def strict_ranks(image: torch.Tensor, text: torch.Tensor,  # (N, D) unit-norm pa
     n, dev = len(image), image.device
     img, txt = image.float(), text.float().to(dev)
     pos, k = (img * txt).sum(1), torch.get_num_threads()
-    R, C = tile or _TILE["cuda" if dev.type == "cuda" else "cpu"]
-    R, C = min(R, n), min(C, n)
+    R, C = (min(x, n) for x in (tile or _TILE["cuda" if dev.type == "cuda" else "cpu"]))
     plans = []
     for d, sc, b in scorings:
         b = None if b is None else b.float().to(dev)
         tol = 4e-6 * (abs(sc) + (0 if b is None else float(b.abs().max())))
         plans.append((d, sc, b, sc * pos + (0 if b is None else b) - tol, torch.zeros(n, dtype=torch.long, device=dev)))
     buf, sbuf = torch.empty(R * C, device=dev), torch.empty(R * C, device=dev)
-    for r0 in range(0, n, R):
-        for c0 in range(0, n, C):
-            r, c = min(R, n - r0), min(C, n - c0)
-            s = torch.mm(img[r0:r0 + r], txt[c0:c0 + c].T, out=buf[:r * c].view(r, c))   # (r, c) cosines
-            for d, sc, b, thr, cnt in plans:
-                x = s
-                if b is not None:   # the bias belongs to the gallery item: image rows for j2i, JSON columns for i2j
-                    x = torch.add(b[r0:r0 + r, None] if d == "j2i" else b[None, c0:c0 + c], s, alpha=sc, out=sbuf[:r * c].view(r, c))
-                elif sc != 1.0: x = torch.mul(s, sc, out=sbuf[:r * c].view(r, c))
-                if d == "i2j": cnt[r0:r0 + r] += _tile_counts(x, thr[r0:r0 + r], None)[0].to(dev)
-                else: cnt[c0:c0 + c] += _tile_counts(x, None, thr[c0:c0 + c])[1].to(dev)
-    return [p[4] for p in plans]
+    for r0, r, c0, c in _tiles(n, (R, C), dev):
+        s = torch.mm(img[r0:r0 + r], txt[c0:c0 + c].T, out=buf[:r * c].view(r, c))   # (r, c) cosines
+        for d, sc, b, thr, cnt in plans:
+            x = s
+            if b is not None:   # the bias belongs to the gallery item: image rows for j2i, JSON columns for i2j
+                x = torch.add(b[r0:r0 + r, None] if d == "j2i" else b[None, c0:c0 + c], s, alpha=sc, out=sbuf[:r * c].view(r, c))
+            elif sc != 1.0: x = torch.mul(s, sc, out=sbuf[:r * c].view(r, c))
+            if d == "i2j": cnt[r0:r0 + r] += _tile_counts(x, thr[r0:r0 + r], None)[0].to(dev)
+            else: cnt[c0:c0 + c] += _tile_counts(x, None, thr[c0:c0 + c])[1].to(dev)
+    return [_last_if_nan(p[4], p[3]) for p in plans]
 
 def calibrate(image, text, bank, bank_logw=None, prior=None, groups=None, betas=BETAS, chunk=None) -> dict:
     "β maximising val JSON→image MRR under querybank normalisation, and whether the prior helps image→JSON."

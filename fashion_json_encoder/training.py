@@ -4,7 +4,7 @@
 
 # %% ../nbs/05_training.ipynb #98f6f9ba
 from __future__ import annotations
-import copy, json, logging, math, os, random, tempfile, time
+import copy, functools, json, logging, math, os, random, tempfile, time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 import numpy as np
@@ -156,12 +156,16 @@ class Trainer:
             torch.manual_seed(cfg.seed + 1_000_003 * self.rank)  # same init everywhere, own dropout masks per rank
         self.tower, self.history, self.best, self.stage, self.opt, self.sched = tower, [], None, None, None, None
         self.undecodable, self._resume_opt, self._rank_rng = 0, None, None
-        self.targets = standalone_targets(train.json, cfg.output_dim, cfg.seed)
         # frozen tower: val images embedded once, by the rank that validates; per epoch only a seeded subset is ranked
         self.val_feats = self._features(val) if self.rank == 0 else None
         self.val_rows = val_subset_rows(len(val), cfg.val_subset, cfg.seed)
         self.val_image = self._val_image(self.val_rows) if self.rank == 0 else None
-        self._rows_loss, self.train_path = {}, None
+        self._rows_loss, self._res, self.train_path, self.final = {}, None, None, None
+
+    @functools.cached_property
+    def targets(self) -> torch.Tensor:
+        "Stage 1's fixed unit target per row (N, D), made on first use: a run without stage 1 never holds them."
+        return standalone_targets(self.train_data.json, self.cfg.output_dim, self.cfg.seed)
 
     def _val_image(self, rows) -> torch.Tensor:
         "Unit image features of val `rows` (None: all), on the training device."
@@ -196,10 +200,10 @@ class Trainer:
         return self.train_data.batches(self.cfg.batch_size, self.cfg.seed, epoch, rank=self.rank, world_size=self.world)
 
     def _resident(self) -> dict:
-        "The training data on the device (once): JSON ids, standalone targets, cached features (or pinned host memory)."
-        if not hasattr(self, "_res"):
+        "The training data on the device (once): JSON ids and cached features (or pinned host memory)."
+        if self._res is None:
             d = self.train_data
-            self._res = {"json": {k: v.to(self.device) for k, v in d.json.items()}, "targets": self.targets.to(self.device),
+            self._res = {"json": {k: v.to(self.device) for k, v in d.json.items()},
                          "features": None if d.features is None else resident(d.features, self.device)}
         return self._res
 
@@ -207,7 +211,7 @@ class Trainer:
         "(RowsLoss of `stage`, whether it runs as a CUDA graph), built on first use."
         if stage not in self._rows_loss:
             r = self._resident()
-            mod = RowsLoss(self.encoder, self.learner, r["json"], **({"targets": r["targets"]} if stage == "standalone"
+            mod = RowsLoss(self.encoder, self.learner, r["json"], **({"targets": self.targets.to(self.device)} if stage == "standalone"
                                                                         else {"features": r["features"]}))
             on_gpu = stage == "standalone" or r["features"].device.type == self.device.type
             graphed = self.cfg.cuda_graphs and on_gpu and graph_rows_loss(mod, self.cfg.batch_size)
@@ -399,4 +403,4 @@ class Trainer:
                 "validation": {"per_epoch": "subset" if self.val_rows is not None else "whole",
                                "per_epoch_items": len(self.val_rows) if self.val_rows is not None else len(self.val_data),
                                "val_items": len(self.val_data), "subset_seed": self.cfg.seed},
-                "final_metrics": (getattr(self, "final", None) or {}).get("metrics"), "final": getattr(self, "final", None)}
+                "final_metrics": self.final and self.final["metrics"], "final": self.final}

@@ -157,3 +157,15 @@ def test_calibration_equals_one_pass_per_beta():
     base = rank_metrics(retrieval_ranks(img, txt, 50)["strict"])["mrr"]
     with_prior = rank_metrics(retrieval_ranks(img, txt, 50, scale=c["beta"], bias=prior)["strict"])["mrr"]
     assert c["prior_gain"] == pytest.approx(with_prior - base, abs=1e-6) and c["use_prior"] == (with_prior > base)
+
+@pytest.mark.parametrize("identical_groups", [True, False])
+def test_non_finite_pairs_rank_last_not_first(identical_groups):
+    img, txt, groups = embeddings_with_ties(30, 4, 5)
+    if not identical_groups: groups = torch.arange(30)             # rows of a group need not be identical: two-pass path
+    txt = txt.clone(); txt[:4] = float("nan")                        # a diverged encoder: NaN embeddings for 4 items
+    m = gallery_metrics(img, txt, 14.3, chunk=7, groups=groups)
+    r = strict_ranks(img, txt, [("i2j", 1.0, None), ("j2i", 20.0, None)], tile=(7, 7))
+    assert all(torch.equal(x[:4], torch.full((4,), 30)) for x in r)   # the NaN pairs are last, never hits
+    assert m["i2j_top1"] <= 26 / 30 and m["aware_j2i_top1"] <= 26 / 30 and math.isnan(m["loss"])
+    nan_all = gallery_metrics(img, torch.full_like(txt, float("nan")), 14.3, groups=groups)
+    assert nan_all["top1"] == 0 and nan_all["aware_top1"] == 0 and nan_all["mrr"] == pytest.approx(1 / 30)   # all last

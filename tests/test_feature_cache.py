@@ -9,7 +9,7 @@ from safetensors import safe_open
 
 from fashion_json_encoder.data import Item, load_crop
 from fashion_json_encoder.models.image_encoder import CLIPImageEncoder, tiny_clip_config
-from fashion_json_encoder.models.feature_cache import (build_feature_cache, plan_chunks, read_chunks, cache_path,
+from fashion_json_encoder.models.feature_cache import (build_feature_cache, plan_photo_chunks, read_chunks, cache_path,
                                                        cache_key, FeatureCache)
 from fashion_json_encoder.data import CropDataset, collate_crops
 
@@ -126,10 +126,12 @@ def test_all_bad_batch_and_whole_chunk_skipped(tower, tmp_path):
 
 
 def test_disjoint_shards_merge_into_one_cache(items, tower, tmp_path, monkeypatch):
-    "Two 'ranks' encode their plan_chunks shards into one folder: the same chunk files as one process writes (issue 7)."
+    "Two 'ranks' encode their plan_photo_chunks shards into one folder: the same chunk files as one process writes (issue 7)."
+    from fashion_json_encoder.decode import photo_groups
     single = _build(items, tower, tmp_path / "single", chunk_size=4)
+    groups = photo_groups(range(len(items)), items)
     for rank in range(2):  # sequential stand-ins for two processes
-        mine = [items[i] for c in plan_chunks(len(items), 4, rank, 2) for i in c]
+        mine = [items[i] for c in plan_photo_chunks([len(g) for g in groups], 4, rank, 2) for p in c for i in groups[p]]
         _build(mine, tower, tmp_path / "shared", chunk_size=4)
     shared = cache_path(tmp_path / "shared", cache_key(tower))
     def files(root):  # name -> (metadata, features); safetensors orders header keys at random, so not raw bytes
@@ -154,12 +156,14 @@ def test_unreadable_chunk_is_ignored_and_recomputed(items, tower, tmp_path):
     assert again.n_computed == 4 and torch.equal(again.features, fc.features)
 
 
-@given(n=st.integers(0, 200), size=st.integers(1, 50), world=st.integers(1, 5))
-def test_plan_chunks_disjoint_and_complete(n, size, world):
-    shards = [[i for c in plan_chunks(n, size, r, world) for i in c] for r in range(world)]
+@given(sizes=st.lists(st.integers(1, 4), max_size=200), size=st.integers(1, 50), world=st.integers(1, 5))
+def test_plan_chunks_disjoint_and_complete(sizes, size, world):
+    shards = [[i for c in plan_photo_chunks(sizes, size, r, world) for i in c] for r in range(world)]
     flat = sorted(i for s in shards for i in s)
-    assert flat == list(range(n))  # no gaps, no duplicates
-    assert [list(c) for c in plan_chunks(n, size)] == [list(range(s, min(s + size, n))) for s in range(0, n, size)]
+    assert flat == list(range(len(sizes)))  # no gaps, no duplicates
+    assert all(sum(sizes[p] for p in c) <= size or len(c) == 1 for c in plan_photo_chunks(sizes, size))
+    n = len(sizes)   # one crop per photo: consecutive fixed-size chunks
+    assert plan_photo_chunks([1] * n, size) == [list(range(s, min(s + size, n))) for s in range(0, n, size)]
 
 
 def test_crop_inputs_for_the_per_batch_path(items, tower, tmp_path):

@@ -24,8 +24,8 @@ from ..distributed import barrier, get_rank, get_world_size, main_first
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'CACHE_VERSION', 'cache_key', 'cache_path', 'record_id', 'plan_chunks', 'plan_photo_chunks', 'write_chunk',
-           'read_chunks', 'FeatureCache', 'build_feature_cache', 'cache_contents']
+__all__ = ['log', 'CACHE_VERSION', 'cache_key', 'cache_path', 'record_id', 'plan_photo_chunks', 'write_chunk', 'read_chunks',
+           'FeatureCache', 'build_feature_cache', 'cache_contents']
 
 # %% ../../nbs/03a_feature_cache.ipynb #1cb94a9f
 CACHE_VERSION = 1  # bump when the on-disk format changes
@@ -50,11 +50,6 @@ def record_id(item) -> str | None:
     return hashlib.blake2b(json.dumps(rec, ensure_ascii=False).encode(), digest_size=12).hexdigest()
 
 # %% ../../nbs/03a_feature_cache.ipynb #7035f772
-def plan_chunks(n: int, chunk_size: int, rank: int = 0, world_size: int = 1) -> list:
-    "The chunks (ranges of `range(n)`) that `rank` of `world_size` encodes."
-    assert chunk_size > 0 and 0 <= rank < world_size, f"bad chunk plan: chunk_size={chunk_size}, rank={rank}/{world_size}"
-    return [range(s, min(s + chunk_size, n)) for s in range(0, n, chunk_size)][rank::world_size]
-
 def plan_photo_chunks(sizes: list, chunk_size: int, rank: int = 0, world_size: int = 1) -> list:  # sizes: crops per photo
     "The chunks (lists of photo indices, at most `chunk_size` crops unless one photo has more) that `rank` encodes."
     assert chunk_size > 0 and 0 <= rank < world_size, f"bad chunk plan: chunk_size={chunk_size}, rank={rank}/{world_size}"
