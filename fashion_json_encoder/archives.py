@@ -4,7 +4,7 @@
 
 # %% ../nbs/01c_archives.ipynb #69a45deb
 from __future__ import annotations
-import io, logging, multiprocessing as mp, os, struct, unicodedata, zipfile, zlib
+import hashlib, io, logging, multiprocessing as mp, os, stat, struct, unicodedata, zipfile, zlib
 from collections import Counter
 from pathlib import Path
 
@@ -12,8 +12,8 @@ log = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['log', 'MEMBER_SEP', 'LABEL_MAX_BYTES', 'IMAGE_MAX_BYTES', 'member_path', 'split_member', 'member_name',
-           'ArchiveError', 'MemberError', 'Archive', 'open_archive', 'read_bytes', 'member_stat', 'find_archives',
-           'list_archive', 'scan_archives']
+           'ArchiveError', 'MemberError', 'Archive', 'open_archive', 'read_bytes', 'member_stat', 'walk_files',
+           'find_archives', 'list_archive', 'scan_archives', 'archive_key']
 
 # %% ../nbs/01c_archives.ipynb #74ac4b44
 MEMBER_SEP = "::"  # "<archive path>::<member name>" names one member of a zip
@@ -142,12 +142,15 @@ class Archive:
 _OPEN, _PID = {}, None
 
 def open_archive(path) -> Archive:
-    "This process's `Archive` for `path`, opened once: forked DataLoader or pool workers never share a handle."
+    "This process's `Archive` for `path`, opened once per version of the file: forked workers never share a handle."
     global _PID
     if _PID != os.getpid(): _OPEN.clear(); _PID = os.getpid()  # a forked child drops (never uses) its parent's handles
     key = os.path.abspath(path)
-    if key not in _OPEN: _OPEN[key] = Archive(key)
-    return _OPEN[key]
+    st = os.stat(key)
+    version = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)  # ctime: a rewrite shows even with its mtime put back
+    a = _OPEN.get(key)
+    if a is None or a.version != version: a = _OPEN[key] = Archive(key); a.version = version
+    return a
 
 def read_bytes(path, max_bytes: int = IMAGE_MAX_BYTES) -> bytes:
     "The bytes of a file or of an archive member path; a member raises `MemberError` when damaged."
@@ -168,17 +171,46 @@ def member_stat(path) -> tuple | None:
 # %% ../nbs/01c_archives.ipynb #0b30169f
 _LABEL_EXT, _IMAGE_EXT = (".json",), (".jpg", ".jpeg")
 
-def find_archives(root) -> list:
-    "[(relpath, size, mtime_ns)] of the *.zip files under `root`, sorted."
-    out, stack = [], [str(root)]
-    while stack:
+def walk_files(root, exts: tuple,                 # exts: lower-case name endings to keep, e.g. (".zip",)
+               skipped: Counter | None = None):   # receives broken_link and repeated_folder counts
+    "(relpath, stat) of each file under `root` named *exts, following symlinks; broken links skipped, each folder walked once."
+    root, skipped, broken = str(root), Counter() if skipped is None else skipped, []
+    st = os.stat(root)
+    n, seen, stack, links = len(os.path.join(root, "")), {(st.st_dev, st.st_ino)}, [root], []
+    while stack or links:
+        if not stack:  # the real tree first, then the folders that links lead to, in path order
+            for p in sorted(links):
+                try: st = os.stat(p)
+                except OSError: broken.append(p); continue
+                if (st.st_dev, st.st_ino) in seen: skipped["repeated_folder"] += 1
+                else: seen.add((st.st_dev, st.st_ino)); stack.append(p)
+            links = []; continue
         with os.scandir(stack.pop()) as it:
             for e in it:
                 if e.name.startswith("."): continue
-                if e.is_dir(): stack.append(e.path)
-                elif e.name.lower().endswith(".zip"):
-                    st = e.stat(); out.append((os.path.relpath(e.path, root).replace(os.sep, "/"), st.st_size, st.st_mtime_ns))
-    return sorted(out)
+                try:
+                    if e.is_dir():  # follows a link; a self-link raises ELOOP
+                        if e.is_symlink(): links.append(e.path); continue
+                        st = e.stat()
+                        if (st.st_dev, st.st_ino) in seen: skipped["repeated_folder"] += 1
+                        else: seen.add((st.st_dev, st.st_ino)); stack.append(e.path)
+                    elif e.name.lower().endswith(exts):
+                        st = e.stat()
+                        if stat.S_ISREG(st.st_mode): yield e.path[n:].replace(os.sep, "/"), st
+                    elif e.is_symlink() and not os.path.exists(e.path): broken.append(e.path)
+                except OSError: broken.append(e.path)
+    if broken:
+        skipped["broken_link"] += len(broken)
+        log.warning("%s: %d broken symbolic link(s) skipped (missing target or a loop), e.g. %s", root, len(broken), broken[0])
+
+def find_archives(root, skipped: Counter | None = None) -> list:  # skipped: receives walk_files' counts
+    "[(relpath, size, mtime_ns)] of the *.zip files under `root`, sorted."
+    return sorted((rel, st.st_size, st.st_mtime_ns) for rel, st in walk_files(root, (".zip",), skipped))
+
+def _apple_double(name: str) -> bool:
+    "A member macOS's Archive Utility adds: under `__MACOSX/`, or an AppleDouble `._name` file."
+    parts = name.split("/")
+    return "__MACOSX" in parts or parts[-1].startswith("._")
 
 def list_archive(root, rel: str) -> tuple:
     "(label members, image members, error or None, recovered) of one archive; members as (relpath::name, size, crc)."
@@ -187,6 +219,7 @@ def list_archive(root, rel: str) -> tuple:
     labels, images = [], []
     for name, zi in a.members.items():
         low = name.lower()
+        if _apple_double(name): continue  # macOS resource forks (`__MACOSX/`, `._<id>.json`) are not data
         dest = labels if low.endswith(_LABEL_EXT) else images if low.endswith(_IMAGE_EXT) else None
         if dest is not None: dest.append((member_path(rel, name), zi.file_size, zi.CRC))
     a.close()
@@ -208,3 +241,21 @@ def scan_archives(root, archives: list, workers: int = 0) -> tuple:
                             rel, len(lab) + len(img)); notes["archive_truncated"] += 1
         labels += lab; images += img
     return sorted(labels), sorted(images), skipped, notes
+
+
+# %% ../nbs/01c_archives.ipynb #3bae1542
+def archive_key(path) -> bytes:
+    "Content key of a zip: a hash of its central directory (every member's name, size and CRC-32); size, mtime and tail without one."
+    h = hashlib.blake2b(digest_size=20)
+    with open(path, "rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        n = min(size, 22 + 0xFFFF); f.seek(size - n); tail = f.read(n)
+        i = tail.rfind(b"PK\x05\x06")  # the end record, after the directory
+        cd_size = struct.unpack_from("<I", tail, i + 12)[0] if 0 <= i <= n - 22 else 0xFFFFFFFF
+        if cd_size == 0xFFFFFFFF:  # truncated (no end record) or a zip64 directory of 4 GiB or more
+            h.update(f"{size}\t{os.fstat(f.fileno()).st_mtime_ns}\n".encode() + tail); return h.digest()
+        f.seek(max(0, size - n + i - cd_size - 76))  # 76: room for the zip64 end records between directory and end record
+        h.update(f"{size}\n".encode())
+        while chunk := f.read(1 << 22): h.update(chunk)
+    return h.digest()
+

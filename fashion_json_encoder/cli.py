@@ -4,12 +4,15 @@
 
 # %% ../nbs/09_cli.ipynb #4bdc9bf0
 from __future__ import annotations
-import argparse, json, logging, os, sys
+import argparse, errno, functools, json, logging, os, sys
 from pathlib import Path
+from .progress import progress_logging
 from .config import Config, UserError, config_from_dict, load_config, save_config, update_config
 
+log = logging.getLogger(__name__)
+
 # %% auto #0
-__all__ = ['add_train_args', 'config_from_args', 'run_command', 'train_main', 'build_parser', 'main']
+__all__ = ['log', 'add_train_args', 'config_from_args', 'run_command', 'quiet_pipe', 'train_main', 'build_parser', 'main']
 
 # %% ../nbs/09_cli.ipynb #2182a242
 def add_train_args(p: argparse.ArgumentParser):
@@ -20,15 +23,23 @@ def add_train_args(p: argparse.ArgumentParser):
     p.add_argument("--epochs", type=int, dest="max_epochs", help="total epochs, standalone included (config max_epochs)")
     p.add_argument("--batch_size", type=int, help="contrastive batch size (in-batch negatives)")
     p.add_argument("--lr", type=float, dest="learning_rate", help="Adam learning rate")
-    p.add_argument("--standalone_epochs", type=int, help="stage-1 epochs of the JSON encoder alone (default 5)")
+    p.add_argument("--standalone_epochs", type=int, help="stage-1 epochs of the JSON encoder alone (default 5; "
+                   "with --epochs N <= that, N // 2 so that contrastive epochs remain)")
+    p.add_argument("--warmup_steps", type=int, help="linear learning-rate warm-up steps before the cosine (default 0)")
     p.add_argument("--no_standalone", action="store_true", help="skip stage 1 (same as --standalone_epochs 0)")
-    p.add_argument("--clip_pretrained", help="'openai' (default), a local .pt/.bin/.safetensors file, or 'none' (random init, tests only)")
+    p.add_argument("--clip_model", help="open_clip model name (default ViT-B-32), e.g. ViT-B-16 or hf-hub:ORG/NAME")
+    p.add_argument("--clip_pretrained", help="'openai' (default), another open_clip tag (e.g. laion2b_s34b_b79k), a local "
+                   ".pt/.bin/.safetensors file, or 'none' (random init, tests only)")
     p.add_argument("--num_workers", type=int, help="DataLoader and index-building workers")
     p.add_argument("--decode", choices=["auto", "cpu", "gpu"], help="JPEG decode for the feature-cache build: cpu (Pillow in workers), "
                    "gpu (nvJPEG on the tower's GPU) or auto (default: gpu when the tower is on CUDA)")
     p.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
     p.add_argument("--seed", type=int, help="fixes data splits, init and order")
-    p.add_argument("--resume", help="continue from a checkpoint, e.g. OUTPUT/checkpoints/last.pt (its config, dataset and folder unless given)")
+    p.add_argument("--resume", help="continue from a checkpoint, e.g. OUTPUT/checkpoints/last.pt, or 'latest' for "
+                   "OUTPUT/checkpoints/last.pt (its config, dataset and folder unless given); a larger --epochs extends a finished run")
+    p.add_argument("--trust_torchscript", action="store_true", help="load a TorchScript --clip_pretrained file that is not one "
+                   "of OpenAI's published files (it can run code: only for files you made)")
+    p.add_argument("--overwrite", action="store_true", help="replace the run already in --output_dir (its checkpoints, logs, results)")
     p.add_argument("--no_cache", action="store_true", help="run the frozen tower on every batch instead of caching features")
     p.add_argument("--quiet", action="store_true", help="no progress bars, warnings and errors only")
     return p
@@ -36,12 +47,20 @@ def add_train_args(p: argparse.ArgumentParser):
 def config_from_args(a: argparse.Namespace, base: Config | None = None) -> Config:
     "Defaults (or `base`, e.g. a resumed run's config) <- config file <- flags."
     cfg = load_config(a.config) if getattr(a, "config", None) else (base or Config())
-    over = {k: getattr(a, k, None) for k in ("max_epochs", "batch_size", "learning_rate", "standalone_epochs",
-                                              "clip_pretrained", "num_workers", "decode", "device", "seed")}
+    over = {k: getattr(a, k, None) for k in ("max_epochs", "batch_size", "learning_rate", "standalone_epochs", "warmup_steps",
+                                              "clip_model", "clip_pretrained", "num_workers", "decode", "device", "seed")}
     if getattr(a, "no_standalone", False): over["standalone_epochs"] = 0
     if getattr(a, "no_cache", False): over["feature_cache"] = False
-    if over.get("max_epochs") is not None and over.get("standalone_epochs") is None and cfg.standalone_epochs > over["max_epochs"]:
-        over["standalone_epochs"] = over["max_epochs"]  # --epochs 3 with the default 5 standalone epochs
+    n = over.get("max_epochs")
+    if n is not None and over.get("standalone_epochs") is None and cfg.standalone_epochs >= n >= 0:
+        over["standalone_epochs"] = n // 2  # a run always has contrastive epochs unless standalone-only is asked for explicitly
+        if n: log.info("--epochs %d leaves no contrastive epoch after %d standalone ones: standalone shrunk to %d, so %d contrastive "
+                 "epoch(s) remain (--standalone_epochs %d --epochs %d trains the standalone stage alone)",
+                 n, cfg.standalone_epochs, n // 2, n - n // 2, n, n)
+    if over.get("clip_model") or over.get("clip_pretrained"):  # the tower decides the feature size and resolution
+        from fashion_json_encoder.models.image_encoder import tower_spec
+        spec = tower_spec(over.get("clip_model") or cfg.clip_model, over.get("clip_pretrained") or cfg.clip_pretrained)
+        over.update(output_dim=spec["output_dim"], image_size=spec["image_size"])
     return update_config(cfg, **over)
 
 # %% ../nbs/09_cli.ipynb #35a4a61a
@@ -53,19 +72,34 @@ def run_command(fn, *args, quiet: bool = False, **kwargs) -> int:
     "Run `fn`; a `UserError` becomes `error: <message>` on stderr and exit code 2."
     _setup_logging(quiet)
     try:
-        out = fn(*args, **kwargs)
+        with progress_logging(): out = fn(*args, **kwargs)  # log lines never break a progress bar
     except UserError as e:
         print(f"error: {e}", file=sys.stderr); return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr); return 130
+    except OSError as e:  # a full, read-only or forbidden output folder is the user's to fix, not a traceback
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM): raise
+        print(f"error: cannot write {e.filename or 'the output'}: {(e.strerror or str(e)).lower()}", file=sys.stderr); return 2
     return out if isinstance(out, int) else 0
 
-def _progress(a) -> bool: return not getattr(a, "quiet", False) and sys.stderr.isatty()
+def quiet_pipe(entry):
+    "Wrap entry point `entry` so that a closed stdout (`... | head`) ends the command quietly, as SIGPIPE would (exit 141)."
+    @functools.wraps(entry)
+    def run(*args, **kwargs):
+        try:
+            rc = entry(*args, **kwargs); sys.stdout.flush(); return rc
+        except BrokenPipeError:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes at exit
+            return 141
+    return run
+
+def _progress(a) -> bool: return not getattr(a, "quiet", False)  # a bar on a terminal, log lines in a log file (`progress`)
 
 # %% ../nbs/09_cli.ipynb #e1e9e7c4
+@quiet_pipe
 def train_main(argv=None) -> int:
-    "Entry point of `python train.py`."
-    p = add_train_args(argparse.ArgumentParser(prog="train.py", description="Train the K-Fashion JSON encoder against a frozen CLIP ViT-B/32."))
+    "Entry point of `python train.py` and the `fashion-encoder-train` console script."
+    p = add_train_args(argparse.ArgumentParser(description="Train the K-Fashion JSON encoder against a frozen CLIP image tower."))
     p.add_argument("--sanity_check", action="store_true", help="check the whole pipeline briefly (synthetic data unless --dataset_path)")
     p.add_argument("--create_config", metavar="PATH", help="write the default config (or --config merged with flags) to PATH and exit")
     a = p.parse_args(argv)
@@ -82,16 +116,23 @@ def _train(a) -> int:
     from fashion_json_encoder.system import train_run
     from fashion_json_encoder.training import load_checkpoint
     out, data, base = a.output_dir, a.dataset_path, None
+    if a.resume == "latest":  # open_clip's spelling: the last.pt of --output_dir
+        a.resume = Path(out or "outputs") / "checkpoints" / "last.pt"
+        if not a.resume.is_file(): raise UserError(f"--resume latest: {a.resume} not found (is --output_dir the run's folder?)")
     if a.resume:  # a resumed run keeps its config, dataset and folder unless flags say otherwise
         st = load_checkpoint(a.resume)
         base, data = config_from_dict(st["config"], f"{a.resume} config"), data or st.get("dataset_path")
         out = out or Path(a.resume).resolve().parent.parent
     out = Path(out or "outputs")
-    res = train_run(config_from_args(a, base), data, out, resume=a.resume, progress=_progress(a))
-    b = res.get("best_metrics") or {}
+    res = train_run(config_from_args(a, base), data, out, resume=a.resume, progress=_progress(a), overwrite=a.overwrite,
+                    trust_torchscript=a.trust_torchscript)
     if int(os.environ.get("RANK", "0")) != 0: return 0  # under torchrun only rank 0 reports
+    if res.get("already_finished"):
+        print(f"nothing to do: {a.resume} already finished (epoch {res['epoch']} of {res['total_epochs']}); "
+              f"pass --epochs N (N > {res['epoch']}) to extend it"); return 0
+    best, b = out / "checkpoints" / "best_model.pt", res.get("best_metrics") or {}
     print(f"done: best epoch {res.get('best_epoch')}  val mrr {b.get('mrr', float('nan')):.4f}  top1 {b.get('top1', float('nan')):.4f}"
-          f"  top5 {b.get('top5', float('nan')):.4f}  -> {out / 'checkpoints' / 'best_model.pt'}")
+          f"  top5 {b.get('top5', float('nan')):.4f}  r10 {b.get('top10', float('nan')):.4f}  -> " + (str(best) if best.is_file() else "no best_model.pt"))
     return 0
 
 def _sanity(a) -> int:
@@ -105,16 +146,25 @@ def _sanity(a) -> int:
     return 0 if all(c.ok for c in checks) else 1
 
 # %% ../nbs/09_cli.ipynb #01c32f99
+def _positive(v: str) -> int:
+    "argparse type: an integer >= 1."
+    try: n = int(v)
+    except ValueError: raise argparse.ArgumentTypeError(f"expected a whole number, got {v!r}") from None
+    if n < 1: raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
 def build_parser() -> argparse.ArgumentParser:
-    "The `main.py` parser with one sub-command per task."
-    p = argparse.ArgumentParser(prog="main.py", description="fashion-json-encoder: K-Fashion JSON encoder aligned with CLIP ViT-B/32.")
-    sub = p.add_subparsers(dest="command", required=True, metavar="{train,evaluate,search,tag,sanity_check,create_config,inspect_data}")
+    "The parser of `main.py` / `fashion-encoder` (named after the command that ran) with one sub-command per task."
+    p = argparse.ArgumentParser(description="fashion-json-encoder: K-Fashion JSON encoder aligned with a frozen CLIP image tower.")
+    sub = p.add_subparsers(dest="command", required=True,
+                           metavar="{train,evaluate,search,tag,sanity_check,create_config,inspect_data,synthetic}")
     add_train_args(sub.add_parser("train", help="train (same flags as train.py)", description="Train the JSON encoder."))
     e = sub.add_parser("evaluate", help="whole-gallery retrieval metrics of a checkpoint", description="Evaluate a checkpoint.")
     e.add_argument("--checkpoint_path", required=True, help="a checkpoint written by training (best_model.pt, last.pt, ...)")
     e.add_argument("--dataset_path", help="dataset to evaluate on (default: the one recorded in the checkpoint)")
     e.add_argument("--split", default="val", choices=["val", "train"], help="which split is the gallery (default val)")
     e.add_argument("--clip_pretrained", help="override the tower weights recorded in the checkpoint")
+    e.add_argument("--trust_torchscript", action="store_true", help="load a recorded TorchScript tower file that is not OpenAI's")
     e.add_argument("--output_dir", help="write results/evaluation_results.json here (default: the checkpoint's run folder)")
     e.add_argument("--device", help="auto, cpu, cuda or cuda:N")
     e.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
@@ -129,12 +179,13 @@ def build_parser() -> argparse.ArgumentParser:
         t.add_argument("--dataset_path", help="dataset to index when no index is saved next to the checkpoint (default: the recorded one)")
         if name == "search":
             t.add_argument("--query", required=True, help='JSON object, any subset of the fields, e.g. \'{"category": "블라우스", "material": ["레이스"]}\'')
-            t.add_argument("--k", type=int, default=10, help="how many items to return (default 10)")
+            t.add_argument("--k", type=_positive, default=10, help="how many items to return (default 10)")
             t.add_argument("--raw", action="store_true", help="rank by plain cosine instead of the querybank-normalised score")
         else:
             t.add_argument("--image", required=True, help="image file (JPEG/PNG)")
             t.add_argument("--box", help="x,y,w,h box in raw pixels (K-Fashion 렉트좌표 style); default: the whole image")
-            t.add_argument("--top", type=int, default=5, help="values per field (default 5)")
+            t.add_argument("--top", type=_positive, default=5, help="values per field (default 5)")
+        t.add_argument("--trust_torchscript", action="store_true", help="load a recorded TorchScript tower file that is not OpenAI's")
         t.add_argument("--json", action="store_true", help="print one JSON object")
         t.add_argument("--quiet", action="store_true", help="warnings and errors only")
     s = sub.add_parser("sanity_check", help="check the pipeline end to end in under 2 minutes", description="Sanity check.")
@@ -148,11 +199,22 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect_data", help="what the loader sees in a K-Fashion folder", description="Data report.")
     i.add_argument("--dataset_path", required=True, help="K-Fashion folder: release zips as downloaded, or unzipped")
     i.add_argument("--config", help="JSON config (target_categories, fields, crop_padding, ...)")
-    i.add_argument("--output_dir", default="outputs", help="where the parsed-index cache is kept (default: outputs)")
+    i.add_argument("--output_dir", help="keep the parsed-index cache in OUTPUT_DIR/cache, where training looks for it")
+    i.add_argument("--cache_dir", help="keep the parsed-index cache here (default: the user cache folder, "
+                   "$XDG_CACHE_HOME/fashion-json-encoder or ~/.cache/fashion-json-encoder)")
     i.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    y = sub.add_parser("synthetic", help="write a generated K-Fashion dataset in the release's format, to try everything on",
+                       description="Write generated K-Fashion data (labels and JPEGs in the real on-disk format).")
+    y.add_argument("--output", required=True, help="folder to create (must not exist or be empty)")
+    y.add_argument("--n_photos", type=_positive, default=120, help="photos to generate (default 120; about 1.5 garments each)")
+    y.add_argument("--seed", type=int, default=0, help="fixes every generated value")
+    y.add_argument("--bad_cases", action="store_true", help="add the release's quirks: broken JSON, missing boxes, broken JPEGs, ...")
+    y.add_argument("--zip", action="store_true", help="write the release zips as downloaded instead of the unzipped tree")
+    y.add_argument("--quiet", action="store_true", help="warnings and errors only")
     i.add_argument("--quiet", action="store_true", help="warnings and errors only")
     return p
 
+@quiet_pipe
 def main(argv=None) -> int:
     "Entry point of `python main.py` and the `fashion-encoder` console script."
     a = build_parser().parse_args(argv)
@@ -165,19 +227,31 @@ def main(argv=None) -> int:
     if a.command == "inspect_data": return run_command(_inspect, a, quiet=q)
     if a.command == "evaluate": return run_command(_evaluate, a, quiet=q)
     if a.command in ("search", "tag"): return run_command(_search_or_tag, a, quiet=q)
+    if a.command == "synthetic": return run_command(_synthetic, a, quiet=q)
     raise AssertionError(a.command)
+
+def _synthetic(a) -> int:
+    from fashion_json_encoder.synthetic import make_synthetic_kfashion
+    out = Path(a.output)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())): raise UserError(f"{out}: exists and is not an empty folder")
+    make_synthetic_kfashion(out, n_photos=a.n_photos, seed=a.seed, bad_cases=a.bad_cases, layout="zips" if a.zip else "split")
+    print(f"wrote {a.n_photos} generated photos with labels to {out} ({'release zips' if a.zip else 'unzipped tree'}); try:\n"
+          f"  python main.py inspect_data --dataset_path {out}\n  python train.py --dataset_path {out} --clip_pretrained none "
+          f"--epochs 3 --output_dir {out}-run")
+    return 0
 
 def _inspect(a) -> int:
     from fashion_json_encoder.system import inspect_data
     from fashion_json_encoder.data import format_report
-    rep = inspect_data(a.dataset_path, load_config(a.config) if a.config else Config(), a.output_dir)
+    rep = inspect_data(a.dataset_path, load_config(a.config) if a.config else Config(), a.output_dir, cache_dir=a.cache_dir,
+                       progress=_progress(a))
     print(json.dumps(rep, ensure_ascii=False, indent=2) if a.json else format_report(rep)); return 0
 
 def _evaluate(a) -> int:
     from fashion_json_encoder.system import evaluate_checkpoint, format_metrics
     m = evaluate_checkpoint(a.checkpoint_path, dataset_path=a.dataset_path, split=a.split, clip_pretrained=a.clip_pretrained,
                             output_dir=a.output_dir, device=a.device, progress=_progress(a), save_embeddings=a.save_embeddings,
-                            plot=a.plot, baseline=a.baseline)
+                            plot=a.plot, baseline=a.baseline, trust_torchscript=a.trust_torchscript)
     print(json.dumps(m, ensure_ascii=False, indent=2) if a.json else format_metrics(m)); return 0
 
 def _search_or_tag(a) -> int:
@@ -189,7 +263,7 @@ def _search_or_tag(a) -> int:
     if a.command == "tag" and a.box:
         try: box = [float(v) for v in a.box.split(",")]; assert len(box) == 4
         except (ValueError, AssertionError): raise UserError(f"--box must be x,y,w,h (four numbers), got {a.box!r}") from None
-    s = Searcher(a.checkpoint_path, a.dataset_path, progress=_progress(a))
+    s = Searcher(a.checkpoint_path, a.dataset_path, progress=_progress(a), trust_torchscript=a.trust_torchscript)
     out = s.search(a.query, a.k, normalised=not a.raw) if a.command == "search" else s.tag(a.image, box, a.top)
     print(json.dumps(out, ensure_ascii=False, indent=2) if a.json else (format_hits if a.command == "search" else format_tags)(out))
     return 0

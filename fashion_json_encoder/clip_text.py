@@ -13,7 +13,7 @@ import open_clip
 from open_clip.model import _build_text_tower
 from .config import UserError
 from .vocab import KFASHION_VALUES, field_values, romanize
-from .models.image_encoder import clip_model_config, openai_weights, read_clip_checkpoint, weights_fingerprint
+from .models.image_encoder import clip_model_config, openai_weights, quiet_open_clip, read_clip_checkpoint, weights_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -79,9 +79,9 @@ def tiny_text_config(width: int = 64, layers: int = 2) -> dict:
     return {"embed_dim": 512, "quick_gelu": True,
             "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": width, "heads": 2, "layers": layers}}
 
-def load_text_state_dict(path) -> dict:
+def load_text_state_dict(path, trust_torchscript: bool = False) -> dict:  # see `read_clip_checkpoint`
     "The text-tower weights of a CLIP checkpoint file (everything but `visual.*` and the logit scale)."
-    p, sd = read_clip_checkpoint(path)
+    p, sd = read_clip_checkpoint(path, trust_torchscript=trust_torchscript)
     skip = ("logit_scale", "logit_bias", "input_resolution", "context_length", "vocab_size")
     sd = {k: v for k, v in sd.items() if not k.startswith("visual.") and k not in skip}
     if "token_embedding.weight" not in sd: raise UserError(f"{p}: no CLIP text-tower weights in this file")
@@ -90,13 +90,13 @@ def load_text_state_dict(path) -> dict:
 class CLIPTextEncoder(nn.Module):
     "open_clip's text tower, frozen: captions -> L2-normalised (B, 512) features."
     def __init__(self, model_name: str = "ViT-B-32", pretrained: str = "openai", seed: int = 0,
-                 model_cfg: dict | None = None, device: str = "cpu"):
+                 model_cfg: dict | None = None, device: str = "cpu", trust_torchscript: bool = False):
         super().__init__()
         pretrained = str(pretrained)
         cfg = copy.deepcopy(model_cfg) if model_cfg is not None else clip_model_config(model_name, None if pretrained == "none" else True)
         state = None
         if pretrained == "openai": state = load_text_state_dict(openai_weights(model_name))
-        elif pretrained != "none": state = load_text_state_dict(pretrained)
+        elif pretrained != "none": state = load_text_state_dict(pretrained, trust_torchscript)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             text = _build_text_tower(cfg["embed_dim"], cfg["text_cfg"], cfg.get("quick_gelu", False), None)
@@ -106,7 +106,7 @@ class CLIPTextEncoder(nn.Module):
                 raise UserError(f"{pretrained}: text weights do not fit {model_name} (missing {missing[:3]}, unexpected {unexpected[:3]})")
         else: log.warning("CLIP text tower %s has RANDOM weights (clip_pretrained='none'): the baseline means nothing", model_name)
         self.text, self.pretrained, self.fingerprint = text.to(device).requires_grad_(False).eval(), pretrained, weights_fingerprint(text, cfg)
-        self.tokenizer = open_clip.get_tokenizer(model_name if model_cfg is None else "ViT-B-32")
+        with quiet_open_clip(): self.tokenizer = open_clip.get_tokenizer(model_name if model_cfg is None else "ViT-B-32")
 
     def train(self, mode: bool = True): return super().train(False)
 

@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_config.ipynb #93f87e4a
 from __future__ import annotations
-import dataclasses, difflib, json, logging, os, tempfile
+import dataclasses, difflib, errno, fcntl, json, logging, math, os, re, tempfile, time
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields, asdict
 from pathlib import Path
@@ -13,7 +13,8 @@ from typing import Any, get_type_hints
 # %% auto #0
 __all__ = ['KFASHION_GROUPS', 'KFASHION_ATTRIBUTES', 'KFASHION_MULTI', 'STYLE_KEY', 'UserError', 'ConfigError', 'default_fields',
            'Config', 'validate_config', 'config_from_dict', 'load_config', 'atomic_path', 'atomic_write_text',
-           'save_config', 'update_config', 'log_config']
+           'save_config', 'update_config', 'config_diff', 'log_config', 'remove_stale_temps', 'run_lock', 'user_io',
+           'check_writable']
 
 # %% ../nbs/00_config.ipynb #e2043caf
 class UserError(Exception):
@@ -49,7 +50,9 @@ class Config:
     max_epochs: int = 100               # standalone + contrastive epochs
     standalone_epochs: int = 5          # stage 1: JSON encoder alone on synthetic targets
     save_every: int = 10                # write checkpoint_epoch_{N}.pt every N epochs (0 = never)
-    select_metric: str = "mrr"          # val metric that picks best_model.pt: mrr, top1, top5, loss
+    select_metric: str = "mrr"          # val metric that picks best_model.pt: mrr, top1, top5, top10, loss
+    warmup_steps: int = 0               # linear learning-rate warm-up over the first N optimizer steps (0 = none), as open_clip
+    log_every_n_steps: int = 50         # per-step TensorBoard scalars (loss, lr, temperature) every N steps (0 = per-epoch only)
     # JSON encoder
     embedding_dim: int = 128            # per-field embedding size
     hidden_dim: int = 256               # MLP hidden size
@@ -79,12 +82,18 @@ class Config:
 
 # %% ../nbs/00_config.ipynb #40e80f54
 _TYPES = {int: (int,), float: (int, float), bool: (bool,), str: (str,), list: (list, tuple), dict: (dict,)}
+# Known towers only: any other open_clip name (hf-hub:ORG/NAME, ViT-B-16-SigLIP, ...) passes here and the tower
+# reports its own embed dim and resolution when it is built.
 _CLIP_DIMS = {"ViT-B-32": 512, "ViT-B-32-quickgelu": 512, "ViT-B-16": 512, "ViT-L-14": 768}  # embed dim per tower
 _CLIP_SIZES = {"ViT-B-32": 224, "ViT-B-32-quickgelu": 224, "ViT-B-16": 224, "ViT-L-14": 224}  # input resolution
-_SELECT = ("mrr", "top1", "top5", "loss")
+_SELECT = ("mrr", "top1", "top5", "top10", "loss")
 
 def _check(ok, key, value, what):
     if not ok: raise ConfigError(f"config key '{key}' = {value!r}: {what}")
+
+def _finite(v) -> bool:
+    try: return math.isfinite(v)
+    except OverflowError: return False  # an int too large for a float (JSON 1e999 is already inf)
 
 def validate_config(cfg: Config) -> Config:
     "Raise `ConfigError` naming the key and value of the first invalid setting."
@@ -92,9 +101,10 @@ def validate_config(cfg: Config) -> Config:
         v = getattr(cfg, name)
         ok = isinstance(v, _TYPES[t]) and not (t is not bool and isinstance(v, bool))
         _check(ok, name, v, f"expected {t.__name__}, got {type(v).__name__}")
+        if t is float: _check(_finite(v), name, v, "must be a finite number")
     for k in ("batch_size", "embedding_dim", "hidden_dim", "output_dim", "image_size"):
         _check(getattr(cfg, k) > 0, k, getattr(cfg, k), "must be > 0")
-    for k in ("max_epochs", "standalone_epochs", "save_every", "num_workers", "val_subset"):
+    for k in ("max_epochs", "standalone_epochs", "save_every", "num_workers", "val_subset", "warmup_steps", "log_every_n_steps"):
         _check(getattr(cfg, k) >= 0, k, getattr(cfg, k), "must be >= 0")
     _check(cfg.batch_size >= 2, "batch_size", cfg.batch_size, "InfoNCE needs at least 2 items per batch")
     _check(cfg.learning_rate > 0, "learning_rate", cfg.learning_rate, "must be > 0")
@@ -151,15 +161,33 @@ def load_config(path) -> Config:
     except (json.JSONDecodeError, UnicodeDecodeError) as e: raise ConfigError(f"{path}: not valid JSON ({e})") from None
     return config_from_dict(d, str(path))
 
+_TMP_SUFFIX = ".fje-tmp"  # atomic writes go through `.{name}.XXXXXXXX.fje-tmp` (8 random characters from mkstemp)
+_TMP_RE = re.compile(r"^\..+\.[a-z0-9_]{8}\.fje-tmp$")
+
+def _umask() -> int:
+    "The process umask, read without changing it where Linux allows (other threads may be creating files)."
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"): return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError): pass
+    m = os.umask(0o022); os.umask(m); return m
+
 @contextmanager
 def atomic_path(path):
     "Yield a temporary path beside `path`; rename it over `path` on success, remove it on failure."
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"); os.close(fd)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=_TMP_SUFFIX)
     try:
+        try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held while writing, so `remove_stale_temps` leaves it alone
+        except OSError: pass                    # a filesystem without flock: the age rule still protects it
         yield Path(tmp)
+        try: os.chmod(tmp, 0o666 & ~_umask())   # mkstemp (and safetensors' own temp file) make 0600; open() gives 0666 - umask
+        except OSError: pass                    # a filesystem without modes
         os.replace(tmp, path)
-    finally: Path(tmp).unlink(missing_ok=True)  # gone already after a successful replace
+    finally:
+        os.close(fd)
+        Path(tmp).unlink(missing_ok=True)  # gone already after a successful replace
 
 def atomic_write_text(path, text: str):
     "Write UTF-8 `text` to `path` atomically: readers never see a partial file."
@@ -177,6 +205,102 @@ def update_config(cfg: Config, **overrides) -> Config:
     d.update({k: v for k, v in overrides.items() if v is not None})
     return config_from_dict(d, "overrides")
 
+def config_diff(cfg: Config, base: Config | None = None) -> dict:
+    "The keys where `cfg` differs from `base` (default: the defaults): {key: (value, base value)}."
+    a, b = asdict(cfg), asdict(base or Config())
+    return {k: (v, b[k]) for k, v in a.items() if v != b[k]}
+
+def _show(v) -> str: return json.dumps(v, ensure_ascii=False)
+
 def log_config(cfg: Config, logger=None):
-    "Log the full effective config at INFO."
-    (logger or logging.getLogger(__name__)).info("config: %s", json.dumps(asdict(cfg), ensure_ascii=False))
+    "Log the keys that differ from the defaults at INFO, one per line, and every key at DEBUG."
+    log, diff = logger or logging.getLogger(__name__), config_diff(cfg)
+    log.info("config: %s", f"{len(diff)} key(s) differ from the defaults" if diff else "all defaults")
+    for k, (v, d) in diff.items(): log.info("  %s = %s (default %s)", k, _show(v), _show(d))
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug("config, every key:")
+        for k, v in asdict(cfg).items(): log.debug("  %s = %s", k, _show(v))
+
+# %% ../nbs/00_config.ipynb #c0c79aaa
+def remove_stale_temps(folder, min_age: float = 10.0,  # seconds since the last write before a temp file counts as stale
+                       recursive: bool = True) -> int:
+    "Remove the temp files of `atomic_path` that killed processes left under `folder`; return how many."
+    folder, n, size = Path(folder), 0, 0
+    if not folder.is_dir(): return 0
+    for root, _, files in os.walk(folder):  # symlinked folders are not followed
+        for name in filter(_TMP_RE.match, files):
+            p = Path(root) / name
+            try: fd = os.open(p, os.O_RDONLY)
+            except OSError: continue
+            try:
+                st = os.fstat(fd)
+                if time.time() - st.st_mtime < min_age: continue
+                try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError: continue  # a live writer holds it
+                except OSError: pass              # no flock on this filesystem: the age decides
+                p.unlink(); n += 1; size += st.st_size  # renamed meanwhile (write finished): unlink fails, nothing lost
+            except OSError: continue
+            finally: os.close(fd)
+        if not recursive: break
+    if n: logging.getLogger(__name__).info("%s: removed %d temp file(s) (%.1f MB) left by an interrupted write",
+                                           folder, n, size / 1e6)
+    return n
+
+# %% ../nbs/00_config.ipynb #13c96a0d
+@contextmanager
+def run_lock(folder):
+    "Hold an exclusive lock on run folder `folder` while the block runs; `UserError` naming the holder's PID if taken."
+    folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise UserError(f"{folder} is in use by another run (PID {pid}); wait for it to end "
+                            "or choose another output folder") from None
+        except OSError as e:
+            logging.getLogger(__name__).warning("%s: cannot lock the run folder (%s); a second run into it would not be noticed", folder, e)
+        os.ftruncate(fd, 0); os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield folder
+        os.ftruncate(fd, 0)
+    finally: os.close(fd)  # closing drops the lock; so does the end of the process, however it ends
+
+# %% ../nbs/00_config.ipynb #060bd78a
+_IO_CAUSES = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+              errno.EROFS: "read-only file system", errno.EACCES: "permission denied", errno.EPERM: "operation not permitted"}
+_TORCH_WRITE = ("enforce fail at inline_container", "file write failed", "PytorchStreamWriter failed")
+
+def _related(filename, folder: Path) -> bool:
+    if filename is None: return True  # write() and fsync() errors name no file
+    f, d = Path(os.fsdecode(filename)).absolute(), folder.absolute()
+    return f == d or d in f.parents or f in d.parents
+
+def _write_cause(folder: Path) -> str:
+    "Why a write under `folder` failed, for errors that do not say (torch's zip writer)."
+    try:
+        st = os.statvfs(folder)
+        if st.f_flag & os.ST_RDONLY: return "read-only file system"
+        if st.f_bavail == 0: return "no space left on device"
+        if not os.access(folder, os.W_OK): return "permission denied"
+    except OSError: pass
+    return "the write failed (is the disk full?)"
+
+@contextmanager
+def user_io(folder):
+    "Turn a full, read-only or forbidden `folder` into a one-line `UserError` naming it and the cause."
+    folder = Path(folder)
+    try: yield folder
+    except OSError as e:
+        if e.errno not in _IO_CAUSES or not _related(e.filename, folder): raise
+        raise UserError(f"cannot write to {folder}: {_IO_CAUSES[e.errno]}") from None
+    except RuntimeError as e:
+        if not any(s in str(e) for s in _TORCH_WRITE): raise
+        raise UserError(f"cannot write to {folder}: {_write_cause(folder)}") from None
+
+def check_writable(folder) -> Path:
+    "Create `folder` if needed and prove a file can be written in it; `UserError` naming the cause if not."
+    folder = Path(folder)
+    with user_io(folder):
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder) as f: f.write(b"0"); f.flush()
+    return folder

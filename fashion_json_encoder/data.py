@@ -4,23 +4,24 @@
 
 # %% ../nbs/01_data.ipynb #06a5a669
 from __future__ import annotations
-import gc, gzip, hashlib, io, json, logging, math, multiprocessing as mp, os, re, time
+import gc, gzip, hashlib, io, json, logging, math, multiprocessing as mp, os, re, time, unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 import torch
 from PIL import Image
 from .config import Config, UserError, STYLE_KEY, KFASHION_GROUPS, atomic_path
-from .archives import (IMAGE_MAX_BYTES, LABEL_MAX_BYTES, MEMBER_SEP, MemberError, read_bytes, scan_archives,
-                                           split_member)
+from .archives import (IMAGE_MAX_BYTES, LABEL_MAX_BYTES, MEMBER_SEP, MemberError, archive_key, read_bytes,
+                                           scan_archives, split_member, walk_files)
 from .vocab import Vocab, normalise_value
+from .progress import progress
 
 log = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['log', 'SKIP_REASONS', 'DECODE_ERRORS', 'Item', 'crop_box', 'read_label', 'look_of', 'item_json', 'parse_photo',
-           'scan_dataset', 'pair_key', 'pair_files', 'split_looks', 'DatasetIndex', 'build_index', 'ImageDecodeError',
-           'load_crop', 'CropDataset', 'collate_crops', 'data_report', 'format_report']
+           'scan_dataset', 'pair_key', 'pair_files', 'split_looks', 'DatasetIndex', 'index_fingerprint', 'build_index',
+           'ImageDecodeError', 'load_crop', 'CropDataset', 'collate_crops', 'data_report', 'format_report']
 
 # %% ../nbs/01_data.ipynb #6ba061c9
 @dataclass(frozen=True)
@@ -35,6 +36,7 @@ class Item:
     look: str        # split group: "shop:<PREFIX_NNN>" or "id:<image id>"
 
 SKIP_REASONS = {  # reason -> what was skipped (stable names: reports and tests use them)
+    "bad_feature": "crop whose tower feature came out non-finite (item skipped, never cached)",
     "invalid_json": "label file is not valid JSON text (photo skipped)",
     "unreadable_label": "label that cannot be read, or with content of unexpected types (photo skipped, logged)",
     "bad_label_structure": "label JSON lacks 데이터셋 정보.데이터셋 상세설명 (photo skipped)",
@@ -51,6 +53,9 @@ SKIP_REASONS = {  # reason -> what was skipped (stable names: reports and tests 
     "box_outside_image": "box entirely outside the image (item skipped)",
     "bad_archive": "zip that cannot be opened at all (its members are missing: see the log line naming it)",
     "bad_member": "archive member with a CRC error, an absurd declared size or cut short (photo skipped)",
+    "label_too_large": "label file over LABEL_MAX_BYTES (16 MiB; real labels are a few KB) (photo skipped, unread)",
+    "broken_link": "symbolic link whose target is missing or loops (skipped; the log names one)",
+    "repeated_folder": "folder reached again through a symbolic link, e.g. a link to an ancestor (not walked twice)",
 }
 
 # %% ../nbs/01_data.ipynb #fb0b92a7
@@ -67,10 +72,18 @@ def _first(section, group) -> dict:
     v = v[0] if isinstance(v, list) and v else v
     return v if isinstance(v, dict) else {}
 
+def _label_file(path) -> bytes | None:
+    "The bytes of a label file, or None (left unread) when it is over `LABEL_MAX_BYTES`."
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size  # read(size + 1): read(LIMIT + 1) would allocate the limit for every label
+        raw = f.read(size + 1) if size <= LABEL_MAX_BYTES else None
+    return None if raw is None or len(raw) > LABEL_MAX_BYTES else raw
+
 def read_label(path) -> tuple:
     "(label dict, None, note) or (None, skip reason, None); decodes utf-8-sig, then cp949."
-    try: raw = read_bytes(path, LABEL_MAX_BYTES)  # a file, or a member of a release zip
+    try: raw = read_bytes(path, LABEL_MAX_BYTES) if split_member(path)[1] else _label_file(path)  # a zip member, or a file
     except MemberError as e: log.warning("%s", e); return None, "bad_member", None
+    if raw is None: return None, "label_too_large", None
     for enc in ("utf-8-sig", "cp949"):
         try: text = raw.decode(enc); break
         except UnicodeDecodeError: continue
@@ -94,13 +107,13 @@ def item_json(attrs: dict, style: list, fields: dict, stats: Counter | None = No
     out = {}
     for name, spec in fields.items():
         raw = style if spec["key"] == STYLE_KEY else attrs.get(spec["key"])
-        vals = []
+        vals = {}  # insertion-ordered set: linear in the number of values
         for x in (raw if isinstance(raw, (list, tuple)) else [raw]):
             if x is None or not str(x).strip(): continue
             v = normalise_value(x)
             if stats is not None and v != x: stats["value_normalised"] += 1
-            if v not in vals: vals.append(v)
-        if vals: out[name] = vals if spec["multi"] else vals[0]
+            vals[v] = None
+        if vals: out[name] = list(vals) if spec["multi"] else next(iter(vals))
     return out
 
 # %% ../nbs/01_data.ipynb #74b93591
@@ -149,26 +162,21 @@ def parse_photo(label_path, image_path, fields: dict, targets, pad: float = 0.1,
 _SPLITS = {"training": "train", "train": "train", "validation": "val", "valid": "val", "val": "val"}
 _IMAGE_EXT = (".jpg", ".jpeg")
 
-def scan_dataset(root, archives: list | None = None) -> tuple:  # archives: a list that receives the *.zip files found
-    "([(relpath, size, mtime_ns)] of label files, the same for JPEGs) under `root`, sorted."
-    labels, images, stack = [], [], [str(root)]
-    while stack:
-        with os.scandir(stack.pop()) as it:
-            for e in it:
-                if e.name.startswith("."): continue
-                if e.is_dir(): stack.append(e.path); continue
-                low = e.name.lower()
-                dest = (labels if low.endswith(".json") else images if low.endswith(_IMAGE_EXT)
-                        else archives if archives is not None and low.endswith(".zip") else None)
-                if dest is not None:
-                    st = e.stat()
-                    dest.append((os.path.relpath(e.path, root).replace(os.sep, "/"), st.st_size, st.st_mtime_ns))
+def scan_dataset(root, archives: list | None = None,  # archives: a list that receives the *.zip files found
+                 skipped: Counter | None = None) -> tuple:  # skipped: receives broken_link / repeated_folder counts
+    "([(relpath, size, mtime_ns)] of label files, the same for JPEGs) under `root`, sorted; symlinks followed safely."
+    labels, images = [], []
+    exts = (".json",) + _IMAGE_EXT + ((".zip",) if archives is not None else ())
+    for rel, st in walk_files(root, exts, skipped):
+        low = rel.lower()
+        dest = labels if low.endswith(".json") else images if low.endswith(_IMAGE_EXT) else archives
+        dest.append((rel, st.st_size, st.st_mtime_ns))
     if archives is not None: archives.sort()
     return sorted(labels), sorted(images)
 
 def pair_key(rel: str) -> tuple:
-    "(split or None, style folder, stem) of a relative path (an archive member's path reads as folders)."
-    parts = rel.replace(MEMBER_SEP, "/").split("/")
+    "(split or None, style folder, stem) of a relative path, NFC (an archive member's path reads as folders)."
+    parts = unicodedata.normalize("NFC", rel.replace(MEMBER_SEP, "/")).split("/")
     split = next((_SPLITS[p.lower()] for p in parts[:-1] if p.lower() in _SPLITS), None)
     return split, (parts[-2] if len(parts) > 1 else ""), parts[-1].rsplit(".", 1)[0]
 
@@ -208,14 +216,38 @@ class DatasetIndex:
     fingerprint: str = ""
     from_cache: bool = False
 
-_CACHE_VERSION, _PARALLEL_MIN = 1, 2000
+_CACHE_VERSION, _PARALLEL_MIN, _PARALLEL_HASH_MIN = 2, 2000, 50_000
 
-def _fingerprint(labels, images, cfg: Config, archives=()) -> str:
-    h = hashlib.sha1(f"v{_CACHE_VERSION}".encode())
+def _label_bytes(path) -> bytes:
+    "A label's content for the fingerprint; a marker for one that is too large or unreadable (parsing counts those)."
+    try: raw = _label_file(path)
+    except OSError as e: return f"\0{type(e).__name__}".encode()
+    return b"\0too large" if raw is None else raw
+
+def _hash_labels(args) -> bytes:
+    "Digest of a chunk of labels: path, size and bytes of each."
+    root, chunk = args
+    h = hashlib.blake2b(digest_size=20)
+    for rel, size, _ in chunk: b = _label_bytes(root + rel); h.update(f"{rel}\t{size}\t{len(b)}\n".encode()); h.update(b)
+    return h.digest()
+
+def _fingerprint(root, labels, images, cfg: Config, archives=(), walk: Counter | None = None, workers: int = 0) -> str:
+    "Cache key: the config keys that shape the index, each label's bytes, each JPEG's size+mtime, each zip's directory."
+    h = hashlib.blake2b(f"v{_CACHE_VERSION}".encode(), digest_size=20)
     keys = {k: getattr(cfg, k) for k in ("fields", "target_categories", "crop_padding", "val_fraction", "seed", "verify_images")}
-    h.update(json.dumps(keys, sort_keys=True, ensure_ascii=False).encode())
-    for rel, size, mtime in labels + [("", 0, 0)] + images: h.update(f"{rel}\t{size}\t{mtime}\n".encode())
-    for rel, size, mtime in archives: h.update(f"zip\t{rel}\t{size}\t{mtime}\n".encode())  # archives by size and mtime
+    h.update(json.dumps([keys, sorted((walk or {}).items())], sort_keys=True, ensure_ascii=False).encode())
+    r = os.path.join(str(root), "")
+    args = [(r, labels[i:i + 4096]) for i in range(0, len(labels), 4096)]  # content, not mtime: `cp -p` keeps both size and mtime
+    if workers > 1 and len(labels) >= _PARALLEL_HASH_MIN:  # ~20 us a label: a pool pays off from about a second
+        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+        with ctx.Pool(min(workers, len(args))) as pool: digests = pool.map(_hash_labels, args)
+    else: digests = map(_hash_labels, args)
+    for d in digests: h.update(d)
+    for rel, size, mtime in images: h.update(f"img\t{rel}\t{size}\t{mtime}\n".encode())
+    for rel, size, _ in archives:  # a zip's directory holds each member's size and CRC-32
+        try: k = archive_key(r + rel)
+        except OSError as e: k = f"\0{type(e).__name__}".encode()
+        h.update(f"zip\t{rel}\t{size}\n".encode()); h.update(k)
     return h.hexdigest()
 
 def _parse_safe(label_path, image_path, *opts) -> dict:
@@ -229,13 +261,21 @@ def _parse_chunk(args):
     root, chunk, opts = args
     return [_parse_safe(os.path.join(root, l), os.path.join(root, i), *opts) for l, i in chunk]
 
-def _parse_all(root, pairs, opts, workers: int) -> list:
+def _parse_all(root, pairs, opts, workers: int, show: bool = False) -> list:  # show: a progress bar / log lines
     "parse_photo over all pairs, in a process pool when there are many."
-    if workers <= 1 or len(pairs) < _PARALLEL_MIN: return _parse_chunk((str(root), pairs, opts))
-    size = max(64, min(2048, len(pairs) // (workers * 8)))
+    pool_ = workers > 1 and len(pairs) >= _PARALLEL_MIN
+    size = max(64, min(2048, len(pairs) // (workers * 8))) if pool_ else 2048
     chunks = [(str(root), pairs[i:i + size], opts) for i in range(0, len(pairs), size)]
-    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-    with ctx.Pool(workers) as pool: return [r for rs in pool.imap(_parse_chunk, chunks) for r in rs]
+    out = []
+    with progress(total=len(pairs), desc="parsing labels", unit="label", enable=show, logger=log, leave=False) as bar:
+        def collect(rs): out.extend(rs); bar.update(len(rs))
+        if not pool_:
+            for c in chunks: collect(_parse_chunk(c))
+        else:
+            ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+            with ctx.Pool(workers) as pool:
+                for rs in pool.imap(_parse_chunk, chunks): collect(rs)
+    return out
 
 # %% ../nbs/01_data.ipynb #3fddfcaa
 def _with_archives(root, labels, images, archives, workers) -> tuple:
@@ -266,44 +306,68 @@ def _save_index(index: DatasetIndex, path: Path):
     with atomic_path(path) as tmp, gzip.open(tmp, "wb", compresslevel=3) as f:
         f.write(json.dumps(d, ensure_ascii=False).encode("utf-8"))  # dumps: the C encoder
 
-def _load_index(root: Path, path: Path) -> DatasetIndex:
+def _item_ok(it: Item) -> bool:
+    "Whether a cached item has the shape `build_index` makes (a comparison of a str with a number raises TypeError)."
+    b, c = it.box, it.crop
+    return (type(it.key) is str is type(it.image_path) is type(it.look) and it.group in KFASHION_GROUPS and type(it.json) is dict
+            and len(b) == 4 == len(c) and 0 <= b[0] < b[2] and 0 <= b[1] < b[3] and 0 <= c[0] < c[2] and 0 <= c[1] < c[3])
+
+def _load_index(root: Path, path: Path, fp: str) -> DatasetIndex:
+    "The index cached at `path`; raises (ValueError, EOFError, zlib.error ...) when it is damaged, foreign or outdated."
     gc.disable()  # ~2x faster for millions of small objects that hold no cycles
     try:
-        with gzip.open(path, "rb") as f: d = json.loads(f.read())
+        with gzip.open(path, "rb") as f: d = json.loads(f.read())  # gzip checks the CRC-32: flipped bytes raise
+        if not isinstance(d, dict) or (d.get("version"), d.get("fingerprint")) != (_CACHE_VERSION, fp):
+            raise ValueError("not the index of this dataset, config and version")
+        records, skipped, stats = (d[k] for k in ("records", "skipped", "stats"))
+        if not (all(type(c) is dict for c in (records, skipped, stats, d["items"])) and set(d["items"]) == set(records)
+                and all(type(n) is int for c in (records, skipped, stats) for n in c.values())): raise ValueError("unexpected layout")
         r = str(root)
         items = {s: [Item(k, os.path.join(r, p), g, tuple(b), tuple(c), j, l) for k, p, g, b, c, j, l in its]
                  for s, its in d["items"].items()}
+        if not all(map(_item_ok, (it for its in items.values() for it in its))): raise ValueError("an item of unexpected shape")
     finally: gc.enable()
-    return DatasetIndex(root, items, d["records"], Counter(d["skipped"]), Counter(d["stats"]), d["fingerprint"], True)
+    return DatasetIndex(root, items, records, Counter(skipped), Counter(stats), fp, True)
 
 # %% ../nbs/01_data.ipynb #8439385f
-def build_index(dataset_path, cfg: Config, cache_dir=None, num_workers: int | None = None) -> DatasetIndex:
-    "Index a K-Fashion folder into train/val `Item`s, counting every skip; cached in `cache_dir` when given."
+def _scan(dataset_path, cfg: Config, workers: int) -> tuple:
+    "(root, archives, walk skips, labels, images, fingerprint) of a dataset folder: one walk and the content hashes."
     root = Path(dataset_path).expanduser().resolve()
     if not root.is_dir():
         raise UserError(f"{root}: dataset path does not exist or is not a folder (expected a K-Fashion folder with label *.json files)")
-    t0, archives = time.time(), []
-    labels, images = scan_dataset(root, archives)  # one walk finds loose files and release zips
+    archives, walk = [], Counter()
+    labels, images = scan_dataset(root, archives, walk)  # one walk finds loose files and release zips
     if not labels and not archives:
         raise UserError(f"{root}: no K-Fashion label files (*.json) or release zips found; expected <스타일>/<id>.json files "
                         f"under Training/, Validation/ or 라벨링데이터/, or Training/라벨링데이터.zip")
-    fp = _fingerprint(labels, images, cfg, archives)
+    return root, archives, walk, labels, images, _fingerprint(root, labels, images, cfg, archives, walk, workers)
+
+def index_fingerprint(dataset_path, cfg: Config, num_workers: int = 0) -> str:
+    "What `build_index` keys its cache on: each label's bytes, each zip's directory, each photo's size and mtime, the config."
+    return _scan(dataset_path, cfg, num_workers)[-1]
+
+def build_index(dataset_path, cfg: Config, cache_dir=None, num_workers: int | None = None,
+                progress: bool = False) -> DatasetIndex:  # progress: show the label parsing (a bar, or log lines)
+    "Index a K-Fashion folder into train/val `Item`s, counting every skip; cached in `cache_dir` when given."
+    t0, workers = time.time(), cfg.num_workers if num_workers is None else num_workers
+    root, archives, walk, labels, images, fp = _scan(dataset_path, cfg, workers)
     cpath = _cache_path(cache_dir, root, fp) if cache_dir else None
     if cpath and cpath.exists():
         try:
-            index = _load_index(root, cpath)
+            index = _load_index(root, cpath, fp)
             log.info("index loaded from cache %s in %.1fs", cpath, time.time() - t0)
             return index
-        except (OSError, ValueError, KeyError, TypeError) as e: log.warning("ignoring unreadable index cache %s: %s", cpath, e)
-    workers = cfg.num_workers if num_workers is None else num_workers
+        except Exception as e:  # a cache is a cache: whatever is wrong with it, rebuild (it is replaced below)
+            log.warning("%s: damaged index cache (%s: %s); rebuilding it", cpath, type(e).__name__, str(e)[:200])
     labels, images, skipped, stats = _with_archives(root, labels, images, archives, workers)
+    skipped.update(walk)
     if not labels:
         bad = f"; {skipped['bad_archive']} zip(s) cannot be opened (see the log)" if skipped.get("bad_archive") else ""
         raise UserError(f"{root}: no K-Fashion label files (*.json) in its folders or readable zips{bad}")
     pairs, sk = pair_files(labels, images)
     skipped.update(sk)
     opts = (cfg.fields, tuple(cfg.target_categories), cfg.crop_padding, cfg.verify_images)
-    results = _parse_all(root, pairs, opts, workers)
+    results = _parse_all(root, pairs, opts, workers, show=progress)
     recs, seen = [], set()
     for (lrel, irel), r in zip(pairs, results):
         if "skip" in r: skipped[r["skip"]] += 1; continue

@@ -15,7 +15,7 @@ log = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['log', 'photo_groups', 'decode_crops', 'gpu_refusal', 'PhotoDataset', 'collate_photos', 'draft_scales', 'crop_tensor',
-           'decode_jpegs', 'resolve_decode']
+           'decode_jpegs', 'gpu_transform_ok', 'resolve_decode']
 
 # %% ../nbs/01d_decode.ipynb #aef92ea8
 def photo_groups(rows: list, items: list) -> list:
@@ -158,10 +158,21 @@ def decode_jpegs(jpegs: list, device) -> list:  # jpegs: 1-d uint8 CPU tensors
                 except RuntimeError: out.append(None)
             return out
 
-def resolve_decode(decode: str, device) -> str:
-    "'cpu' or 'gpu' for a tower on `device`: auto -> gpu when the tower is on CUDA."
+def gpu_transform_ok(preprocess_cfg: dict | None) -> bool:
+    "Whether `crop_tensor` reproduces a tower's transform: bicubic, shortest-side resize, centre crop (open_clip's default)."
+    p = preprocess_cfg or {}
+    return p.get("interpolation", "bicubic") == "bicubic" and p.get("resize_mode", "shortest") == "shortest"
+
+def resolve_decode(decode: str, device,
+                   preprocess_cfg: dict | None = None) -> str:  # the tower's transform (`CLIPImageEncoder.preprocess_cfg`)
+    "'cpu' or 'gpu' for a tower on `device`: auto -> gpu when the tower is on CUDA and its transform is one the GPU path makes."
     from fashion_json_encoder.config import UserError
     if decode not in ("auto", "cpu", "gpu"): raise UserError(f"decode must be auto, cpu or gpu, got {decode!r}")
     cuda = torch.device(device).type == "cuda"
     if decode == "gpu" and not cuda: raise UserError("--decode gpu needs the image tower on a CUDA device (use --decode cpu or auto)")
-    return "gpu" if decode == "auto" and cuda else "cpu" if decode == "auto" else decode
+    out = "gpu" if decode == "auto" and cuda else "cpu" if decode == "auto" else decode
+    if out == "gpu" and not gpu_transform_ok(preprocess_cfg):
+        log.warning("the tower resizes with %s / %s, which the GPU decode path does not reproduce: decoding on the CPU",
+                    preprocess_cfg.get("interpolation"), preprocess_cfg.get("resize_mode"))
+        return "cpu"
+    return out

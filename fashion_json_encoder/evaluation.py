@@ -10,12 +10,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from .progress import progress
 from .vocab import field_values
 
 # %% auto #0
 __all__ = ['BETAS', 'canonical_json', 'json_groups', 'retrieval_ranks', 'paired_ranks', 'rank_metrics', 'querybank_biases',
            'querybank_bias', 'make_hub_case', 'gallery_metrics', 'strict_ranks', 'calibrate', 'bank_from_counts',
-           'save_embeddings', 'metrics_from_npz']
+           'crossfit_folds', 'half_metrics', 'crossfit_normalised_metrics', 'save_embeddings', 'metrics_from_npz']
 
 # %% ../nbs/06_evaluation.ipynb #8b372c0f
 def canonical_json(item_json: dict, fields=None) -> str:
@@ -132,7 +133,8 @@ def paired_ranks(image: torch.Tensor,  # (N, D) unit-norm image embeddings
                  text: torch.Tensor,   # (N, D) unit-norm JSON embeddings, row i pairs with image i
                  groups: torch.Tensor | None = None,  # (N,) distinct-JSON ids; None = all distinct
                  lse_scale: float | None = None,  # also the InfoNCE log-sum-exps at this logit scale, both directions
-                 tile: tuple | None = None) -> dict | None:  # (rows, cols) of one score tile
+                 tile: tuple | None = None,  # (rows, cols) of one score tile
+                 show: bool = False) -> dict | None:  # a progress bar (log lines in a log file) over the tiles
     "Strict and aware ranks of both directions from one pass over image @ text.T; None if a group's JSON rows differ."
     n, dev = len(image), image.device
     img, txt = image.float(), text.float().to(dev)
@@ -151,7 +153,9 @@ def paired_ranks(image: torch.Tensor,  # (N, D) unit-norm image embeddings
     k = (lse_scale or math.log(2)) / math.log(2)        # the tile holds k·cos, so exp2 of it is exp(lse_scale·cos)
     buf, thr, img_k = torch.empty(R * C, device=dev), k * (pos - tol), img * k
     ones = torch.ones(max(R, C), device=dev)
-    for r0, r, c0, c in _tiles(n, (R, C), dev):
+    tiles = progress(_tiles(n, (R, C), dev), total=-(-n // R) * -(-n // C), desc=f"ranking {n:,} x {n:,}", unit="tile",
+                     enable=show, leave=False)
+    for r0, r, c0, c in tiles:
         s = torch.mm(img_k[r0:r0 + r], txt[c0:c0 + c].T, out=buf[:r * c].view(r, c))   # (r, c) k·cosines
         a, b = _tile_counts(s, thr[r0:r0 + r], thr[c0:c0 + c])
         cnt_r[r0:r0 + r] += a.to(dev); cnt_c[c0:c0 + c] += b.to(dev)
@@ -178,8 +182,8 @@ def paired_ranks(image: torch.Tensor,  # (N, D) unit-norm image embeddings
 
 
 # %% ../nbs/06_evaluation.ipynb #99d963ed
-def rank_metrics(ranks: torch.Tensor, ks=(1, 5)) -> dict:
-    "top-k accuracy for each k and MRR from 1-based ranks."
+def rank_metrics(ranks: torch.Tensor, ks=(1, 5, 10)) -> dict:
+    "top-k accuracy (recall@k: one positive per query) for each k and MRR from 1-based ranks."
     out = {f"top{k}": (ranks <= k).float().mean().item() for k in ks}
     out["mrr"] = (1.0 / ranks.float()).mean().item()
     return out
@@ -225,7 +229,7 @@ def _summarise(r: dict, prefix: str) -> dict:
             p = prefix + ("aware_" if var == "aware" else "")
             out.update({f"{p}{name}_{k}": v for k, v in rank_metrics(r[name][var]).items()})
     for var in ("", "aware_"):
-        out.update({f"{prefix}{var}{k}": (out[f"{prefix}{var}i2j_{k}"] + out[f"{prefix}{var}j2i_{k}"]) / 2 for k in ("top1", "top5", "mrr")})
+        out.update({f"{prefix}{var}{k}": (out[f"{prefix}{var}i2j_{k}"] + out[f"{prefix}{var}j2i_{k}"]) / 2 for k in ("top1", "top5", "top10", "mrr")})
     return out
 
 def _directions(image, text, groups, chunk, prefix, i2j_kw, j2i_kw) -> tuple:
@@ -239,11 +243,12 @@ def gallery_metrics(image: torch.Tensor,   # (N, D) unit-norm image embeddings
                     groups: torch.Tensor | None = None,   # (N,) distinct-JSON ids; None: identical embedding rows
                     bank: torch.Tensor | None = None, bank_logw: torch.Tensor | None = None,  # querybank (B, D), (B,)
                     beta: float | None = None, prior: torch.Tensor | None = None,  # prior: (N,) log training count of item's JSON
-                    use_prior: bool = False) -> dict:
+                    use_prior: bool = False,
+                    progress: bool = False) -> dict:  # show the ranking pass (a bar, or log lines in a log file)
     "Loss, cosines, strict and identical-JSON-aware ranks in both directions, raw and (with a bank) normalised."
     if groups is None: groups = torch.unique(text.float(), dim=0, return_inverse=True)[1]
     groups = groups.to(image.device)
-    r = paired_ranks(image, text, groups, logit_scale, chunk and (chunk, chunk))   # one pass, both directions
+    r = paired_ranks(image, text, groups, logit_scale, chunk and (chunk, chunk), show=progress)   # one pass, both directions
     if r is None: raw, r = _directions(image, text, groups, chunk, "", {"lse_scale": logit_scale}, {"lse_scale": logit_scale})
     else: raw = _summarise(r, "")
     sp = logit_scale * r["i2j"]["pos"]                              # the InfoNCE loss from the ranking passes' row sums
@@ -295,11 +300,12 @@ def calibrate(image, text, bank, bank_logw=None, prior=None, groups=None, betas=
     if prior is not None: scorings += [("i2j", 1.0, None)] + [("i2j", b, prior) for b in betas]
     mrr = [rank_metrics(r)["mrr"] for r in strict_ranks(image, text, scorings, chunk and (chunk, chunk))]
     scores = dict(zip(betas, mrr))
-    beta = max(scores, key=lambda b: (scores[b], -b))
+    best = max(scores.values())
+    beta = min(b for b in betas if scores[b] >= best - 1e-6)  # MRRs equal up to float summation order: the smallest beta
     use_prior, gain = False, 0.0
     if prior is not None:
         gain = dict(zip(betas, mrr[len(betas) + 1:]))[beta] - mrr[len(betas)]
-        use_prior = gain > 0
+        use_prior = gain > 1e-6
     return {"beta": beta, "use_prior": use_prior, "prior_gain": gain, "beta_mrr": {str(k): v for k, v in scores.items()}}
 
 def bank_from_counts(counts: Counter) -> tuple:
@@ -307,22 +313,106 @@ def bank_from_counts(counts: Counter) -> tuple:
     strings = sorted(counts, key=lambda s: (-counts[s], s))
     return strings, torch.tensor([math.log(counts[s]) for s in strings])
 
+# %% ../nbs/06_evaluation.ipynb #b3ff2e6b
+def _unit_ids(units) -> torch.Tensor:
+    "(N,) ids of the units, numbered in sorted order of their values (the item order does not matter)."
+    if isinstance(units, torch.Tensor): return torch.unique(units.cpu(), return_inverse=True)[1]
+    names = {u: i for i, u in enumerate(sorted(set(map(str, units))))}
+    return torch.tensor([names[str(u)] for u in units], dtype=torch.long)
+
+def crossfit_folds(split_by,       # (N,) tensor or list: items with the same value stay in one fold (JSON group, look)
+                   seed: int = 0) -> torch.Tensor:
+    "(N,) fold 0 or 1 of each item: whole units in a seeded random order, cut where the items halve."
+    ids = _unit_ids(split_by)
+    assert len(ids) >= 2, "a two-fold split needs at least 2 items"
+    if int(ids.max()) == 0: ids = torch.arange(len(ids))          # a single unit: split by item
+    sizes = torch.bincount(ids)
+    order = torch.randperm(len(sizes), generator=torch.Generator().manual_seed(seed))
+    mid = torch.cumsum(sizes[order], 0) - sizes[order] / 2       # each unit's middle item in that order
+    fold = torch.empty(len(sizes), dtype=torch.long)
+    fold[order] = (2 * mid >= len(ids)).long()                   # the first unit lands in fold 0, the last in fold 1
+    return fold[ids]
+
+
+# %% ../nbs/06_evaluation.ipynb #8e79bda5
+def _fold_ranks(image, text, groups, folds, chunk, kw) -> dict:
+    "Strict and aware ranks (N,) of both directions, each fold's queries ranked within that fold's gallery."
+    dev = image.device
+    r = {d: {v: torch.empty(len(image), dtype=torch.long, device=dev) for v in ("strict", "aware")} for d in ("i2j", "j2i")}
+    for f in (0, 1):
+        i = (folds == f).nonzero().flatten()
+        g = torch.unique(groups[i], return_inverse=True)[1]      # JSON ids within the half
+        i2j_kw, j2i_kw = kw(f, i)
+        for d, q, gal, k in (("i2j", image[i], text[i], i2j_kw), ("j2i", text[i], image[i], j2i_kw)):
+            rr = retrieval_ranks(q, gal, chunk, g, **k)
+            for v in ("strict", "aware"): r[d][v][i] = rr[v]
+    return r
+
+def _prepare(image, text, groups, split_by, seed) -> tuple:
+    if groups is None: groups = torch.unique(text.float(), dim=0, return_inverse=True)[1]
+    groups = groups.to(image.device)
+    return groups, crossfit_folds(groups if split_by is None else split_by, seed).to(image.device)
+
+def half_metrics(image: torch.Tensor, text: torch.Tensor,  # (N, D) unit-norm pairs
+                 groups: torch.Tensor | None = None, seed: int = 0, split_by=None, chunk: int | None = None) -> dict:
+    "Raw (plain cosine) top-k and MRR under `half_`, each half of the cross-fit split ranked within its own gallery."
+    groups, folds = _prepare(image, text, groups, split_by, seed)
+    return _summarise(_fold_ranks(image, text, groups, folds, chunk, lambda f, i: ({}, {})), "half_")
+
+def crossfit_normalised_metrics(image: torch.Tensor,  # (N, D) unit-norm gallery images
+                                text: torch.Tensor,   # (N, D) unit-norm JSON embeddings, row i pairs with image i
+                                bank: torch.Tensor, bank_logw: torch.Tensor | None = None,  # querybank (B, D), (B,)
+                                prior: torch.Tensor | None = None,  # (N,) log training count of each item's JSON
+                                groups: torch.Tensor | None = None,  # (N,) distinct-JSON ids; None: identical rows
+                                seed: int = 0,                # seed of the two-fold split
+                                split_by=None,                # (N,) units kept in one fold; None = the JSON groups
+                                betas=BETAS, chunk: int | None = None,
+                                split: str = "the evaluated split") -> dict:  # named in `beta_source`
+    "`norm_` metrics with each half scored by the β and prior switch chosen on the other half; `half_` raw alongside."
+    groups, folds = _prepare(image, text, groups, split_by, seed)
+    prior = None if prior is None else prior.float().to(image.device)
+    idx = [(folds == f).nonzero().flatten() for f in (0, 1)]
+    cal = [calibrate(image[i], text[i], bank, bank_logw, None if prior is None else prior[i], groups[i], betas, chunk) for i in idx]
+    def scored_by_other(f, i):
+        c = cal[1 - f]                                            # half f never sees its own choice
+        i2j = {"scale": c["beta"], "bias": prior[i]} if c["use_prior"] and prior is not None else {}
+        return i2j, {"scale": c["beta"], "bias": querybank_bias(image[i], bank, c["beta"], bank_logw, chunk)}
+    out = _summarise(_fold_ranks(image, text, groups, folds, chunk, scored_by_other), "norm_")
+    out.update(half_metrics(image, text, groups, seed, split_by, chunk))
+    n, b, u = [len(i) for i in idx], [c["beta"] for c in cal], [c["use_prior"] for c in cal]
+    on = lambda x: "kept" if x else "dropped"
+    out.update(fold_size=n, fold_beta=b, fold_use_prior=u, fold_prior_gain=[c["prior_gain"] for c in cal],
+               beta_source=f"two-fold cross-fit on {split}: split by {'JSON' if split_by is None else 'given unit'} "
+                           f"(seed {seed}) into halves of {n[0]} and {n[1]} items, each ranked within its own half; "
+                           f"half 0 scored with beta {b[1]:g} (JSON prior {on(u[1])}) chosen on half 1, "
+                           f"half 1 with beta {b[0]:g} (prior {on(u[0])}) chosen on half 0")
+    return out
+
+
 # %% ../nbs/06_evaluation.ipynb #be9f509c
-def save_embeddings(path, image, text, keys, json_strings, logit_scale: float, calibration: dict | None = None) -> Path:
+def save_embeddings(path, image, text, keys, json_strings, logit_scale: float, calibration: dict | None = None,
+                    split: str | None = None,  # the split's name, for `beta_source`
+                    seed: int = 0) -> Path:    # the cross-fit seed
     "Write embeddings, keys, JSON strings and the normalisation inputs to an `.npz` file."
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    arrs = {"image": image.float().numpy(), "json": text.float().numpy(), "keys": np.array(keys, dtype=str),
+    arrs = {"image": image.float().cpu().numpy(), "json": text.float().cpu().numpy(), "keys": np.array(keys, dtype=str),
             "json_strings": np.array(json_strings, dtype=str), "logit_scale": np.float64(logit_scale)}
     if calibration:
-        arrs.update(bank=calibration["bank"].float().numpy(), bank_logw=calibration["bank_logw"].float().numpy(),
+        arrs.update(bank=calibration["bank"].float().cpu().numpy(), bank_logw=calibration["bank_logw"].float().cpu().numpy(),
                     beta=np.float64(calibration["beta"]), use_prior=np.bool_(calibration["use_prior"]),
-                    prior=calibration["prior"].float().numpy())
+                    prior=calibration["prior"].float().cpu().numpy(), crossfit_seed=np.int64(seed))
+    if split: arrs["split"] = np.array(split, dtype=str)
     with open(path, "wb") as f: np.savez(f, **arrs)
     return path
 
 def metrics_from_npz(path, chunk: int | None = None) -> dict:
-    "Every metric of `gallery_metrics`, recomputed from a file written by `save_embeddings`."
+    "Every reported metric from a file written by `save_embeddings`: raw on the whole gallery, normalised by cross-fit."
     z = np.load(path, allow_pickle=False); t = lambda k: torch.from_numpy(z[k])
-    kw = {}
-    if "bank" in z: kw = dict(bank=t("bank"), bank_logw=t("bank_logw"), beta=float(z["beta"]), prior=t("prior"), use_prior=bool(z["use_prior"]))
-    return gallery_metrics(t("image"), t("json"), float(z["logit_scale"]), chunk, json_groups(list(z["json_strings"])), **kw)
+    groups = json_groups(list(z["json_strings"]))
+    m = gallery_metrics(t("image"), t("json"), float(z["logit_scale"]), chunk, groups)
+    if "bank" in z:
+        seed, split = int(z["crossfit_seed"]) if "crossfit_seed" in z else 0, str(z["split"]) if "split" in z else "the evaluated split"
+        m.update(crossfit_normalised_metrics(t("image"), t("json"), t("bank"), t("bank_logw"), t("prior"), groups,
+                                             seed=seed, chunk=chunk, split=split))
+    return m
+

@@ -6,11 +6,11 @@
 from __future__ import annotations
 import difflib, functools, hashlib, json, logging, math
 from collections import Counter
-from dataclasses import dataclass, asdict
+from dataclasses import dataclass, fields as dc_fields
 from pathlib import Path
 import torch
 import torch.nn.functional as F
-from .config import UserError
+from .config import UserError, atomic_path
 from .vocab import Vocab, field_values, normalise_value, romanize
 from .models.json_encoder import encode_json
 from .evaluation import bank_from_counts, calibrate, canonical_json, json_groups, querybank_bias
@@ -18,9 +18,10 @@ from .evaluation import bank_from_counts, calibrate, canonical_json, json_groups
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'closest_values', 'check_query', 'value_queries', 'field_retrieval', 'encoder_digest', 'side_path',
-           'SearchIndex', 'build_search_index', 'search', 'tag', 'json_prior', 'calibrate_checkpoint',
-           'load_calibration', 'load_image_crop', 'Searcher', 'format_hits', 'format_tags']
+__all__ = ['log', 'INDEX_FORMAT', 'closest_values', 'check_query', 'value_queries', 'field_retrieval', 'encoder_digest',
+           'side_path', 'content_digest', 'dataset_fingerprint', 'SearchIndex', 'build_search_index', 'search', 'tag',
+           'json_prior', 'calibrate_checkpoint', 'load_calibration', 'load_image_crop', 'Searcher', 'format_hits',
+           'format_tags']
 
 # %% ../nbs/06a_search.ipynb #7f301e03
 def closest_values(value: str, values: list, n: int = 5) -> list:
@@ -29,16 +30,23 @@ def closest_values(value: str, values: list, n: int = 5) -> list:
     score = lambda c: max(difflib.SequenceMatcher(None, v, c).ratio(), difflib.SequenceMatcher(None, rv, romanize(c).lower()).ratio())
     return sorted(values, key=lambda c: -score(c))[:n]
 
+def _scalar(x) -> bool: return x is None or isinstance(x, (str, int, float)) and not isinstance(x, bool)
+
 def check_query(query, vocab: Vocab) -> dict:
-    "The query as {field: [normalised values]}; `UserError` for bad JSON, unknown fields or unknown values."
+    "The query as {field: [normalised values]}; `UserError` for bad JSON, a bad shape, unknown fields or unknown values."
+    eg = '; e.g. \'{"category": "블라우스", "style": ["모던"]}\''
     if isinstance(query, str):
         try: query = json.loads(query)
-        except ValueError as e: raise UserError(f"query is not valid JSON ({e}); e.g. '{{\"category\": \"블라우스\"}}'") from None
-    if not isinstance(query, dict): raise UserError(f"query must be a JSON object of field -> value(s), got {type(query).__name__}")
+        except ValueError as e: raise UserError(f"query is not valid JSON ({e}){eg}") from None
+        except RecursionError: raise UserError(f"query is nested too deeply{eg}") from None
+    if not isinstance(query, dict): raise UserError(f"query must be a JSON object of field -> value(s), got {type(query).__name__}{eg}")
     out = {}
-    for f in query:
+    for f, v in query.items():
         if f not in vocab.fields:
             raise UserError(f"unknown field {f!r} in query; valid fields: {', '.join(vocab.fields)}")
+        if not (_scalar(v) or isinstance(v, list) and all(map(_scalar, v))):
+            got = "a list holding lists or objects" if isinstance(v, list) else f"a {type(v).__name__}"
+            raise UserError(f"value of field {f!r} must be a string or a list of strings, got {got}{eg}")
         vals = field_values(query, f)
         for v in vals:
             if v not in vocab.stoi[f]:
@@ -81,6 +89,22 @@ def side_path(checkpoint_path, kind: str) -> Path:
     "`best_model.pt` -> `best_model.<kind>.pt` next to it."
     p = Path(checkpoint_path); return p.with_name(f"{p.stem}.{kind}.pt")
 
+def content_digest(tensors: list, meta) -> str:  # tensors: None entries are skipped; meta: anything json.dumps takes
+    "sha256 of tensors' bytes, dtypes and shapes and of `meta` as JSON: what a side file stores to be verified on load."
+    h = hashlib.sha256()
+    for t in (t for t in tensors if t is not None):
+        h.update(f"{t.dtype} {tuple(t.shape)}\n".encode()); h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    h.update(json.dumps(meta, ensure_ascii=False, sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+def dataset_fingerprint(dataset_path, cfg) -> str:  # cfg: the checkpoint's config (which items a label gives)
+    "Short hash of the resolved folder and its content as `build_index` keys it (label bytes, zip directories, photos)."
+    from fashion_json_encoder.data import index_fingerprint
+    root = Path(dataset_path).expanduser().resolve()
+    return hashlib.sha256(f"{root}\n{index_fingerprint(root, cfg)}".encode()).hexdigest()[:16]
+
+INDEX_FORMAT = "fashion-json-encoder/index-2"  # index-1 had no checksum and no data fingerprint
+
 @dataclass
 class SearchIndex:
     "Gallery image features and item metadata, with the optional querybank term."
@@ -90,43 +114,63 @@ class SearchIndex:
     tower: str = ""          # fingerprint of the image tower
     beta: float | None = None
     qb_bias: torch.Tensor | None = None  # (N,) querybank term at `beta`
+    dataset: str = ""        # the resolved dataset folder it was built from
+    data: str = ""           # `dataset_fingerprint` of that folder at build time
 
     def __len__(self): return len(self.keys)
     @functools.cached_property
     def features_f32(self) -> torch.Tensor: return self.features.float()  # (N, D), converted once rather than per query
+    def digest(self) -> str:
+        "`content_digest` of everything the index holds."
+        d = self._fields(); return content_digest([d.pop("features"), d.pop("qb_bias")], d)
+    def _fields(self) -> dict: return {f.name: getattr(self, f.name) for f in dc_fields(self)}  # asdict would deep-copy the tensors
     def save(self, path) -> Path:
-        "Write atomically next to the checkpoint."
-        from fashion_json_encoder.training import save_checkpoint
-        return save_checkpoint({"format": "fashion-json-encoder/index-1", **asdict(self)}, path)
+        "Write atomically, with its digest."
+        with atomic_path(path) as tmp: torch.save({"format": INDEX_FORMAT, **self._fields(), "sha256": self.digest()}, tmp)
+        return Path(path)
 
     @classmethod
     def load(cls, path) -> SearchIndex:
-        "Read an index written by `save`."
-        st = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(st, dict) or st.pop("format", None) != "fashion-json-encoder/index-1": raise UserError(f"{path}: not a search index")
-        return cls(**st)
+        "Read an index written by `save`; `ValueError` saying what is wrong with a damaged, foreign or older file."
+        try: st = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e: raise ValueError(f"unreadable: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}") from None
+        fmt = st.pop("format", None) if isinstance(st, dict) else None
+        if fmt == "fashion-json-encoder/index-1": raise ValueError("an index of the previous format, without checksum or data fingerprint")
+        if fmt != INDEX_FORMAT: raise ValueError(f"not a {INDEX_FORMAT} file")
+        digest = st.pop("sha256", None)
+        try: ix = cls(**st); same = ix.digest() == digest
+        except (TypeError, AttributeError, ValueError, RuntimeError) as e: raise ValueError(f"malformed: {e}") from None
+        if not same: raise ValueError("checksum mismatch")
+        if not torch.isfinite(ix.features_f32).all(): raise ValueError("non-finite features")
+        return ix
 
-def build_search_index(items, features, encoder, tower_fingerprint: str = "", calibration: dict | None = None) -> SearchIndex:
+def build_search_index(items, features, encoder, tower_fingerprint: str = "", calibration: dict | None = None,
+                       dataset: str = "", data: str = "") -> SearchIndex:  # dataset, data: the folder and its `dataset_fingerprint`
     "Index `items` (data.Item) with their (N, D) image features."
     feats = F.normalize(features.float(), dim=1)
     beta = bias = None
     if calibration: beta, bias = calibration["beta"], querybank_bias(feats, calibration["bank"], calibration["beta"], calibration["bank_logw"])
     return SearchIndex(feats.half(), [it.key for it in items], [str(it.image_path) for it in items], [list(it.box) for it in items],
-                       [it.json for it in items], encoder_digest(encoder), tower_fingerprint, beta, bias)
+                       [it.json for it in items], encoder_digest(encoder), tower_fingerprint, beta, bias, dataset, data)
 
 # %% ../nbs/06a_search.ipynb #fecf82df
+def _check_count(name: str, n) -> int:
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1: raise UserError(f"{name} must be a whole number >= 1, got {n!r}")
+    return n
+
 def search(index: SearchIndex, encoder, vocab: Vocab, query, k: int = 10, normalised: bool = True) -> list:
-    "Top-k items for a JSON query: rank, key, image path, box, score, cosine and JSON."
+    "Top-k items for a JSON query: dicts of rank, key, image_path, box, score (normalised or raw), cosine (raw) and json."
     q = encode_json([check_query(query, vocab)], vocab, encoder).float().cpu()[0]   # (D,)
     cos = index.features_f32 @ q                                                     # (N,) cosine per image
     use_qb = normalised and index.qb_bias is not None
     score = index.beta * cos + index.qb_bias if use_qb else cos
-    top = score.topk(min(k, len(index))).indices.tolist()
+    top = score.topk(min(_check_count("k", k), len(index))).indices.tolist()
     return [{"rank": r + 1, "key": index.keys[i], "image_path": index.image_paths[i], "box": index.boxes[i],
              "score": score[i].item(), "cosine": cos[i].item(), "json": index.jsons[i]} for r, i in enumerate(top)]
 
 def tag(feature: torch.Tensor, encoder, vocab: Vocab, top: int = 5, fields=None) -> dict:
     "{field: [(value, cosine), ...]} best first, for one (D,) image feature."
+    _check_count("top", top)
     qs = value_queries(vocab, fields)
     cos = encode_json([{f: v} for f, v in qs], vocab, encoder).float().cpu() @ F.normalize(feature.float().flatten(), dim=0)
     out = {}
@@ -146,56 +190,104 @@ def calibrate_checkpoint(checkpoint_path, encoder, vocab: Vocab, train_jsons: li
     bank = encode_json([json.loads(s) for s in bank_strings], vocab, encoder).float().cpu()
     calib = {"bank_strings": bank_strings, "bank_logw": bank_logw, "bank": bank, "encoder": encoder_digest(encoder)}
     calib.update(calibrate(image, text, bank, bank_logw, json_prior(strings, calib), json_groups(strings)))
-    from fashion_json_encoder.training import save_checkpoint
-    save_checkpoint(calib, side_path(checkpoint_path, "calibration"))
+    with atomic_path(side_path(checkpoint_path, "calibration")) as tmp: torch.save(calib | {"sha256": _calib_digest(calib)}, tmp)
     log.info("querybank of %d training JSONs: beta %.1f chosen on val, JSON prior %s (val image->json MRR %+.4f)",
              len(bank_strings), calib["beta"], "kept" if calib["use_prior"] else "dropped", calib["prior_gain"])
     return calib
 
+def _calib_digest(c: dict) -> str:
+    return content_digest([c["bank"], c["bank_logw"]], {k: v for k, v in c.items() if k not in ("bank", "bank_logw", "sha256", "digest")})
+
 def load_calibration(checkpoint_path, encoder) -> dict | None:
-    "The saved calibration of this checkpoint's encoder, or None."
+    "The saved calibration of this checkpoint's encoder, or None; a damaged file is removed with one warning."
     p = side_path(checkpoint_path, "calibration")
     if not p.is_file(): return None
-    c = torch.load(p, map_location="cpu", weights_only=True)
+    try:
+        c = torch.load(p, map_location="cpu", weights_only=True)
+        if not isinstance(c, dict): raise ValueError(f"holds a {type(c).__name__}, not a dict")
+        if missing := {"bank_strings", "bank_logw", "bank", "beta", "use_prior", "encoder"} - set(c): raise KeyError(f"no {sorted(missing)}")
+        if "sha256" in c and c.pop("sha256") != _calib_digest(c): raise ValueError("checksum mismatch")  # files before issue 15 have none
+        if not torch.isfinite(c["bank"]).all(): raise ValueError("non-finite querybank")
+    except Exception as e:  # a cache: the next search-index build or `evaluate --split val` writes it again
+        log.warning("%s: damaged calibration removed, recomputed by the next search-index build or `evaluate --split val` (%s: %s)",
+                    p, type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
+        p.unlink(missing_ok=True); return None
     return c if c.get("encoder") == encoder_digest(encoder) else None
 
 # %% ../nbs/06a_search.ipynb #f5155454
+def _xywh(b) -> str: return "(" + ", ".join(f"{v:g}" for v in b) + ")"
+
 def load_image_crop(image_path, box=None, pad: float = 0.1):
-    "The RGB photo, or its (x, y, w, h) box grown by `pad` per side; `UserError` for an unreadable file or a bad box."
+    "The RGB photo, or its (x, y, w, h) box grown by `pad` per side; `UserError` for a missing or unreadable file or a bad box."
+    import warnings
     from PIL import Image
     from fashion_json_encoder.data import crop_box
+    if not Path(image_path).is_file(): raise UserError(f"{image_path}: no such image file")
+    if box is not None:
+        try: box = tuple(map(float, box))
+        except (TypeError, ValueError): raise UserError(f"box {box!r} must be four numbers x, y, w, h") from None
+        if len(box) != 4 or not all(map(math.isfinite, box)): raise UserError(f"box {box} must be four finite numbers x, y, w, h")
     try:
-        with Image.open(image_path) as im: im = im.convert("RGB")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)   # a header claiming a huge image: refused before decoding
+            with Image.open(image_path) as im: im = im.convert("RGB")
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise UserError(f"{image_path}: image too large to open safely ({e})") from None
     except (OSError, ValueError, SyntaxError) as e: raise UserError(f"{image_path}: cannot read image ({e})") from None
     if box is None: return im
-    x, y, w, h = map(float, box)
+    x, y, w, h = box
     x0, y0, x1, y1 = max(0., x), max(0., y), min(float(im.width), x + w), min(float(im.height), y + h)
     if w <= 0 or h <= 0 or x1 <= x0 or y1 <= y0:
-        raise UserError(f"box {tuple(box)} (x, y, w, h) is empty or outside the {im.width}x{im.height} image")
+        raise UserError(f"box {_xywh(box)} (x, y, w, h) is empty or outside the {im.width}x{im.height} image")
+    if (x0, y0, x1, y1) != (x, y, x + w, y + h):
+        log.warning("box %s (x, y, w, h) extends past the %dx%d image %s: clipped to %s", _xywh(box), im.width, im.height,
+                    image_path, _xywh((x0, y0, x1 - x0, y1 - y0)))
     return im.crop(crop_box((x0, y0, x1, y1), im.size, pad))
 
 class Searcher:
     "A trained checkpoint ready to `search` and `tag`: encoder, vocabulary, saved index, tower on demand."
-    def __init__(self, checkpoint_path, dataset_path=None, tower=None, progress: bool = False, rebuild: bool = False):
+    def __init__(self, checkpoint_path, dataset_path=None, tower=None, progress: bool = False, rebuild: bool = False,
+                 trust_torchscript: bool = False):  # the recorded tower may be a TorchScript file that is not OpenAI's
         from fashion_json_encoder.system import load_encoder
         from fashion_json_encoder.training import load_checkpoint
         st = load_checkpoint(checkpoint_path)
-        self.checkpoint_path, self.progress, self._tower = Path(checkpoint_path), progress, tower
+        self.checkpoint_path, self.progress, self._tower, self._index, self._rebuild = Path(checkpoint_path), progress, tower, None, rebuild
+        self.trust_torchscript = trust_torchscript
         self.encoder, self.vocab, self.cfg = load_encoder(st, "cpu")
-        self.tower_rec, self.dataset_path = st.get("tower", {}), dataset_path or st.get("dataset_path")
+        self.tower_rec, self.dataset_path, self._recorded_data = st.get("tower", {}), dataset_path or st.get("dataset_path"), dataset_path is None
         self.calibration = load_calibration(checkpoint_path, self.encoder)
-        p = side_path(checkpoint_path, "index")
-        self.index = SearchIndex.load(p) if p.is_file() and not rebuild else None
-        if self.index is not None and self.index.encoder != encoder_digest(self.encoder): self.index = None  # stale
-        if self.index is None: self.index = self.build_index()
 
     @property
     def tower(self):
         "The frozen image tower recorded in the checkpoint (built on first use)."
         if self._tower is None:
             from fashion_json_encoder.system import make_tower
-            self._tower = make_tower(self.cfg, "cpu", self.tower_rec.get("pretrained"))
+            self._tower = make_tower(self.cfg, "cpu", self.tower_rec.get("pretrained"), trust_torchscript=self.trust_torchscript)
         return self._tower
+
+    @property
+    def index(self) -> SearchIndex:
+        "The saved index when it is intact and current, else a new one (built on first use)."
+        if self._index is None: self._index = self.saved_index() or self.build_index()
+        return self._index
+
+    def saved_index(self) -> SearchIndex | None:
+        "The saved index if it is intact and was built by this encoder from the data as it is now; else None, saying why."
+        p = side_path(self.checkpoint_path, "index")
+        if self._rebuild or not p.is_file(): return None
+        try: ix = SearchIndex.load(p)
+        except ValueError as e: log.warning("%s: cannot use the saved search index (%s), rebuilding it", p, e); return None
+        if ix.encoder != encoder_digest(self.encoder): log.info("%s: built for another encoder, rebuilding it", p); return None
+        if not self.dataset_path: return ix
+        try: data = dataset_fingerprint(self.dataset_path, self.cfg)
+        except (OSError, UserError) as e:
+            if not self._recorded_data: return None  # the folder the user named: building says what is wrong with it
+            log.warning("%s: dataset not readable (%s); searching the index as it was built", self.dataset_path, e); return ix
+        root = str(Path(self.dataset_path).expanduser().resolve())
+        if data == ix.data: return ix
+        log.info("%s: %s, rebuilding it", p, f"built from {ix.dataset or 'another dataset'}, not {root}" if ix.dataset != root
+                 else f"{root} changed since it was built (files added, removed or modified)")
+        return None
 
     def build_index(self) -> SearchIndex:
         "Embed nothing new: read both splits' cached features, calibrate if needed, save the index."
@@ -211,26 +303,34 @@ class Searcher:
             self.calibration = calibrate_checkpoint(self.checkpoint_path, self.encoder, self.vocab, [it.json for it in prep.train.items],
                                                     vi, vt, [canonical_json(it.json, list(self.vocab.fields)) for it in prep.val.items])
         index = build_search_index(prep.train.items + prep.val.items, torch.cat([prep.train.features, prep.val.features]),
-                                   self.encoder, self.tower.fingerprint, self.calibration)
+                                   self.encoder, self.tower.fingerprint, self.calibration,
+                                   str(Path(self.dataset_path).expanduser().resolve()), dataset_fingerprint(self.dataset_path, self.cfg))
         index.save(side_path(self.checkpoint_path, "index"))
         log.info("search index of %d items saved to %s", len(index), side_path(self.checkpoint_path, "index"))
         return index
 
     def search(self, query, k: int = 10, normalised: bool = True) -> list:
-        "Top-k gallery items for a (partial) JSON query."
+        "Top-k gallery items for a (partial) JSON query (see `search`); the query and `k` are checked before any index build."
+        check_query(query, self.vocab); _check_count("k", k)
         return search(self.index, self.encoder, self.vocab, query, k, normalised)
 
     def tag(self, image_path, box=None, top: int = 5) -> dict:
-        "Top vocabulary values per field for an image (or its (x, y, w, h) box)."
+        "Top vocabulary values per field for an image (or its (x, y, w, h) box); the image is checked before the tower loads."
+        _check_count("top", top)
         crop = load_image_crop(image_path, box, self.cfg.crop_padding)
         feat = self.tower(self.tower.preprocess(crop)[None])[0]   # (D,) unit-norm
         return tag(feat, self.encoder, self.vocab, top)
 
 def format_hits(hits: list) -> str:
-    "One line per search hit."
-    return "\n".join(f"{h['rank']:>3}  {h['score']:8.4f}  {h['image_path']}  xyxy={[round(b) for b in h['box']]}  "
-                     f"{json.dumps(h['json'], ensure_ascii=False)}" for h in hits)
+    "A line on what the score means, a header row, then one line per search hit."
+    norm = any(h["score"] != h["cosine"] for h in hits)
+    note = ("# score: querybank-normalised, β·cosine − log Σ exp(β·cosine) over the training JSONs for that photo (higher = better)"
+            if norm else "# score: the raw cosine (no querybank calibration, or --raw)")
+    rows = [f"{h['rank']:>4}  {h['score']:8.4f}  {h['cosine']:7.4f}  {h['image_path']}  {[round(b) for b in h['box']]}  "
+            f"{json.dumps(h['json'], ensure_ascii=False)}" for h in hits]
+    return "\n".join([note, f"{'rank':>4}  {'score':>8}  {'cosine':>7}  image  box (x0, y0, x1, y1)  json", *rows])
 
 def format_tags(tags: dict) -> str:
-    "One line per field: its top values with scores."
-    return "\n".join(f"{f:<12}" + "  ".join(f"{v} {s:.3f}" for v, s in vs) for f, vs in tags.items())
+    "A line on what the scores mean, a header row, then one line per field: its top values with their cosines."
+    head = ["# cosine of the photo with each one-field query {field: value}, best first (higher = better)", f"{'field':<12}values"]
+    return "\n".join(head + [f"{f:<12}" + "  ".join(f"{v} {s:.3f}" for v, s in vs) for f, vs in tags.items()])

@@ -4,26 +4,29 @@
 
 # %% ../nbs/08_system.ipynb #ead306e8
 from __future__ import annotations
-import json, logging, time
+import json, logging, os, time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 import torch
 import torch.nn.functional as F
-from .config import Config, UserError, atomic_write_text, config_from_dict, load_config, log_config, update_config
+from .config import (Config, UserError, atomic_write_text, check_writable, config_from_dict, load_config, log_config,
+                                         run_lock, update_config, user_io)
+from .checkpoints import claim_run_dir
 from .vocab import Vocab
 from .data import build_index, data_report
 from .models.image_encoder import CLIPImageEncoder, resolve_device
 from .models.feature_cache import build_feature_cache
 from .models.json_encoder import JSONEncoder
 from .evaluation import gallery_metrics
-from .training import PairedData, Trainer, embed_rows, load_checkpoint, make_paired, tower_features
+from .training import PairedData, Trainer, embed_rows, finished_run, load_checkpoint, make_paired, tower_features
 from .distributed import cleanup_distributed, init_distributed, is_main, main_first
 
 log = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['log', 'Prepared', 'make_tower', 'prepare_data', 'train_run', 'load_encoder', 'evaluate_checkpoint', 'format_metrics',
-           'inspect_data', 'FashionEncoderSystem']
+           'user_cache_dir', 'inspect_data', 'FashionEncoderSystem']
 
 # %% ../nbs/08_system.ipynb #154ca38b
 @dataclass
@@ -31,10 +34,15 @@ class Prepared:
     "Everything a run needs: the index, the vocabulary, the tower and both splits ready for training."
     cfg: Config; index: object; vocab: Vocab; tower: CLIPImageEncoder; train: PairedData; val: PairedData; info: dict
 
-def make_tower(cfg: Config, device=None, clip_pretrained: str | None = None) -> CLIPImageEncoder:
-    "The frozen image tower the config describes (seeded when randomly initialised)."
-    return CLIPImageEncoder(cfg.clip_model, clip_pretrained or cfg.clip_pretrained, precision=cfg.clip_precision,
-                            device=str(device or resolve_device(cfg.device)), seed=cfg.seed)
+def make_tower(cfg: Config, device=None, clip_pretrained: str | None = None,
+               trust_torchscript: bool = False) -> CLIPImageEncoder:  # load a TorchScript file whose hash is not OpenAI's
+    "The frozen image tower the config describes (seeded when randomly initialised); its output must fit the config."
+    t = CLIPImageEncoder(cfg.clip_model, clip_pretrained or cfg.clip_pretrained, precision=cfg.clip_precision,
+                         device=str(device or resolve_device(cfg.device)), seed=cfg.seed, trust_torchscript=trust_torchscript)
+    if (t.output_dim, t.image_size) != (cfg.output_dim, cfg.image_size):
+        raise UserError(f"the {cfg.clip_model} tower gives {t.output_dim}-d features at {t.image_size} px but the config says "
+                        f"output_dim {cfg.output_dim}, image_size {cfg.image_size}; set those keys to match (--clip_model sets them)")
+    return t
 
 def _cached_split(items, tower, cache_dir, cfg, progress, skipped):
     cache = build_feature_cache(items, tower, cache_dir, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
@@ -53,16 +61,17 @@ def _sample(items: list, k: int | None, seed: int) -> list:
 def prepare_data(cfg: Config, dataset_path, output_dir, vocab: Vocab | None = None, tower=None,
                  progress: bool = True, splits=("train", "val"),
                  sample: int | None = None,  # sample: keep a seeded random subset of at most this many items per split
-                 device=None) -> Prepared:  # the tower's device when it is built here (default: the config's)
+                 device=None,               # the tower's device when it is built here (default: the config's)
+                 trust_torchscript: bool = False) -> Prepared:  # see `make_tower`
     "Index the dataset, build (or reuse) the vocabulary, the tower and the feature cache of each split."
     out = Path(output_dir)
     t0 = time.perf_counter()
     with main_first():  # under torchrun rank 0 parses (and caches) the index, then the other ranks read it
-        index = build_index(dataset_path, cfg, cache_dir=out / "cache", num_workers=cfg.num_workers)
+        index = build_index(dataset_path, cfg, cache_dir=out / "cache", num_workers=cfg.num_workers, progress=progress and is_main())
     t_index = time.perf_counter() - t0
     if sample: index.items = {s: _sample(v, sample, cfg.seed) for s, v in index.items.items()}
     vocab = vocab or Vocab.build([it.json for it in index.items["train"]], list(cfg.fields))
-    tower = tower or make_tower(cfg, device)
+    tower = tower or make_tower(cfg, device, trust_torchscript=trust_torchscript)
     skipped, data, timings = index.skipped.copy(), {}, {"index_seconds": t_index, "cache_build_seconds": 0.0}
     for split in splits:
         items = index.items[split]
@@ -83,18 +92,27 @@ def prepare_data(cfg: Config, dataset_path, output_dir, vocab: Vocab | None = No
 
 # %% ../nbs/08_system.ipynb #67eb2f16
 def train_run(cfg: Config, dataset_path, output_dir, resume=None, progress: bool = True, tower=None,
-              standalone_epochs: int | None = None, contrastive_epochs: int | None = None) -> dict:
+              standalone_epochs: int | None = None, contrastive_epochs: int | None = None,
+              overwrite: bool = False,  # replace a run already in `output_dir` (else it is refused)
+              trust_torchscript: bool = False) -> dict:  # see `make_tower`
     "Train on `dataset_path`, writing checkpoints/, logs/ and results/ under `output_dir`; returns the results dict."
+    S = cfg.standalone_epochs if standalone_epochs is None else standalone_epochs
+    C = cfg.max_epochs - S if contrastive_epochs is None else contrastive_epochs
+    if S + C <= 0: raise UserError(f"nothing to train: {S} standalone + {C} contrastive epochs (set --epochs / max_epochs >= 1)")
+    st = load_checkpoint(resume) if resume else None
+    if st and (done := finished_run(st, resume, S + C)): return done  # before any indexing or caching
+    out = Path(output_dir)
     device, owns_group = init_distributed(resolve_device(cfg.device))  # torchrun (WORLD_SIZE > 1): this process is one rank
     if not is_main(): logging.getLogger("fashion_json_encoder").setLevel(logging.WARNING)  # rank 0 tells the story
     else: log_config(cfg, log)
-    vocab = Vocab(load_checkpoint(resume)["vocab"]) if resume else None
-    prep = prepare_data(cfg, dataset_path, output_dir, vocab=vocab, tower=tower, progress=progress, device=device)
-    if is_main(): prep.vocab.save(Path(output_dir) / "results" / "vocab.json")
-    for w in prep.info.get("warnings", []): log.warning(w)
-    trainer = Trainer(cfg, prep.vocab, prep.train, prep.val, output_dir, tower=prep.tower, device=device, progress=progress,
-                      info=prep.info)
-    res = trainer.fit(standalone_epochs, contrastive_epochs, resume=resume)
+    with user_io(out), (run_lock(out) if is_main() else nullcontext()):  # one run per folder; a full disk is one line
+        if is_main(): claim_run_dir(check_writable(out), resume=bool(resume), overwrite=overwrite)
+        prep = prepare_data(cfg, dataset_path, out, vocab=st and Vocab(st["vocab"]), tower=tower, progress=progress, device=device,
+                            trust_torchscript=trust_torchscript)
+        if is_main(): prep.vocab.save(out / "results" / "vocab.json")
+        trainer = Trainer(cfg, prep.vocab, prep.train, prep.val, out, tower=prep.tower, device=device, progress=progress,
+                          info=prep.info)
+        res = trainer.fit(standalone_epochs, contrastive_epochs, resume=resume)
     if owns_group: cleanup_distributed()
     return res
 
@@ -110,9 +128,10 @@ def evaluate_checkpoint(checkpoint_path, dataset_path=None, split: str = "val", 
                         save_embeddings=None,          # .npz path: embeddings, keys and JSON strings to recompute every metric
                         plot: bool = False,            # save the UMAP of both modalities as results/umap.png
                         baseline: str | None = None,   # "clip_text": also score open_clip's text tower on captions of each JSON
-                        text_tower=None) -> dict:      # the baseline's CLIPTextEncoder (default: the image tower's model and weights)
+                        text_tower=None,               # the baseline's CLIPTextEncoder (default: the image tower's model and weights)
+                        trust_torchscript: bool = False) -> dict:  # the recorded tower may be a TorchScript file not from OpenAI
     "Whole-gallery metrics of a checkpoint on a split, raw and querybank-normalised, rebuilding the tower and vocabulary it records."
-    from fashion_json_encoder.evaluation import canonical_json, json_groups, save_embeddings as write_npz
+    from fashion_json_encoder.evaluation import canonical_json, crossfit_normalised_metrics, json_groups, save_embeddings as write_npz
     from fashion_json_encoder.search import calibrate_checkpoint, json_prior, load_calibration
     st = load_checkpoint(checkpoint_path)
     dev = resolve_device(device or "auto")
@@ -122,7 +141,7 @@ def evaluate_checkpoint(checkpoint_path, dataset_path=None, split: str = "val", 
     dataset_path = dataset_path or st.get("dataset_path")
     if not dataset_path: raise UserError(f"{checkpoint_path}: no dataset recorded in the checkpoint; pass --dataset_path")
     run_dir = Path(output_dir) if output_dir else Path(checkpoint_path).resolve().parent.parent
-    tower = tower or make_tower(cfg, dev)
+    tower = tower or make_tower(cfg, dev, trust_torchscript=trust_torchscript)
     if rec.get("fingerprint") and rec["fingerprint"] != tower.fingerprint:
         log.warning("the image tower differs from the one used in training (fingerprint %s, checkpoint %s)", tower.fingerprint, rec["fingerprint"])
     prep = prepare_data(cfg, dataset_path, run_dir, vocab=vocab, tower=tower, progress=progress, splits=(split,))
@@ -133,59 +152,79 @@ def evaluate_checkpoint(checkpoint_path, dataset_path=None, split: str = "val", 
     txt = embed_rows(enc, data, dev)
     jsons, scale = [it.json for it in data.items], float(st["logit_scale"].exp())
     strings = [canonical_json(j, list(vocab.fields)) for j in jsons]; groups = json_groups(strings)
-    # querybank: beta (and the JSON prior) are chosen on val and saved next to the checkpoint; other splits reuse them
+    # querybank: the beta that `search` deploys is chosen on the whole val split and saved next to the checkpoint; the
+    # normalised numbers reported here are a two-fold cross-fit (each half scored by the other half's beta), never in-sample
     img_d, txt_d = img.to(dev), txt.to(dev)   # ranking on the GPU when there is one (same numbers as on the CPU)
     calib = (calibrate_checkpoint(checkpoint_path, enc, vocab, [it.json for it in prep.index.items["train"]], img_d, txt_d, strings)
              if split == "val" else load_calibration(checkpoint_path, enc))
-    kw = dict(bank=calib["bank"], bank_logw=calib["bank_logw"], beta=calib["beta"], prior=json_prior(strings, calib),
-              use_prior=calib["use_prior"]) if calib else {}
-    m = gallery_metrics(img_d, txt_d, scale, groups=groups.to(dev), **kw)
+    m = gallery_metrics(img_d, txt_d, scale, groups=groups.to(dev), progress=progress)   # raw, whole gallery
+    prior = json_prior(strings, calib) if calib else None
+    if calib: m.update(crossfit_normalised_metrics(img_d, txt_d, calib["bank"].to(dev), calib["bank_logw"].to(dev),
+                                                   prior=prior.to(dev), groups=groups.to(dev), seed=cfg.seed, split=split))
     out = {"checkpoint": str(checkpoint_path), "epoch": st["epoch"], "split": split, "metrics": m, **prep.info}
     if calib: out["calibration"] = {"beta": calib["beta"], "use_prior": calib["use_prior"], "prior_gain": calib["prior_gain"],
                                     "bank_size": len(calib["bank_strings"]), "beta_mrr": calib["beta_mrr"]}
     if baseline == "clip_text":
         from fashion_json_encoder.clip_text import CLIPTextEncoder, clip_text_metrics
-        text_tower = text_tower or CLIPTextEncoder(cfg.clip_model, cfg.clip_pretrained, seed=cfg.seed, device=str(dev))
+        text_tower = text_tower or CLIPTextEncoder(cfg.clip_model, cfg.clip_pretrained, seed=cfg.seed, device=str(dev),
+                                                   trust_torchscript=trust_torchscript)
         out["baselines"] = clip_text_metrics(img, jsons, cfg.fields, text_tower, groups)
     if save_embeddings:
         out["embeddings"] = str(write_npz(save_embeddings, img, txt, [it.key for it in data.items], strings, scale,
-                                          calib and {**calib, "prior": kw["prior"]}))
+                                          calib and {**calib, "prior": prior}, split=split, seed=cfg.seed))
     if plot:
-        from fashion_json_encoder.visualise import plot_umap
+        from fashion_json_encoder.visualise import plot_retrievals, plot_umap, retrieval_examples
         out["umap"] = str(plot_umap(img, txt, jsons, path=run_dir / "results" / "umap.png"))
+        q, h, t = retrieval_examples(img, txt, data.items, n=4, k=5, seed=cfg.seed)    # a few val queries and their top 5
+        out["retrievals"] = str(plot_retrievals(q, h, path=run_dir / "results" / "retrievals.png", truth=t))
     atomic_write_text(run_dir / "results" / "evaluation_results.json", json.dumps(out, ensure_ascii=False, indent=2) + "\n")
+    log.info("wrote %s%s", run_dir / "results" / "evaluation_results.json",
+             f" and the querybank calibration {Path(checkpoint_path).with_suffix('.calibration.pt')}" if split == "val" and calib else "")
     return out
 
 def format_metrics(res: dict) -> str:
-    "A readable table of `evaluate_checkpoint`'s result: strict and aware, raw and normalised, baselines."
+    "A readable table of `evaluate_checkpoint`'s result: strict and aware, raw and normalised (cross-fit), baselines."
     m, n = res["metrics"], res["metrics"]["gallery_size"]
-    row = lambda name, p, q: f"{name:<22}" + "".join(f"{m[f'{v}{p}_{k}']:>8.4f}" for v in (q, q + "aware_") for k in ("top1", "top5", "mrr"))
+    ks = ("top1", "top5", "top10", "mrr")
+    row = lambda name, p, q: f"{name:<26}" + "".join(f"{m[f'{v}{p}_{k}']:>8.4f}" for v in (q, q + "aware_") for k in ks)
     rows = [f"checkpoint {res['checkpoint']} (epoch {res['epoch']}), split {res['split']}: gallery {n} items, "
             f"{m['distinct_jsons']} distinct JSONs (random top1 = {1 / n:.4f})",
-            f"{'':<22}{'strict':<24}{'identical-JSON aware':<24}", f"{'direction':<22}" + f"{'top1':>8}{'top5':>8}{'mrr':>8}" * 2,
+            f"{'':<26}{'strict':<32}{'identical-JSON aware':<32}", f"{'direction':<26}" + f"{'top1':>8}{'top5':>8}{'R@10':>8}{'mrr':>8}" * 2,
             row("image->json raw", "i2j", ""), row("json->image raw", "j2i", "")]
-    if "beta" in m:
-        rows += [row("image->json +prior" if m["use_prior"] else "image->json (no prior)", "i2j", "norm_"),
-                 row(f"json->image QB b={m['beta']:g}", "j2i", "norm_")]
+    if "beta_source" in m:  # normalised numbers come from halves of the gallery: compare them with the raw halves
+        up = m["fold_use_prior"]
+        rows += ["", row("image->json raw (halves)", "i2j", "half_"), row("json->image raw (halves)", "j2i", "half_"),
+                 row("image->json +prior" if all(up) else "image->json (no prior)" if not any(up) else "image->json +prior 1/2",
+                     "i2j", "norm_"),
+                 row(f"json->image QB b={m['fold_beta'][1]:g}/{m['fold_beta'][0]:g}", "j2i", "norm_"), f"beta: {m['beta_source']}"]
     rows.append(f"InfoNCE loss {m['loss']:.4f}   cosine: positive {m['pos_cosine']:.4f}, negative {m['neg_cosine']:.4f}, "
                 f"gap {m['cosine_gap']:.4f} (negative over differing JSONs {m['neg_cosine_aware']:.4f})")
     if c := res.get("calibration"):
-        rows.append(f"querybank: {c['bank_size']} distinct training JSONs, beta {c['beta']:g} chosen on val; JSON prior for "
-                    f"image->json {'kept' if c['use_prior'] else 'dropped'} (val MRR {c['prior_gain']:+.4f})")
+        rows.append(f"querybank: {c['bank_size']} distinct training JSONs; search uses beta {c['beta']:g} chosen on the whole val "
+                    f"split, JSON prior for image->json {'kept' if c['use_prior'] else 'dropped'} (val MRR {c['prior_gain']:+.4f})")
     if b := res.get("baselines"):
         cols = ("i2j_top1", "i2j_mrr", "j2i_top1", "j2i_mrr", "mrr", "aware_mrr")
         rows += ["", f"{'model':<22}" + "".join(f"{c:>10}" for c in cols),
                  *(f"{name:<22}" + "".join(f"{mm[c]:>10.4f}" for c in cols) for name, mm in [("json encoder", m), *b.items()])]
-    for k, label in (("embeddings", "embeddings"), ("umap", "UMAP figure")):
+    for k, label in (("embeddings", "embeddings"), ("umap", "UMAP figure"), ("retrievals", "retrieval gallery")):
         if res.get(k): rows.append(f"{label}: {res[k]}")
     return "\n".join(rows + [f"warning: {w}" for w in res.get("warnings", [])])
 
-def inspect_data(dataset_path, cfg: Config | None = None, output_dir="outputs") -> dict:
-    "The data report: records, items, items per group, skips by reason and vocabulary sizes."
+def user_cache_dir() -> Path:
+    "The per-user cache folder: `$XDG_CACHE_HOME/fashion-json-encoder`, else `~/.cache/fashion-json-encoder`."
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fashion-json-encoder"
+
+def inspect_data(dataset_path, cfg: Config | None = None,
+                 output_dir=None,   # keep the parsed-index cache in output_dir/cache, where training finds it
+                 cache_dir=None,    # or here; neither: the user cache folder
+                 progress: bool = False) -> dict:
+    "The data report: records, items, items per group, skips by reason, vocabulary sizes and where the index cache is."
     cfg = cfg or Config()
-    index = build_index(dataset_path, cfg, cache_dir=Path(output_dir) / "cache", num_workers=cfg.num_workers)
+    cache = Path(cache_dir) if cache_dir else Path(output_dir) / "cache" if output_dir else user_cache_dir()
+    index = build_index(dataset_path, cfg, cache_dir=cache, num_workers=cfg.num_workers, progress=progress)
+    log.info("parsed-index cache: %s", cache)
     vocab = Vocab.build([it.json for it in index.items["train"]], list(cfg.fields))
-    return data_report(index, vocab)
+    return {**data_report(index, vocab), "cache_dir": str(cache)}
 
 # %% ../nbs/08_system.ipynb #efe0b3b9
 class FashionEncoderSystem:
@@ -211,12 +250,16 @@ class FashionEncoderSystem:
         self.trainer = Trainer(self.config, p.vocab, p.train, p.val, self.output_dir, tower=p.tower, progress=self.progress, info=p.info)
         return self
 
-    def train(self, standalone_epochs: int = 5, contrastive_epochs: int = 20) -> dict:
+    def train(self, standalone_epochs: int | None = None,  # None: the config's standalone_epochs
+              contrastive_epochs: int | None = None,        # None: the config's max_epochs - standalone_epochs
+              overwrite: bool = False) -> dict:             # replace a run already in output_dir (else it is refused)
         "Run both stages; returns the results dict (also in results/training_results.json)."
         if self.trainer is None: self.setup_trainer()
         log_config(self.config, log)
-        self.prepared.vocab.save(self.output_dir / "results" / "vocab.json")
-        return self.trainer.fit(standalone_epochs, contrastive_epochs)
+        with user_io(self.output_dir), run_lock(self.output_dir):  # one run per folder, as `train.py`
+            claim_run_dir(self.output_dir, overwrite=overwrite)
+            self.prepared.vocab.save(self.output_dir / "results" / "vocab.json")
+            return self.trainer.fit(standalone_epochs, contrastive_epochs)
 
     def evaluate(self, checkpoint_path=None, dataset_path=None, split: str = "val",
                  **kwargs) -> dict:  # kwargs: save_embeddings=, plot=, baseline="clip_text", text_tower= (see evaluate_checkpoint)

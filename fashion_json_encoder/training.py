@@ -10,8 +10,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
-from .config import Config, UserError, atomic_path, atomic_write_text
+from .config import Config, UserError, atomic_write_text
+from .progress import progress
+from .checkpoints import CKPT_FORMAT, load_checkpoint, save_checkpoint  # re-exported: older imports keep working
 from .vocab import Vocab, collate_json
 from .evaluation import gallery_metrics
 from .models.json_encoder import JSONEncoder
@@ -24,8 +25,8 @@ from .distributed import (all_gather_object, broadcast_object, gather_with_grad,
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'CKPT_FORMAT', 'seed_everything', 'PairedData', 'make_paired', 'standalone_targets', 'save_checkpoint',
-           'load_checkpoint', 'crop_batches', 'tower_features', 'embed_rows', 'val_subset_rows', 'make_adam', 'Trainer']
+__all__ = ['log', 'seed_everything', 'PairedData', 'make_paired', 'standalone_targets', 'crop_batches', 'tower_features',
+           'embed_rows', 'val_subset_rows', 'make_adam', 'cosine_lr', 'finished_run', 'Trainer']
 
 # %% ../nbs/05_training.ipynb #f9fd3cba
 def seed_everything(seed: int):
@@ -65,25 +66,6 @@ def standalone_targets(json_ids: dict, dim: int = 512, seed: int = 0) -> torch.T
     g = torch.Generator().manual_seed(seed)
     bank = F.normalize(torch.randn(int(inverse.max()) + 1, dim, generator=g), dim=1)
     return bank[inverse]
-
-# %% ../nbs/05_training.ipynb #21ed0425
-CKPT_FORMAT = "fashion-json-encoder/1"
-
-def save_checkpoint(state: dict, path) -> Path:
-    "Atomically write `state` with torch.save."
-    with atomic_path(path) as tmp: torch.save(state, tmp)
-    return Path(path)
-
-def load_checkpoint(path, map_location="cpu") -> dict:
-    "Load a checkpoint safely (`weights_only=True`); a missing or foreign file is a `UserError`."
-    path = Path(path)
-    if not path.is_file(): raise UserError(f"{path}: checkpoint file not found")
-    try: state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:
-        raise UserError(f"{path}: not a loadable fashion-json-encoder checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
-    if not isinstance(state, dict) or state.get("format") != CKPT_FORMAT:
-        raise UserError(f"{path}: not a fashion-json-encoder checkpoint (format {CKPT_FORMAT} expected)")
-    return state
 
 # %% ../nbs/05_training.ipynb #5643228c
 def crop_batches(items: list, tower, batches: list, num_workers: int = 0, on_skip=None):
@@ -129,6 +111,23 @@ def make_adam(params, lr: float, weight_decay: float) -> torch.optim.Adam:
     try: return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=True)
     except (RuntimeError, TypeError): return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
 
+def cosine_lr(step: int,        # 0-based global step of the contrastive stage
+              total: int,       # the stage's steps in this run (epochs x batches per epoch)
+              base_lr: float, warmup: int = 0) -> float:  # warmup: linear warm-up steps (config warmup_steps)
+    "Learning rate at `step`: a linear warm-up, then a cosine from `base_lr` to 0 at `total` (open_clip's `cosine_lr`), 0 past it."
+    if step < warmup: return base_lr * (step + 1) / warmup
+    e, es = step - warmup, total - warmup
+    return 0.5 * (1 + math.cos(math.pi * min(e, es) / es)) * base_lr if es > 0 else base_lr
+
+def finished_run(state: dict, path, total_epochs: int) -> dict | None:
+    "The summary of resumed checkpoint `state` when its run already reached `total_epochs` (logged); None when epochs remain."
+    if state["epoch"] < total_epochs: return None
+    log.warning("%s: this run already finished (epoch %d of %d): nothing to train; raise --epochs to extend it",
+                path, state["epoch"], total_epochs)
+    best = state.get("best") or {}
+    return {"already_finished": True, "epoch": state["epoch"], "total_epochs": total_epochs, "history": state["history"],
+            "best_epoch": best.get("epoch"), "best_metrics": best.get("val")}
+
 def _better(metric: str, new: dict, old: dict | None) -> bool:
     if old is None: return True
     return new[metric] < old[metric] if metric == "loss" else new[metric] > old[metric]
@@ -154,13 +153,16 @@ class Trainer:
         if self.world > 1:
             self.learner.loss.gather = gather_with_grad  # global negatives: every rank's loss is the N*B-batch loss
             torch.manual_seed(cfg.seed + 1_000_003 * self.rank)  # same init everywhere, own dropout masks per rank
-        self.tower, self.history, self.best, self.stage, self.opt, self.sched = tower, [], None, None, None, None
+        self.tower, self.history, self.best, self.stage, self.opt = tower, [], None, None, None
         self.undecodable, self._resume_opt, self._rank_rng = 0, None, None
         # frozen tower: val images embedded once, by the rank that validates; per epoch only a seeded subset is ranked
         self.val_feats = self._features(val) if self.rank == 0 else None
         self.val_rows = val_subset_rows(len(val), cfg.val_subset, cfg.seed)
         self.val_image = self._val_image(self.val_rows) if self.rank == 0 else None
         self._rows_loss, self._res, self.train_path, self.final = {}, None, None, None
+        self.steps_per_epoch = len(self._batches(1))  # the same every epoch: the last short batch is the only one dropped
+        self._sched = (0, 0)  # (first global step of the contrastive stage, its steps in this run)
+        self._steps = (0, torch.empty(0), {})  # the last epoch's (first global step, step losses, logit scales) for TensorBoard
 
     @functools.cached_property
     def targets(self) -> torch.Tensor:
@@ -187,12 +189,32 @@ class Trainer:
         if data.features is not None: return data.features
         return tower_features(data.items, self.tower, self.cfg.batch_size, self.cfg.num_workers, self._skip)
 
-    def _new_stage(self, stage: str, contrastive_epochs: int):
+    def _new_stage(self, stage: str, standalone_epochs: int, contrastive_epochs: int):
         params = [p for p in self.learner.parameters() if p.requires_grad]
         self.opt = make_adam(params, self.cfg.learning_rate, self.cfg.weight_decay)
-        steps = contrastive_epochs * len(self._batches(0))
-        self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, T_max=max(1, steps)) if stage == "contrastive" else None
+        self._sched = (standalone_epochs * self.steps_per_epoch, contrastive_epochs * self.steps_per_epoch)
         self.stage = stage
+
+    def lr_at(self, step: int) -> float:
+        "The learning rate of global `step`: constant in stage 1, warm-up + cosine over this run's contrastive steps."
+        first, total = self._sched
+        if self.stage != "contrastive": return self.cfg.learning_rate
+        return cosine_lr(step - first, total, self.cfg.learning_rate, self.cfg.warmup_steps)
+
+    def _set_lr(self, step: int) -> float:
+        lr = self.lr_at(step)
+        for g in self.opt.param_groups: g["lr"] = lr
+        return lr
+
+    def _check_finite(self, losses: torch.Tensor, epoch: int, offset: int = 0):  # offset: the epoch's step of losses[0]
+        "Stop with a one-line error at the first non-finite step loss of `epoch` (its weights are not saved)."
+        bad = (~torch.isfinite(losses)).nonzero()
+        if not len(bad): return
+        i = int(bad[0]); last = self.history[-1]["epoch"] if self.history else None
+        kept = f"checkpoints/last.pt holds epoch {last}, the last good one" if last else "no checkpoint was written"
+        raise UserError(f"epoch {epoch}, step {offset + i + 1} of {self.steps_per_epoch} ({self.stage}): the training loss is {float(losses[i])}; "
+                        f"stopped, this epoch's weights are discarded and {kept}. Lower the learning rate "
+                        f"(now {self.cfg.learning_rate:g}) or check the data")
 
     # -- one epoch of each stage ---------------------------------------------------------------------------------
     def _batches(self, epoch: int) -> list:
@@ -226,46 +248,61 @@ class Trainer:
         mod, graphed = self._rows(stage)
         batches = self._batches(epoch)
         if not batches: return 0.0
-        rows = torch.cat(batches).to(self.device).split([len(b) for b in batches])  # one host->device copy per epoch
-        self.learner.train(); total, n = torch.zeros((), device=self.device), 0
-        for idx in self._bar(rows, epoch):
-            self.learner.clamp_logit_scale_()
+        sizes = [len(b) for b in batches]
+        rows = torch.cat(batches).to(self.device).split(sizes)  # one host->device copy per epoch
+        losses = torch.empty(len(rows), device=self.device)     # (steps,) each step's loss, read back once
+        every, first, scales = self.cfg.log_every_n_steps, self._step0(epoch), {}
+        self.learner.train()
+        for i, idx in enumerate(self._bar(rows, epoch)):
+            self.learner.clamp_logit_scale_(); self._set_lr(first + i)
             loss = rows_step(mod, graphed, idx, self.cfg.batch_size)
             self.opt.zero_grad(set_to_none=True); loss.backward(); self.opt.step()
-            if self.sched: self.sched.step()
-            total += loss.detach() * len(idx); n += len(idx)
-        return total.item() / max(n, 1)   # the epoch's only host-device synchronisation
+            losses[i] = loss.detach()
+            if every and (first + i) % every == 0: scales[first + i] = self.learner.logit_scale.detach().clone()
+        host = losses.cpu()   # the epoch's only host-device synchronisation
+        self._check_finite(host, epoch)
+        self._steps = (first, host, {k: v.item() for k, v in scales.items()})
+        return float((host * torch.tensor(sizes, dtype=host.dtype)).sum()) / sum(sizes)
+
+    def _step0(self, epoch: int) -> int: return (epoch - 1) * self.steps_per_epoch  # global step of `epoch`'s first batch
 
     def _standalone_epoch(self, epoch: int) -> float:
         if self.world == 1: return self._resident_epoch(epoch, "standalone")
-        self.encoder.train(); total, n = 0.0, 0
+        self.encoder.train(); total, n, steps = 0.0, 0, []
         for idx in self._bar(self._batches(epoch), epoch):
             n_all = reduce_sum(len(idx), self.device)  # rows of the global batch
             js = {k: v.to(self.device) for k, v in self.train_data.batch(idx).items()}
             out = self.net(js)                                              # (B, D) unit-norm
             err = 1 - (out * self.targets[idx].to(self.device)).sum(1)     # (B,) 1 - cos to the fixed target
             loss = err.mean() if self.world == 1 else err.sum() * self.world / n_all  # DDP's mean over ranks -> global mean
+            steps.append(loss.item()); self._check_finite(torch.tensor(steps[-1:]), epoch, len(steps) - 1)
             self.opt.zero_grad(set_to_none=True); loss.backward(); self.opt.step()
             total += err.sum().item(); n += n_all
+        self._steps = (self._step0(epoch), torch.tensor(steps), {})
         return reduce_sum(total, self.device) / max(n, 1)
 
     def _contrastive_epoch(self, epoch: int) -> float:
         if self.world == 1 and self.train_data.features is not None: return self._resident_epoch(epoch, "contrastive")
-        self.learner.train(); total, n = 0.0, 0
-        batches = self._batches(epoch)
+        self.learner.train(); total, n, steps, scales = 0.0, 0, [], {}
+        batches, first, every = self._batches(epoch), self._step0(epoch), self.cfg.log_every_n_steps
         amp = self.device.type == "cuda"
-        for idx, img in self._bar(self._image_batches(self.train_data, batches), epoch, total=len(batches)):
+        for i, (idx, img) in enumerate(self._bar(self._image_batches(self.train_data, batches), epoch, total=len(batches))):
             n_all = reduce_sum(len(idx), self.device)  # rows of the global batch (undecodable crops may be missing)
             if n_all < 2: continue
+            self._set_lr(first + i)
             js = {k: v.to(self.device, non_blocking=True) for k, v in self.train_data.batch(idx).items()}
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=amp):
                 loss = self.learner(img.to(self.device, non_blocking=True), js)  # the global-batch loss on every rank
-            self.opt.zero_grad(set_to_none=True); loss.backward(); self.opt.step(); self.sched.step()
-            total += loss.item() * n_all; n += n_all
+            steps.append(loss.item()); self._check_finite(torch.tensor(steps[-1:]), epoch, len(steps) - 1)
+            self.opt.zero_grad(set_to_none=True); loss.backward(); self.opt.step()
+            if every and (first + i) % every == 0: scales[first + i] = self.learner.logit_scale.item()
+            total += steps[-1] * n_all; n += n_all
+        self._steps = (first, torch.tensor(steps), scales)
         return total / max(n, 1)
 
     def _bar(self, it, epoch, total=None):
-        return tqdm(it, total=total, desc=f"epoch {epoch}", leave=False, disable=not self.progress or self.rank != 0)
+        return progress(it, total=total, desc=f"epoch {epoch}", unit="batch", leave=False, enable=self.progress and self.rank == 0,
+                        logger=log, every_pct=None, closing=False)  # in a log file: a line every 30 s of a long epoch
 
     def validate(self, whole: bool = False, encoder=None) -> dict:
         "Gallery metrics on the per-epoch val subset (or the `whole` split), by rank 0, shared with the other ranks."
@@ -296,7 +333,7 @@ class Trainer:
         return {"format": CKPT_FORMAT, "epoch": epoch, "stage": self.stage, "config": asdict(self.cfg),
                 "vocab": self.vocab.fields, "encoder": self.encoder.state_dict(),
                 "logit_scale": self.learner.logit_scale.detach().cpu(), "optimizer": self.opt.state_dict(),
-                "scheduler": self.sched.state_dict() if self.sched else None, "history": self.history,
+                "scheduler": None, "history": self.history,  # the learning rate is a function of the step (`lr_at`)
                 "best": self.best, "rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None, "tower": self.info.get("tower", {}),
                 "dataset_path": self.info.get("data", {}).get("dataset_path"),
@@ -308,7 +345,7 @@ class Trainer:
         self.encoder.load_state_dict(st["encoder"])
         with torch.no_grad(): self.learner.logit_scale.copy_(st["logit_scale"])
         self.history, self.best, self.stage = st["history"], st["best"], None
-        self._resume_opt = st  # optimiser/scheduler state is restored when the stage's optimiser is built
+        self._resume_opt = st  # the optimiser state is restored when the stage's optimiser is built
         rng, cuda_rng = st["rng"], st.get("cuda_rng")  # dropout continues exactly where the interrupted run stopped
         if self.world > 1:
             per_rank = st.get("rank_rng") or []
@@ -326,11 +363,18 @@ class Trainer:
         from torch.utils.tensorboard import SummaryWriter
         S = self.cfg.standalone_epochs if standalone_epochs is None else standalone_epochs
         C = self.cfg.max_epochs - S if contrastive_epochs is None else contrastive_epochs
+        if S + C <= 0: raise UserError(f"nothing to train: {S} standalone + {C} contrastive epochs (set --epochs / max_epochs >= 1)")
+        if C <= 0: log.warning("standalone only: %d standalone epoch(s) and no contrastive epoch, so the encoder never sees an image; "
+                               "best_model.pt is chosen on the standalone epochs", S)
         start = self._resume(resume) + 1 if resume else 1
+        t_run = time.perf_counter()
+        if done := resume and finished_run({"epoch": start - 1, "history": self.history, "best": self.best}, resume, S + C):
+            return {**self.results(0.0), **done}
         ckpt, res = self.out / "checkpoints", self.out / "results"
         main = self.rank == 0  # only rank 0 writes checkpoints, logs and results
         writer = SummaryWriter(str(self.out / "logs")) if main else None
-        metric, t_run = self.cfg.select_metric, time.perf_counter()
+        if writer: writer.add_text("config", "```json\n" + json.dumps(asdict(self.cfg), ensure_ascii=False, indent=2) + "\n```", start)
+        metric = self.cfg.select_metric
         nv = len(self.val_data)
         scope = (f"a seeded subset of {len(self.val_rows):,} of the {nv:,} val items (config val_subset)" if self.val_rows is not None
                  else f"the whole val split ({nv:,} items)")
@@ -339,10 +383,9 @@ class Trainer:
             for epoch in range(start, S + C + 1):
                 stage = "standalone" if epoch <= S else "contrastive"
                 if stage != self.stage:
-                    self._new_stage(stage, C)
+                    self._new_stage(stage, S, C)
                     if self._resume_opt is not None and self._resume_opt["stage"] == stage:
                         self.opt.load_state_dict(self._resume_opt["optimizer"])
-                        if self.sched: self.sched.load_state_dict(self._resume_opt["scheduler"])
                     self._resume_opt = None
                 t0 = time.perf_counter()
                 loss = self._standalone_epoch(epoch) if stage == "standalone" else self._contrastive_epoch(epoch)
@@ -357,7 +400,7 @@ class Trainer:
                 if self.world > 1:
                     self._rank_rng = all_gather_object((torch.get_rng_state(), torch.cuda.get_rng_state(self.device)
                                                         if self.device.type == "cuda" else None))
-                if main: self._log(writer, rec)
+                if main: self._log_steps(writer, stage); self._log(writer, rec)
                 if (stage == "contrastive" or C == 0) and _better(metric, val, self.best and self.best["val"]):
                     self.best = {"epoch": epoch, "val": val}
                     if main: save_checkpoint(self.state(epoch), ckpt / "best_model.pt")
@@ -374,20 +417,31 @@ class Trainer:
 
     def _log(self, writer, rec: dict):
         e, v = rec["epoch"], rec["val"]
-        log.info("epoch %d (%s): train loss %.4f | val (%d items) loss %.4f top1 %.3f top5 %.3f mrr %.3f pos cos %.3f | "
+        log.info("epoch %d (%s): train loss %.4f | val (%d items) loss %.4f top1 %.3f top5 %.3f R@10 %.3f mrr %.3f pos cos %.3f | "
                  "%.0f samples/s, validation %.1fs", e, rec["stage"], rec["train_loss"], rec["val_items"], v["loss"], v["top1"],
-                 v["top5"], v["mrr"], v["pos_cosine"], rec["samples_per_s"], rec["val_seconds"])
+                 v["top5"], v["top10"], v["mrr"], v["pos_cosine"], rec["samples_per_s"], rec["val_seconds"])
         writer.add_scalar(f"train/loss_{rec['stage']}", rec["train_loss"], e)
-        for k in ("loss", "top1", "top5", "mrr", "pos_cosine", "i2j_mrr", "j2i_mrr"): writer.add_scalar(f"val/{k}", v[k], e)
+        for k in ("loss", "top1", "top5", "top10", "mrr", "pos_cosine", "i2j_mrr", "j2i_mrr"): writer.add_scalar(f"val/{k}", v[k], e)
         writer.add_scalar("train/lr", rec["lr"], e); writer.add_scalar("train/temperature", rec["temperature"], e)
         writer.flush()
+
+    def _log_steps(self, writer, stage: str):
+        "Per-step TensorBoard scalars of the last epoch, every `log_every_n_steps` global steps (written after its one sync)."
+        every = self.cfg.log_every_n_steps
+        if not every: return
+        first, losses, scales = self._steps
+        for i, v in enumerate(losses.tolist()):
+            g = first + i
+            if g % every: continue
+            writer.add_scalar(f"train_step/loss_{stage}", v, g); writer.add_scalar("train_step/lr", self.lr_at(g), g)
+            if g in scales: writer.add_scalar("train_step/temperature", math.exp(-scales[g]), g)
 
     def _log_final(self, writer, fin: dict):
         m = fin["metrics"]
         log.info("final evaluation of best_model.pt (epoch %d) on the whole val split (%d items): loss %.4f top1 %.3f top5 %.3f "
-                 "mrr %.3f aware mrr %.3f (%.1fs)", fin["epoch"], fin["items"], m["loss"], m["top1"], m["top5"], m["mrr"],
-                 m["aware_mrr"], fin["seconds"])
-        for k in ("loss", "top1", "top5", "mrr", "aware_mrr", "i2j_mrr", "j2i_mrr"): writer.add_scalar(f"final/{k}", m[k], fin["epoch"])
+                 "R@10 %.3f mrr %.3f aware mrr %.3f (%.1fs)", fin["epoch"], fin["items"], m["loss"], m["top1"], m["top5"], m["top10"],
+                 m["mrr"], m["aware_mrr"], fin["seconds"])
+        for k in ("loss", "top1", "top5", "top10", "mrr", "aware_mrr", "i2j_mrr", "j2i_mrr"): writer.add_scalar(f"final/{k}", m[k], fin["epoch"])
         writer.flush()
 
     def results(self, seconds: float) -> dict:

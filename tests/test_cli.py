@@ -120,3 +120,103 @@ def test_inspect_data_and_decode_flag_on_release_zips(dataset, tmp_path, capsys)
     a = add_train_args(argparse.ArgumentParser()).parse_args(["--decode", "cpu"])
     assert config_from_args(a).decode == "cpu"
     with pytest.raises(SystemExit): add_train_args(argparse.ArgumentParser()).parse_args(["--decode", "nvjpeg"])
+
+
+# -- issue 12/15: no silent traps in the commands ----------------------------------------------------------------------
+def test_epochs_0_is_refused_before_any_work(capsys, tmp_path, dataset):
+    rc, lines, err = _rc_err(capsys, main, ["train", "--dataset_path", str(dataset), "--epochs", "0", "--output_dir", str(tmp_path)])
+    assert rc == 2 and len(lines) == 1 and "nothing to train" in lines[0], err
+    assert not (tmp_path / "cache").exists() and "done:" not in capsys.readouterr().out
+
+def test_a_folder_holding_a_run_is_refused_then_resume_latest_says_finished(trained, capsys):
+    out, _ = trained
+    before = (out / "checkpoints/best_model.pt").read_bytes()
+    rc, lines, err = _rc_err(capsys, train_main, ["--dataset_path", "x", "--output_dir", str(out), "--quiet"])
+    assert rc == 2 and "already holds a training run" in lines[0] and "--overwrite" in lines[0], err
+    assert (out / "checkpoints/best_model.pt").read_bytes() == before
+    done = torch_load(out / "checkpoints/last.pt")["epoch"]
+    assert train_main(["--resume", "latest", "--output_dir", str(out), "--epochs", str(done), "--quiet"]) == 0
+    assert f"already finished (epoch {done} of {done})" in capsys.readouterr().out
+    rc, lines, err = _rc_err(capsys, train_main, ["--resume", "latest", "--output_dir", str(out / "nowhere"), "--quiet"])
+    assert rc == 2 and "--resume latest" in lines[0], err
+
+def torch_load(p):
+    import torch
+    return torch.load(p, weights_only=True)
+
+def test_overwrite_replaces_the_previous_run(trained, dataset, tmp_path, capsys):
+    import shutil
+    out = tmp_path / "run"; shutil.copytree(trained[0], out)
+    assert train_main(["--dataset_path", str(dataset), "--output_dir", str(out), "--overwrite", "--epochs", "1",
+                       "--batch_size", "8", "--clip_pretrained", "none", "--num_workers", "0", "--quiet"]) == 0
+    res = json.loads((out / "results/training_results.json").read_text(encoding="utf-8"))
+    assert [h["stage"] for h in res["history"]] == ["contrastive"]        # --epochs 1: standalone shrunk to 0
+    assert sorted(p.name for p in (out / "checkpoints").glob("*.pt")) == ["best_model.pt", "last.pt"]
+
+def test_a_locked_run_folder_is_refused_with_the_holders_pid(tmp_path, dataset, capsys):
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from fashion_json_encoder.config import run_lock\n"
+                               "with run_lock(sys.argv[1]): print('locked', flush=True); time.sleep(120)", str(tmp_path)],
+                              stdout=subprocess.PIPE, text=True, env=ENV)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        rc, lines, err = _rc_err(capsys, main, ["train", "--dataset_path", str(dataset), "--output_dir", str(tmp_path), "--quiet"])
+        assert rc == 2 and f"in use by another run (PID {holder.pid})" in lines[0], err
+    finally: holder.kill(); holder.wait()
+
+def test_a_write_failure_is_one_line(trained, dataset, tmp_path, capsys, monkeypatch):
+    import torch
+    def full(*a, **k): raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0")
+    monkeypatch.setattr(torch, "save", full)
+    rc, lines, err = _rc_err(capsys, train_main, ["--dataset_path", str(dataset), "--output_dir", str(tmp_path), "--epochs", "1",
+                                                  "--batch_size", "8", "--clip_pretrained", "none", "--num_workers", "0", "--quiet"])
+    assert rc == 2 and lines[0].startswith(f"error: cannot write to {tmp_path}"), err
+    assert "Traceback" not in err
+
+def test_evaluate_refuses_non_finite_weights(trained, tmp_path, capsys):
+    from fashion_json_encoder.training import load_checkpoint, save_checkpoint
+    st = load_checkpoint(trained[0] / "checkpoints/best_model.pt")
+    k = next(iter(st["encoder"])); st["encoder"][k] = st["encoder"][k].float() * float("nan")
+    p = save_checkpoint(st, tmp_path / "nan.pt")
+    rc, lines, err = _rc_err(capsys, main, ["evaluate", "--checkpoint_path", str(p)])
+    assert rc == 2 and "NaN or infinity" in lines[0], err
+
+def test_closed_stdout_ends_quietly(dataset, tmp_path):
+    p = subprocess.Popen([sys.executable, "main.py", "inspect_data", "--dataset_path", str(dataset), "--json", "--quiet",
+                          "--output_dir", str(tmp_path)], cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.close()                                   # `| head` that has already gone
+    err = p.stderr.read().decode(); p.wait(timeout=600)
+    assert p.returncode == 141 and "Traceback" not in err and "BrokenPipe" not in err, err
+
+def test_help_names_the_command_that_ran(monkeypatch):
+    from fashion_json_encoder.cli import build_parser
+    monkeypatch.setattr(sys, "argv", ["/usr/local/bin/fashion-encoder", "--help"])
+    assert build_parser().format_usage().startswith("usage: fashion-encoder ")
+
+@pytest.mark.parametrize("argv", [["search", "--query", "{}", "--k", "-5"], ["tag", "--image", "x.jpg", "--top", "-3"]])
+def test_non_positive_counts_are_refused(capsys, argv):
+    with pytest.raises(SystemExit) as e: main([argv[0], "--checkpoint_path", "c.pt", *argv[1:]])
+    assert e.value.code == 2 and "must be at least 1" in capsys.readouterr().err
+
+def test_tag_checks_the_image_before_loading_anything(trained, capsys, monkeypatch):
+    import fashion_json_encoder.system as system
+    monkeypatch.setattr(system, "make_tower", lambda *a, **k: pytest.fail("the tower was loaded before the image was checked"))
+    rc, lines, err = _rc_err(capsys, main, ["tag", "--checkpoint_path", str(trained[0] / "checkpoints/best_model.pt"),
+                                            "--image", "/no/such/photo.jpg"])
+    assert rc == 2 and "/no/such/photo.jpg" in lines[0] and "no such image file" in lines[0], err
+
+def test_inspect_data_writes_only_where_told(dataset, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path); monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert main(["inspect_data", "--dataset_path", str(dataset), "--json", "--quiet"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert not (tmp_path / "outputs").exists() and rep["cache_dir"] == str(tmp_path / "xdg" / "fashion-json-encoder")
+    assert any((tmp_path / "xdg" / "fashion-json-encoder").iterdir())
+    assert main(["inspect_data", "--dataset_path", str(dataset), "--json", "--quiet", "--cache_dir", str(tmp_path / "c")]) == 0
+    assert json.loads(capsys.readouterr().out)["cache_dir"] == str(tmp_path / "c") and any((tmp_path / "c").iterdir())
+
+def test_synthetic_writes_a_dataset_the_loader_reads(tmp_path, capsys):
+    assert main(["synthetic", "--output", str(tmp_path / "s"), "--n_photos", "12", "--zip", "--quiet"]) == 0
+    assert "inspect_data --dataset_path" in capsys.readouterr().out and list((tmp_path / "s").rglob("*.zip"))
+    assert main(["inspect_data", "--dataset_path", str(tmp_path / "s"), "--json", "--quiet", "--cache_dir", str(tmp_path / "c")]) == 0
+    assert sum(json.loads(capsys.readouterr().out)["records"].values()) == 12
+    rc, lines, err = _rc_err(capsys, main, ["synthetic", "--output", str(tmp_path / "s")])
+    assert rc == 2 and "not an empty folder" in lines[0], err

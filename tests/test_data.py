@@ -1,5 +1,5 @@
 "Loader tests on generated K-Fashion data: every bad-input row, splits, cache, crops, report."
-import json, os, time
+import gzip, json, logging, os, shutil, time, unicodedata
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
@@ -9,6 +9,7 @@ from hypothesis import given, strategies as st
 
 from fashion_json_encoder import data
 from fashion_json_encoder.config import Config, UserError
+from fashion_json_encoder.archives import LABEL_MAX_BYTES
 from fashion_json_encoder.data import (CropDataset, ImageDecodeError, build_index, collate_crops, crop_box, data_report,
                                        format_report, item_json, load_crop, SKIP_REASONS)
 from fashion_json_encoder.synthetic import expected_counts, make_synthetic_kfashion, synthetic_plan
@@ -160,9 +161,10 @@ def test_shop_look_in_two_style_folders_stays_on_one_side(datasets):
 
 
 def test_parallel_parse_equals_serial(datasets, monkeypatch):
-    monkeypatch.setattr(data, "_PARALLEL_MIN", 1)
+    monkeypatch.setattr(data, "_PARALLEL_MIN", 1); monkeypatch.setattr(data, "_PARALLEL_HASH_MIN", 1)
     par, ser = build_index(datasets["split"], CFG, num_workers=2), build_index(datasets["split"], CFG)
     assert par.items == ser.items and par.skipped == ser.skipped and par.records == ser.records
+    assert par.fingerprint == ser.fingerprint  # labels hashed in a pool: the same cache key
 
 
 # ---- index cache ---------------------------------------------------------------------------------------------------
@@ -185,6 +187,111 @@ def test_index_cache_hit_and_invalidation(tmp_path):
     assert len(list(cache.glob("index-*.json.gz"))) == 1  # stale caches of this root removed
     (cache / next(cache.glob("index-*.json.gz")).name).write_bytes(b"garbage")
     assert build_index(root, CFG, cache_dir=cache).from_cache is False  # unreadable cache ignored
+
+
+def _summary(index):
+    return (index.records, dict(index.skipped), {s: [(it.key, it.crop, it.json, it.look) for it in v] for s, v in index.items.items()})
+
+
+def _rename_look(label: Path) -> str:
+    "Give a label another source file name of the same byte length (so another look); returns the new look."
+    raw = label.read_bytes()
+    old = json.loads(raw.decode("utf-8-sig"))["이미지 정보"]["이미지 파일명"]
+    new = "Z_" + "7" * (len(old) - 9) + "_01.jpg"
+    assert len(new.encode()) == len(old.encode()) and old.encode() in raw
+    label.write_bytes(raw.replace(old.encode(), new.encode()))
+    return f"shop:{new[:-7]}"
+
+
+def test_index_cache_is_keyed_on_label_content(tmp_path):
+    "A corrected label of the same size, copied with its mtime kept (cp -p, rsync -t), is parsed again."
+    root = make_synthetic_kfashion(tmp_path / "kf", n_photos=15, seed=5)
+    cache = tmp_path / "cache"
+    build_index(root, CFG, cache_dir=cache)
+    label = next(root.rglob("100003.json")); st_ = label.stat()
+    look = _rename_look(label)
+    os.utime(label, ns=(st_.st_atime_ns, st_.st_mtime_ns))
+    assert (label.stat().st_size, label.stat().st_mtime_ns) == (st_.st_size, st_.st_mtime_ns)
+    changed = build_index(root, CFG, cache_dir=cache)
+    assert changed.from_cache is False and any(it.look == look for its in changed.items.values() for it in its)
+    os.utime(label, ns=(st_.st_atime_ns, st_.st_mtime_ns + 10**9))  # a touch alone keeps the cache
+    assert build_index(root, CFG, cache_dir=cache).from_cache
+
+
+_DAMAGES = ["truncated", "garbage", "flipped_byte", "not_json", "not_a_dict", "missing_key", "items_not_dict",
+            "bad_item", "other_fingerprint"]
+
+@pytest.mark.parametrize("damage", _DAMAGES)
+def test_damaged_index_cache_is_one_warning_and_rebuilt(tmp_path, caplog, damage):
+    root = make_synthetic_kfashion(tmp_path / "kf", n_photos=10, seed=5)
+    cache = tmp_path / "cache"
+    first = build_index(root, CFG, cache_dir=cache)
+    (path,) = cache.glob("index-*.json.gz")
+    raw = path.read_bytes(); d = json.loads(gzip.decompress(raw)); mid = len(raw) // 2
+    gz = lambda obj: gzip.compress(json.dumps(obj, ensure_ascii=False).encode())
+    bad_row = ["모던/1/상의", "Training/모던/1.jpg", "상의", "abcd", [0, 0, 9, 9], {}, "id:1"]  # a box of letters
+    path.write_bytes({"truncated": raw[:mid], "garbage": b"\x00 not gzip " * 9, "flipped_byte": raw[:mid] + bytes([raw[mid] ^ 0xFF]) + raw[mid + 1:],
+                      "not_json": gzip.compress(b'{"version": 2, "items'), "not_a_dict": gz([1, 2]),
+                      "missing_key": gz({k: v for k, v in d.items() if k != "records"}), "items_not_dict": gz({**d, "items": [1]}),
+                      "bad_item": gz({**d, "items": {**d["items"], "train": [bad_row]}}),
+                      "other_fingerprint": gz({**d, "fingerprint": "0" * 40})}[damage])
+    caplog.clear()
+    with caplog.at_level(logging.WARNING): again = build_index(root, CFG, cache_dir=cache)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and path.name in warnings[0] and "rebuilding" in warnings[0], warnings
+    assert again.from_cache is False and _summary(again) == _summary(first)
+    assert build_index(root, CFG, cache_dir=cache).from_cache  # the rebuilt cache is whole again
+
+
+# ---- hostile file trees and labels ---------------------------------------------------------------------------------
+def test_symlinks_followed_broken_ones_counted_no_folder_twice(datasets, tmp_path):
+    base = build_index(datasets["unzipped"], CFG)
+    root = Path(shutil.copytree(datasets["unzipped"], tmp_path / "kf"))
+    photos = sorted((root / "Training").glob("원천데이터_*"))[0]
+    shutil.move(photos, tmp_path / "elsewhere"); os.symlink(tmp_path / "elsewhere", photos)  # a valid folder link
+    label = sorted((root / "Validation").rglob("*.json"))[0]
+    shutil.move(label, tmp_path / "label.json"); os.symlink(tmp_path / "label.json", label)  # a valid file link
+    os.symlink(tmp_path / "gone.jpg", root / "Training" / "dangling.jpg")
+    os.symlink(root / "Training" / "self.json", root / "Training" / "self.json")  # ELOOP
+    os.symlink(tmp_path / "gone", root / "Training" / "dangling_folder")
+    os.symlink(root, root / "Training" / "up")  # a link to an ancestor
+    os.symlink(photos, root / "Validation" / "again")  # a second way into the linked folder
+    ix = build_index(root, CFG)
+    assert ix.skipped["broken_link"] == 3 and ix.skipped["repeated_folder"] == 2
+    rest = {k: v for k, v in ix.skipped.items() if k not in ("broken_link", "repeated_folder")}
+    assert (ix.records, rest, _summary(ix)[2]) == (base.records, dict(base.skipped), _summary(base)[2])
+    assert format_report(data_report(ix)).count("broken_link") == 1
+
+
+def test_nfd_label_folders_pair_with_nfc_photo_folders(datasets, tmp_path):
+    "Labels extracted on macOS (NFD Hangul names), photos on Linux (NFC)."
+    root = Path(shutil.copytree(datasets["unzipped"], tmp_path / "kf"))
+    renamed = 0
+    for d in sorted(root.glob("*/라벨링데이터/*")):
+        nfd = d.parent / unicodedata.normalize("NFD", d.name)
+        if nfd.name != d.name: d.rename(nfd); renamed += 1
+    assert renamed > 3
+    ix, base = build_index(root, CFG), build_index(datasets["unzipped"], CFG)
+    assert _summary(ix) == _summary(base) and sum(ix.records.values()) > N // 2
+    assert all(unicodedata.is_normalized("NFC", it.key) for its in ix.items.values() for it in its)
+
+
+def test_label_over_the_size_limit_is_skipped_unread(datasets, tmp_path):
+    root = Path(shutil.copytree(datasets["split"], tmp_path / "kf"))
+    stem = stem_of("box_partly_outside")
+    label = next(root.rglob(f"{stem}.json"))
+    raw = label.read_bytes(); label.write_bytes(raw + b" " * (LABEL_MAX_BYTES + 1 - len(raw)))  # valid JSON, one byte too many
+    base, ix = build_index(datasets["split"], CFG), build_index(root, CFG)
+    assert ix.skipped["label_too_large"] == 1 and keys_of(ix, stem) == [] and keys_of(base, stem)
+    assert sum(ix.records.values()) == sum(base.records.values()) - 1
+
+
+def test_item_json_is_linear_in_the_number_of_values():
+    "A 40k-value 디테일 list (O(n^2) dedup took ~9 s): first occurrences kept in order, in well under a second."
+    values = [f"디테일{i % 20_000}" for i in range(40_000)]
+    t = time.perf_counter(); j = item_json({"디테일": values, "카테고리": ["팬츠", "팬츠"]}, [], CFG.fields); dt = time.perf_counter() - t
+    assert j["detail"] == values[:20_000] and j["category"] == "팬츠"
+    assert dt < 1.0, f"{dt:.2f}s"
 
 
 # ---- crop geometry -------------------------------------------------------------------------------------------------

@@ -178,7 +178,7 @@ def test_torchrun_train_matches_one_process_with_the_global_batch(tmp_path):
     r = _torchrun(*common, "--batch_size", "4", "--output_dir", str(tmp_path / "two"))
     assert r.returncode == 0, r.stderr[-4000:]
     files = sorted(str(p.relative_to(tmp_path / "two")) for p in (tmp_path / "two").rglob("*") if p.is_file() and "cache" not in p.parts)
-    assert [f for f in files if not f.startswith("logs/")] == ["checkpoints/best_model.pt", "checkpoints/last.pt",
+    assert [f for f in files if not f.startswith("logs/")] == [".lock", "checkpoints/best_model.pt", "checkpoints/last.pt",
                                                               "results/training_results.json", "results/vocab.json"]
     assert len([f for f in files if f.startswith("logs/")]) == 1  # one TensorBoard event file: rank 0's
     one, two = (json.loads((tmp_path / d / "results/training_results.json").read_text(encoding="utf-8")) for d in ("one", "two"))

@@ -182,3 +182,69 @@ def test_bf16_tower_is_checked(items, tmp_path, monkeypatch):
     from fashion_json_encoder.config import UserError
     monkeypatch.setattr(fcm, "check_precision", lambda t, x: (_ for _ in ()).throw(UserError("bf16 CLIP features disagree")))
     with pytest.raises(UserError, match="disagree"): _build(items, lp, tmp_path / "c2")
+
+
+def _data_start(path: Path) -> int:  # safetensors: 8-byte little-endian header length, the JSON header, then the tensor bytes
+    return 8 + int.from_bytes(path.read_bytes()[:8], "little")
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "nan_fill"])
+def test_damaged_chunk_is_detected_and_reencoded(items, tower, tmp_path, caplog, damage):
+    "Issue 15: flipped bytes were used silently and a 0xFF fill (fp16 NaN) poisoned the run; now one warning and a re-encode."
+    fc = _build(items, tower, tmp_path / "c", chunk_size=4)
+    victim = sorted(fc.path.glob("chunk_*.safetensors"))[1]
+    b, s = bytearray(victim.read_bytes()), _data_start(victim)
+    if damage == "flip": b[s + 101] ^= 0x40          # one exponent bit of one fp16 value
+    elif damage == "nan_fill": b[s:s + 64] = b"\xff" * 64
+    else: b = b[: len(b) - 300]
+    victim.write_bytes(bytes(b))
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="fashion_json_encoder"): again = _build(items, tower, tmp_path / "c", chunk_size=4)
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1 and victim.name in warned[0], warned
+    assert again.n_computed == 4 and torch.isfinite(again.features.float()).all()
+    assert torch.equal(again.features, fc.features)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="fashion_json_encoder"): third = _build(items, tower, tmp_path / "c", chunk_size=4)
+    assert third.n_computed == 0 and not caplog.records  # repaired: the next build is a pure hit
+
+
+def test_legacy_chunks_are_verified_and_get_a_checksum(items, tower, tmp_path, monkeypatch):
+    "Chunks written before checksums are kept when their rows are finite and unit-norm, then rewritten with a checksum."
+    from safetensors.torch import save_file
+    fc = _build(items, tower, tmp_path / "c", chunk_size=4)
+    chunks = sorted(fc.path.glob("chunk_*.safetensors"))
+    for i, p in enumerate(chunks):  # the format before issue 15: no 'sha256' metadata
+        with safe_open(str(p), "pt") as f: meta, feats = f.metadata(), f.get_tensor("features")
+        if i == 0: feats = feats * 3  # a damaged legacy chunk: rows are no longer unit-norm
+        save_file({"features": feats}, str(p), metadata={"ids": meta["ids"], "skipped": meta["skipped"]})
+    calls = _count_calls(monkeypatch, tower)
+    again = _build(items, tower, tmp_path / "c", chunk_size=4)
+    assert sum(calls) == 4 and again.n_computed == 4 and torch.equal(again.features, fc.features)
+    for p in fc.path.glob("chunk_*.safetensors"):
+        with safe_open(str(p), "pt") as f: assert "sha256" in f.metadata(), p
+
+
+@pytest.mark.parametrize("manifest,kept", [(b'{"key": {"vers', True), (b"\x00\xffgarbage", True), (b"[1, 2]", True),
+                                           (b'{"key": {"version": 0, "model": "other"}}', False)])
+def test_damaged_manifest_is_rewritten(items, tower, tmp_path, caplog, manifest, kept):
+    "Issue 15 §3: a truncated, garbage or foreign manifest.json raised (JSONDecodeError, bare RuntimeError); now one warning."
+    fc = _build(items, tower, tmp_path / "c", chunk_size=4)
+    (fc.path / "manifest.json").write_bytes(manifest)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="fashion_json_encoder"): again = _build(items, tower, tmp_path / "c", chunk_size=4)
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1 and str(fc.path / "manifest.json") in warned[0], warned
+    assert again.n_computed == (0 if kept else 12) and torch.equal(again.features, fc.features)
+    import json
+    assert json.loads((fc.path / "manifest.json").read_text(encoding="utf-8"))["key"] == cache_key(tower)
+
+
+def test_non_finite_tower_output_is_never_cached(items, tower, tmp_path, monkeypatch):
+    "A row the tower returns as NaN is skipped ('bad_feature'), never written where every epoch would read it."
+    real = type(tower).forward
+    def forward(images):
+        out = real(tower, images); out[0] = float("nan"); return out
+    monkeypatch.setattr(tower, "forward", forward)
+    fc = _build(items[:4], tower, tmp_path / "c", batch_size=4)
+    assert list(fc.skipped.values()) == ["bad_feature"] and len(fc) == 3 and torch.isfinite(fc.features.float()).all()

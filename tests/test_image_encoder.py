@@ -1,5 +1,5 @@
 "Tests of the frozen CLIP image tower (fashion_json_encoder.models.image_encoder)."
-import os, time
+import hashlib, os, time
 import pytest
 import torch
 from torch import nn
@@ -59,9 +59,12 @@ def test_none_seeded_reproducible_and_rng_untouched(tower):
     assert other.fingerprint != tower.fingerprint and not torch.allclose(other(x), tower(x))
 
 
-def test_none_warns_loudly(caplog):
-    with caplog.at_level("WARNING"): CLIPImageEncoder(pretrained="none", model_cfg=TINY)
-    assert any("RANDOM weights" in r.message for r in caplog.records)
+def test_none_warns_loudly_once_per_process(caplog, monkeypatch):
+    monkeypatch.setattr(ie, "_WARNED_RANDOM", set())
+    with caplog.at_level("WARNING"):
+        CLIPImageEncoder(pretrained="none", model_cfg=TINY)
+        CLIPImageEncoder(pretrained="none", model_cfg=TINY, seed=1)  # a command rebuilds its tower: no second warning
+    assert sum("RANDOM weights" in r.message for r in caplog.records) == 1
 
 
 def test_fingerprint_follows_weights(tower, tmp_path):
@@ -89,8 +92,8 @@ def test_local_checkpoint_loads_identically(tower, tmp_path, fmt):
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")
-def test_torchscript_checkpoint(tower, tmp_path):
-    "OpenAI's original ViT-B-32.pt is a TorchScript archive; its state dict is read through torch.jit.load."
+def test_torchscript_checkpoint(tower, tmp_path, monkeypatch):
+    "OpenAI's original ViT-B-32.pt is a TorchScript archive: read through torch.jit.load when its SHA-256 is OpenAI's."
     class Holder(nn.Module):
         def __init__(self, visual):
             super().__init__(); self.visual = visual
@@ -98,7 +101,9 @@ def test_torchscript_checkpoint(tower, tmp_path):
         def forward(self, x): return self.visual.conv1(x)
     p = tmp_path / "ViT-tiny.pt"
     torch.jit.save(torch.jit.trace(Holder(tower.visual), torch.randn(1, 3, 64, 64)), str(p))
-    loaded = CLIPImageEncoder(pretrained=str(p), model_cfg=TINY)
+    with pytest.raises(UserError, match="not one of OpenAI's published"): CLIPImageEncoder(pretrained=str(p), model_cfg=TINY)
+    monkeypatch.setattr(ie, "OPENAI_SHA256", ie.OPENAI_SHA256 | {hashlib.sha256(p.read_bytes()).hexdigest()})
+    loaded = CLIPImageEncoder(pretrained=str(p), model_cfg=TINY)  # a published hash needs no trust flag
     assert loaded.fingerprint == tower.fingerprint
 
 
@@ -116,14 +121,10 @@ def test_bad_checkpoints_are_user_errors(tmp_path):
     with pytest.raises(UserError, match="CUDA"): CLIPImageEncoder(pretrained="none", model_cfg=TINY, precision="fp16", device="cpu")
 
 
-def _openai_cached():
-    from huggingface_hub import try_to_load_from_cache
-    return any(isinstance(try_to_load_from_cache("timm/vit_base_patch32_clip_224.openai", f), str) for f in ie.OPENAI_FILES)
-
-
 @pytest.mark.parametrize("offline", ["1", None])
-def test_openai_unavailable_fails_fast_in_one_line(monkeypatch, offline):
-    if _openai_cached(): pytest.skip("OpenAI weights are cached here")
+def test_openai_unavailable_fails_fast_in_one_line(monkeypatch, tmp_path, offline):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))  # an empty cache, whatever this machine holds
+    monkeypatch.setenv("HOME", str(tmp_path))  # and no ~/.cache/clip copy
     if offline: monkeypatch.setenv("HF_HUB_OFFLINE", offline)
     else:
         monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
@@ -136,14 +137,17 @@ def test_openai_unavailable_fails_fast_in_one_line(monkeypatch, offline):
     assert ("HF_HUB_OFFLINE" in msg) == bool(offline)
 
 
-def test_openai_uses_quickgelu_arch(monkeypatch, tower, tmp_path):
-    "'openai' builds the QuickGELU variant OpenAI's weights need, from the file the resolver finds."
-    torch.save(_full_clip_state(tower), tmp_path / "w.pt")
-    monkeypatch.setattr(ie, "openai_weights", lambda name: str(tmp_path / "w.pt"))
-    monkeypatch.setattr(ie, "clip_model_config", lambda name, qg: {**TINY, "quick_gelu": bool(qg)})
-    t = CLIPImageEncoder("ViT-B-32", pretrained="openai")
-    assert t.cfg["quick_gelu"] is True and t.fingerprint == tower.fingerprint
-    assert CLIPImageEncoder("ViT-B-32", pretrained="none").cfg["quick_gelu"] is False
+def test_tag_chooses_quickgelu_as_open_clip_names_do(monkeypatch, tmp_path):
+    "'openai' builds the QuickGELU variant its weights need even under a GELU config, as `ViT-B-32-quickgelu` does."
+    gelu = {**TINY, "quick_gelu": False}
+    src = CLIPImageEncoder(pretrained="none", model_cfg=gelu)
+    torch.save(_full_clip_state(src), tmp_path / "w.pt")
+    asked = []
+    monkeypatch.setattr(ie, "pretrained_weights", lambda name, tag: asked.append((name, tag)) or str(tmp_path / "w.pt"))
+    t = CLIPImageEncoder("ViT-B-32", pretrained="openai", model_cfg=gelu)
+    assert t.cfg["quick_gelu"] is True and asked == [("ViT-B-32", "openai")]
+    assert CLIPImageEncoder("ViT-B-32", pretrained="laion2b_s34b_b79k", model_cfg=gelu).cfg["quick_gelu"] is False
+    assert CLIPImageEncoder("ViT-B-32", pretrained="openai", model_cfg=gelu, quick_gelu=False).cfg["quick_gelu"] is False
 
 
 def test_bf16_agrees_with_fp32(tower):

@@ -66,8 +66,9 @@ def test_cli_search_and_tag(run, capsys):
     it = system.prepared.val.items[0]; b = it.box
     assert main(["tag", "--checkpoint_path", str(ckpt), "--image", it.image_path, "--box",
                  f"{b[0]},{b[1]},{b[2] - b[0]},{b[3] - b[1]}", "--top", "2", "--quiet"]) == 0
-    out = capsys.readouterr().out
-    assert out.splitlines()[0].startswith("category") and len(out.splitlines()) == len(system.config.fields)
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("# cosine") and out[1].split() == ["field", "values"] and out[2].startswith("category")
+    assert len(out) == len(system.config.fields) + 2
     assert main(["tag", "--checkpoint_path", str(ckpt), "--image", it.image_path, "--box", "1,2,3", "--quiet"]) == 2
     assert "x,y,w,h" in capsys.readouterr().err
 
@@ -112,3 +113,172 @@ def test_cli_evaluate_plot_embeddings_and_baseline(run, tmp_path, capsys):
     res = json.loads((tmp_path / "results/evaluation_results.json").read_text(encoding="utf-8"))
     again = metrics_from_npz(tmp_path / "e.npz")
     for k, v in res["metrics"].items(): assert again[k] == pytest.approx(v, abs=1e-6), k
+
+
+# -- issue 15 / 12: damaged side files, an index that follows its data, input checks, readable output ------------------
+
+import shutil, zipfile
+from PIL import Image
+from fashion_json_encoder.search import SearchIndex, load_calibration, load_image_crop, format_hits
+
+
+def _warnings_naming(caplog, path) -> list:
+    return [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and str(path) in r.getMessage()]
+
+
+def _flip_feature_byte(path: Path, row: int, n: int, d: int):
+    "Set the high (sign + exponent) byte of feature (row, 0) in the zip torch.save wrote: a 'flipped byte' worth ~1e4."
+    with zipfile.ZipFile(path) as z:
+        info = next(i for i in z.infolist() if "/data/" in i.filename and i.file_size == n * d * 2)  # the (N, D) fp16 storage
+    b = bytearray(path.read_bytes())
+    start = info.header_offset + 30 + int.from_bytes(b[info.header_offset + 26:info.header_offset + 28], "little") \
+        + int.from_bytes(b[info.header_offset + 28:info.header_offset + 30], "little")
+    b[start + row * d * 2 + 1] = 0x70  # fp16 0x70xx = 8192 and more
+    path.write_bytes(bytes(b))
+
+
+class _Payload:
+    "A pickle that would create a file when unpickled without weights_only."
+    def __init__(self, target): self.target = str(target)
+    def __reduce__(self): return (open, (self.target, "w"))
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "garbage", "pickle"])
+def test_damaged_search_index_is_rebuilt(run, caplog, damage, tmp_path):
+    "Issue 15: a flipped byte made a corrupt item rank first (score ~1e4); truncated or garbage files crashed. Now: one warning, rebuild."
+    system, ckpt, _, tower = run
+    cat = system.prepared.vocab.fields["category"][0]
+    good = Searcher(ckpt, tower=tower).search({"category": cat}, k=3)
+    p = side_path(ckpt, "index")
+    n = len(SearchIndex.load(p))
+    if damage == "flip": _flip_feature_byte(p, n - 1, n, 512)
+    elif damage == "truncate": p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+    elif damage == "garbage": p.write_bytes(b"\x00garbage" * 100)
+    else: torch.save({"features": _Payload(tmp_path / "pwned")}, p)   # a side file is never unpickled with code
+    caplog.clear()
+    with caplog.at_level("INFO", logger="fashion_json_encoder"): hits = Searcher(ckpt, tower=tower).search({"category": cat}, k=3)
+    assert len(_warnings_naming(caplog, p)) == 1, caplog.text
+    assert [h["key"] for h in hits] == [h["key"] for h in good] and all(abs(h["cosine"]) <= 1.001 for h in hits)
+    assert SearchIndex.load(p).digest() and len(SearchIndex.load(p)) == n  # rebuilt and sound again
+    assert not (tmp_path / "pwned").exists()
+
+
+@pytest.fixture
+def own_run(run, tmp_path):
+    "A copy of the trained checkpoint (no index, no calibration) and of the dataset, free to damage."
+    ckpt = tmp_path / "run/checkpoints/best_model.pt"; ckpt.parent.mkdir(parents=True)
+    shutil.copy(run[1], ckpt)
+    ds = make_synthetic_kfashion(tmp_path / "kfashion", n_photos=40, seed=3)
+    return ckpt, ds, run[3]
+
+
+def test_search_index_follows_its_dataset(own_run, tmp_path, caplog):
+    "Issue 15: after a photo was deleted `search` still returned it, and --dataset_path OTHER searched the old index."
+    ckpt, ds, tower = own_run
+    s = Searcher(ckpt, ds, tower=tower)
+    assert len(s.index) > 0
+    gone = Path(s.index.image_paths[0]); gone.unlink()          # a photo deleted from the dataset
+    caplog.clear()
+    with caplog.at_level("INFO", logger="fashion_json_encoder"): again = Searcher(ckpt, ds, tower=tower).index
+    assert str(gone) not in again.image_paths and "changed since it was built" in caplog.text
+    other = make_synthetic_kfashion(tmp_path / "other", n_photos=40, seed=3)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="fashion_json_encoder"): moved = Searcher(ckpt, other, tower=tower).index
+    assert all(p.startswith(str(other.resolve())) for p in moved.image_paths) and moved.dataset == str(other.resolve())
+    assert f"built from {ds.resolve()}, not {other.resolve()}" in caplog.text
+    caplog.clear()
+    with caplog.at_level("INFO", logger="fashion_json_encoder"): Searcher(ckpt, other, tower=tower).index
+    assert "rebuilding" not in caplog.text  # unchanged data: the saved index is used
+
+
+@pytest.mark.parametrize("content", [b"", b"\x00garbage", "truncate", "pickle"])
+def test_damaged_calibration_is_removed_with_one_warning(own_run, caplog, content, tmp_path):
+    "Issue 15 §3: a truncated or garbage best_model.calibration.pt crashed every command; now one warning and a recompute."
+    ckpt, ds, tower = own_run
+    s = Searcher(ckpt, ds, tower=tower); s.index                # builds the calibration and the index
+    p = side_path(ckpt, "calibration")
+    assert load_calibration(ckpt, s.encoder) is not None
+    if content == "pickle": torch.save({"bank": _Payload(tmp_path / "pwned")}, p)   # never unpickled with code
+    else: p.write_bytes(p.read_bytes()[:200] if content == "truncate" else content)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="fashion_json_encoder"): assert load_calibration(ckpt, s.encoder) is None
+    assert len(_warnings_naming(caplog, p)) == 1 and not p.exists() and not (tmp_path / "pwned").exists()
+    again = Searcher(ckpt, ds, tower=tower, rebuild=True); again.index   # the next index build writes it again
+    assert load_calibration(ckpt, s.encoder) is not None
+
+
+@pytest.mark.parametrize("query,needle", [('{"category": ' + "[" * 1000 + '"x"' + "]" * 1000 + "}", "nested too deeply"),
+                                          ('{"category": ' + "[" * 50 + '"x"' + "]" * 50 + "}", "string or a list of strings"),
+                                          ('{"category": {"a": 1}}', "string or a list of strings"),
+                                          ('["블라우스"]', "must be a JSON object")])
+def test_query_shapes_are_one_line_errors(run, query, needle):
+    with pytest.raises(UserError, match=needle) as e: check_query(query, run[0].prepared.vocab)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("args,needle", [(["search", "--query", '{"category": ' + "[" * 1000 + "]" * 1000 + "}"], "nested too deeply"),
+                                         (["tag", "--image", "IMG", "--box", "nan,nan,10,10"], "finite")])
+def test_cli_deep_query_and_nan_box_are_one_line_exit_2(run, capsys, args, needle):
+    "Issue 15 §5: a query nested 1000 deep was a RecursionError traceback, --box nan,nan,10,10 tagged the whole image."
+    system, ckpt, _, _ = run
+    args = [system.prepared.val.items[0].image_path if a == "IMG" else a for a in args]
+    rc = main([args[0], "--checkpoint_path", str(ckpt), *args[1:], "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: ") and needle in err and err.count("\n") == 1, err
+
+
+def test_counts_must_be_positive(run):
+    "Issue 15 §5: k = -5 was a RuntimeError traceback, top = -3 silently returned all but 3 values."
+    system, ckpt, _, tower = run
+    s, cat = Searcher(ckpt, tower=tower), {"category": system.prepared.vocab.fields["category"][0]}
+    it = system.prepared.val.items[0]
+    for k in (-5, 0, 2.5, True):
+        with pytest.raises(UserError, match="k must be a whole number >= 1"): s.search(cat, k=k)
+    for top in (-3, 0):
+        with pytest.raises(UserError, match="top must be a whole number >= 1"): s.tag(it.image_path, top=top)
+    assert len(s.search(cat, k=10**6)) == len(s.index)          # a k beyond the gallery returns all of it
+
+
+def test_missing_image_is_reported_before_the_tower_loads(own_run):
+    "Issue 12 §4: `tag` with a missing --image built the index (and the tower) first."
+    ckpt, ds, _ = own_run
+    s = Searcher(ckpt, ds)                                        # no tower given: it would be built from the checkpoint
+    with pytest.raises(UserError, match="no such image file"): s.tag(ckpt.parent / "missing.jpg")
+    assert s._tower is None and not side_path(ckpt, "index").exists()
+
+
+def _bomb_jpeg(path: Path, side: int = 20000) -> Path:
+    "A small JPEG whose SOF0 header claims side x side pixels."
+    Image.new("RGB", (16, 16), (200, 30, 30)).save(path, quality=90)
+    b = bytearray(path.read_bytes()); i = b.index(b"\xff\xc0")
+    b[i + 5:i + 9] = side.to_bytes(2, "big") * 2
+    path.write_bytes(bytes(b)); return path
+
+
+def test_load_image_crop_checks_boxes_and_huge_headers(tmp_path, caplog):
+    p = tmp_path / "photo.jpg"; Image.new("RGB", (240, 320), (10, 120, 200)).save(p)
+    with pytest.raises(UserError, match="finite"): load_image_crop(p, (float("nan"), float("nan"), 10, 10))
+    with pytest.raises(UserError, match="finite"): load_image_crop(p, (0, 0, float("inf"), 10))
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="fashion_json_encoder"): crop = load_image_crop(p, (10, 10, 1000, 1200), pad=0)
+    assert crop.size == (230, 310)
+    assert "(10, 10, 1000, 1200)" in caplog.text and "clipped to (10, 10, 230, 310)" in caplog.text and str(p) in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="fashion_json_encoder"): load_image_crop(p, (10, 10, 100, 100))
+    assert not caplog.records                                      # a box inside the image says nothing
+    with pytest.raises(UserError, match="outside"): load_image_crop(p, (500, 500, 10, 10))
+    bomb = _bomb_jpeg(tmp_path / "bomb.jpg")
+    with pytest.raises(UserError, match="too large") as e: load_image_crop(bomb)
+    assert str(bomb) in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(UserError, match="too large"): load_image_crop(_bomb_jpeg(tmp_path / "warn.jpg", 10000))  # 1e8 px: PIL only warns
+
+
+def test_formatted_output_has_a_header_and_the_raw_cosine(run):
+    "Issue 12 §2: the normalised score was printed with no header; now a note on its meaning, a header row and the raw cosine."
+    system, _, _, _ = run
+    hits = system.search({"category": system.prepared.vocab.fields["category"][0]}, k=3)
+    assert all({"score", "cosine"} <= set(h) for h in hits)
+    lines = format_hits(hits).splitlines()
+    assert lines[0].startswith("# score: querybank-normalised") and lines[1].split()[:3] == ["rank", "score", "cosine"]
+    assert len(lines) == 5 and f"{hits[0]['cosine']:7.4f}".strip() in lines[2] and f"{hits[0]['score']:8.4f}".strip() in lines[2]
+    raw = system.search({"category": system.prepared.vocab.fields["category"][0]}, k=3, normalised=False)
+    assert format_hits(raw).splitlines()[0].startswith("# score: the raw cosine")

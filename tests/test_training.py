@@ -113,13 +113,13 @@ from fashion_json_encoder.training import val_subset_rows
 def _legacy_epoch(t, epoch, stage):
     "The per-batch loop the trainer ran before device-resident steps: host-side indexing and a .item() per step."
     t.learner.train(); total, n = 0.0, 0
-    for idx in t._batches(epoch):
+    for i, idx in enumerate(t._batches(epoch)):
+        t._set_lr(t._step0(epoch) + i)
         js = {k: v.to(t.device) for k, v in t.train_data.batch(idx).items()}
         if stage == "standalone":
             err = 1 - (t.encoder(js) * t.targets[idx].to(t.device)).sum(1); loss = err.mean()
         else: loss = t.learner(t.train_data.features[idx].to(t.device), js)
         t.opt.zero_grad(set_to_none=True); loss.backward(); t.opt.step()
-        if t.sched: t.sched.step()
         total += loss.item() * len(idx); n += len(idx)
     return total / n
 
@@ -127,7 +127,7 @@ def _run_stages(t, epoch_fn, S=1, C=2):
     losses = []
     for e in range(1, S + C + 1):
         stage = "standalone" if e <= S else "contrastive"
-        if stage != t.stage: t._new_stage(stage, C)
+        if stage != t.stage: t._new_stage(stage, S, C)
         losses.append(epoch_fn(t, e, stage))
     return losses
 
@@ -194,3 +194,65 @@ def test_features_streamed_from_pinned_host_memory_give_the_same_loss():
     a = RowsLoss(enc, lrn, js, features=on_host)(idx)
     b = RowsLoss(enc, lrn, js, features=f.cuda())(idx)
     assert a.item() == pytest.approx(b.item(), abs=1e-6)
+
+
+# -- the learning-rate schedule, extended runs, non-finite losses, per-step logs -----------------------------------------
+def test_extended_run_follows_the_schedule_of_its_new_length(prepared, tmp_path):
+    "`--resume last.pt --epochs 6` after 4: the lr is the cosine of the 6-epoch run from there on, never past its end."
+    short = _trainer(prepared, tmp_path / "run").fit(1, 3)
+    assert short["history"][-1]["lr"] < 0.1 * CFG.learning_rate          # annealed to near 0 at the end of 4 epochs
+    ext = _trainer(prepared, tmp_path / "run").fit(1, 5, resume=tmp_path / "run/checkpoints/last.pt")
+    fresh = _trainer(prepared, tmp_path / "fresh").fit(1, 5)
+    lrs = [h["lr"] for h in ext["history"]]
+    assert lrs[4:] == pytest.approx([h["lr"] for h in fresh["history"]][4:])  # epochs 5-6 as in an uninterrupted 6-epoch run
+    assert lrs[4] > lrs[5] and lrs[5] < 0.1 * CFG.learning_rate               # ... decaying to 0 again, not climbing
+
+def test_warmup_rises_linearly_then_follows_the_cosine(prepared, tmp_path):
+    t = _trainer(prepared, tmp_path)
+    t.cfg = dataclasses.replace(CFG, warmup_steps=4)
+    t._new_stage("contrastive", 1, 10)
+    first = t.steps_per_epoch                       # the contrastive stage starts after one standalone epoch
+    got = [t.lr_at(first + i) for i in range(6)]
+    lr = CFG.learning_rate
+    assert got[:4] == pytest.approx([lr / 4, lr / 2, 3 * lr / 4, lr])   # step 4 is the cosine's first: the peak
+    assert got[4] == pytest.approx(lr) and got[5] < got[4]
+
+def test_resuming_a_finished_run_says_so_and_trains_nothing(prepared, tmp_path, caplog):
+    _trainer(prepared, tmp_path).fit(1, 1)
+    before = (tmp_path / "checkpoints/last.pt").read_bytes()
+    res = _trainer(prepared, tmp_path).fit(1, 1, resume=tmp_path / "checkpoints/last.pt")
+    assert res["already_finished"] and len(res["history"]) == 2
+    assert "already finished (epoch 2 of 2)" in caplog.text
+    assert (tmp_path / "checkpoints/last.pt").read_bytes() == before
+
+def test_zero_epochs_is_refused(prepared, tmp_path):
+    with pytest.raises(UserError, match="nothing to train"): _trainer(prepared, tmp_path).fit(0, 0)
+
+def test_standalone_only_is_announced(prepared, tmp_path, caplog):
+    res = _trainer(prepared, tmp_path).fit(2, 0)
+    assert res["best_epoch"] in (1, 2) and (tmp_path / "checkpoints/best_model.pt").is_file() and "standalone only" in caplog.text
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(prepared, tmp_path):
+    _, tower, p = prepared
+    feats = p.train.features.clone(); feats[3] = float("nan")     # one poisoned row: the batch holding it has a NaN loss
+    train = dataclasses.replace(p.train, features=feats)
+    t = Trainer(CFG, p.vocab, train, p.val, tmp_path, tower=tower, progress=False, info=p.info)
+    with pytest.raises(UserError, match=r"epoch 2, step \d+ of \d+ \(contrastive\): the training loss is nan") as e:
+        t.fit(1, 2)
+    assert "last.pt holds epoch 1" in str(e.value) and "\n" not in str(e.value)
+    assert load_checkpoint(tmp_path / "checkpoints/last.pt")["epoch"] == 1   # the NaN weights were never written
+    assert not (tmp_path / "checkpoints/best_model.pt").exists()
+
+def test_per_step_scalars_and_config_text_in_tensorboard(prepared, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    t = _trainer(prepared, tmp_path)
+    t.cfg = dataclasses.replace(CFG, log_every_n_steps=2)
+    t.fit(1, 2)
+    ea = EventAccumulator(str(tmp_path / "logs"), size_guidance={"scalars": 0, "tensors": 0}).Reload()
+    spe = t.steps_per_epoch
+    steps = [e.step for e in ea.Scalars("train_step/loss_contrastive")]
+    assert steps == [g for g in range(spe, 3 * spe) if g % 2 == 0]
+    assert [e.step for e in ea.Scalars("train_step/lr")] == [g for g in range(3 * spe) if g % 2 == 0]
+    temps = ea.Scalars("train_step/temperature")
+    assert temps and all(abs(e.value - 0.07) < 0.02 for e in temps)
+    assert "config" in " ".join(ea.Tags()["tensors"])

@@ -1,5 +1,5 @@
 "Issue 10 §1: the K-Fashion release read as downloaded (zips in place), with Korean Windows names and damaged archives."
-import os, shutil, unicodedata, zipfile
+import json, os, shutil, unicodedata, zipfile
 from pathlib import Path
 import pytest
 import torch
@@ -84,15 +84,48 @@ def test_parallel_index_workers_read_members_like_one_process(trees, monkeypatch
     assert _summary(build_index(trees["cp949"], Config(num_workers=2))) == _summary(one)
 
 
+def _restore_stored(z: Path, edit=lambda name, data: data):
+    "Rewrite zip `z` with every member stored (same names and times), `edit` applied to each member's bytes."
+    with zipfile.ZipFile(z) as src: members = [(zi, edit(zi.filename, src.read(zi))) for zi in src.infolist()]
+    with zipfile.ZipFile(z, "w", zipfile.ZIP_STORED) as dst:
+        for zi, data in members: zi.compress_type = zipfile.ZIP_STORED; dst.writestr(zi, data)
+
+
 def test_index_cache_is_keyed_on_the_archives(trees, tmp_path):
     rel = shutil.copytree(trees["utf8"], tmp_path / "rel")
+    z = rel / "Training" / "라벨링데이터.zip"
+    _restore_stored(z)  # stored members: an edit of the same length keeps the zip's size
     first = build_index(rel, CFG, cache_dir=tmp_path / "cache")
     again = build_index(rel, CFG, cache_dir=tmp_path / "cache")
     assert again.from_cache and _summary(again) == _summary(first)
     assert again.items["train"][0].image_path == first.items["train"][0].image_path
-    z = rel / "Training" / "라벨링데이터.zip"; st_ = z.stat()
+    st_ = z.stat()
     os.utime(z, ns=(st_.st_atime_ns, st_.st_mtime_ns + 10**9))
-    assert not build_index(rel, CFG, cache_dir=tmp_path / "cache").from_cache
+    assert build_index(rel, CFG, cache_dir=tmp_path / "cache").from_cache  # touched, same content: still valid
+    stem = next(it.key.split("/")[1] for it in first.items["train"] if it.key.split("/")[1].startswith("1"))  # a normal photo
+    def fix(name, data):  # a corrected label of the same length: another source file name, so another look
+        if not name.endswith(f"/{stem}.json"): return data
+        old = json.loads(data)["이미지 정보"]["이미지 파일명"]
+        new = "Z_" + "7" * (len(old) - 9) + "_01.jpg"
+        return data.replace(old.encode(), new.encode())
+    _restore_stored(z, fix)
+    os.utime(z, ns=(st_.st_atime_ns, st_.st_mtime_ns))
+    assert (z.stat().st_size, z.stat().st_mtime_ns) == (st_.st_size, st_.st_mtime_ns)
+    fixed = build_index(rel, CFG, cache_dir=tmp_path / "cache")
+    assert not fixed.from_cache
+    looks = {i.look for its in fixed.items.values() for i in its if i.key.split("/")[1] == stem}
+    assert looks and all(l.startswith("shop:Z_77") for l in looks), looks
+
+
+def test_nfd_unzipped_labels_pair_with_zipped_photos(trees, tmp_path):
+    "Labels unzipped on macOS (NFD folder names), photos still in the release zips (members read as NFC)."
+    mixed = tmp_path / "mixed"
+    for split in ("Training", "Validation"):
+        shutil.copytree(trees["unzipped"] / split / "라벨링데이터", mixed / split / "라벨링데이터")
+        for d in (mixed / split / "라벨링데이터").iterdir(): d.rename(d.parent / unicodedata.normalize("NFD", d.name))
+        for z in (trees["nfd"] / split).glob("원천데이터*.zip"): shutil.copy(z, mixed / split / z.name)
+    assert any(not unicodedata.is_normalized("NFC", p.name) for p in mixed.rglob("*"))
+    assert _summary(build_index(mixed, CFG)) == _summary(build_index(trees["unzipped"], CFG))
 
 
 # ---- damaged archives -------------------------------------------------------------------------------------------------
@@ -163,3 +196,16 @@ def test_damaged_photo_member_skips_its_crops(trees, tower, tmp_path):
     fc = build_feature_cache(items, tower, tmp_path / "c", batch_size=8, num_workers=0, progress=False)
     assert hit and {k: fc.skipped[k] for k in hit} == {k: "bad_member" for k in hit}
     assert "CRC" in fc.skip_details[hit[0]] and len(fc) == len(items) - len(fc.skipped)
+
+
+def test_macos_resource_forks_in_zips_are_not_records(trees, tmp_path):
+    "A release re-zipped on macOS holds `__MACOSX/.../._<id>.json` and `._<id>.jpg` members: they are not labels or photos."
+    rel = _copy(trees, tmp_path)
+    for z in rel.rglob("*.zip"):
+        with zipfile.ZipFile(z) as src: names = [n for n in src.namelist() if not n.endswith("/")]
+        with zipfile.ZipFile(z, "a") as dst:
+            for n in names[:10]:
+                folder, base = n.rsplit("/", 1) if "/" in n else ("", n)
+                dst.writestr(f"__MACOSX/{folder}/._{base}", b"\x00\x05\x16\x07 AppleDouble")   # what Archive Utility adds
+                dst.writestr(f"{folder}/._{base}".lstrip("/"), b"\x00\x05\x16\x07 AppleDouble")
+    assert _summary(build_index(rel, CFG)) == _summary(build_index(trees["utf8"], CFG))

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
-from tqdm import tqdm
+from ..progress import progress as progress_bar
 from ..config import UserError, atomic_path, atomic_write_text
 from .image_encoder import CLIPImageEncoder, check_precision
 from ..archives import member_stat
@@ -24,8 +24,8 @@ from ..distributed import barrier, get_rank, get_world_size, main_first
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'CACHE_VERSION', 'cache_key', 'cache_path', 'record_id', 'plan_photo_chunks', 'write_chunk', 'read_chunks',
-           'FeatureCache', 'build_feature_cache', 'cache_contents']
+__all__ = ['log', 'CACHE_VERSION', 'cache_key', 'cache_path', 'record_id', 'plan_photo_chunks', 'chunk_digest', 'write_chunk',
+           'load_chunk', 'read_chunks', 'FeatureCache', 'build_feature_cache', 'cache_contents']
 
 # %% ../../nbs/03a_feature_cache.ipynb #1cb94a9f
 CACHE_VERSION = 1  # bump when the on-disk format changes
@@ -59,25 +59,59 @@ def plan_photo_chunks(sizes: list, chunk_size: int, rank: int = 0, world_size: i
         cur.append(p); n += k
     return (chunks + [cur] if cur else chunks)[rank::world_size]
 
+def chunk_digest(features: Tensor, meta: dict) -> str:  # features: (n, D) fp16 as stored; meta: the 'ids' and 'skipped' strings
+    "sha256 of everything a chunk means: the feature bytes, their dtype and shape, and the 'ids' and 'skipped' metadata."
+    h = hashlib.sha256(f"{features.dtype} {tuple(features.shape)}\n".encode())
+    h.update(features.contiguous().reshape(-1).view(torch.uint8).numpy())
+    for k in ("ids", "skipped"): h.update(b"\0" + meta[k].encode())
+    return h.hexdigest()
+
 def write_chunk(root: Path, ids: list, features: Tensor,  # (n, D) features of the records `ids`, in order
                 skipped: dict) -> Path:  # record id -> [item key, reason, detail]
-    "Write one chunk atomically and return its path."
+    "Write one chunk atomically, with its `chunk_digest` in its metadata, and return its path."
     assert len(ids) == len(features), f"{len(ids)} ids for {len(features)} feature rows"
     h = hashlib.blake2b(json.dumps([ids, sorted(skipped)]).encode(), digest_size=10).hexdigest()
-    path = Path(root) / f"chunk_{h}.safetensors"
-    with atomic_path(path) as tmp:
-        save_file({"features": features.to(torch.float16).contiguous()}, str(tmp),
-                  metadata={"ids": json.dumps(ids), "skipped": json.dumps(skipped, ensure_ascii=False)})
+    path, feats = Path(root) / f"chunk_{h}.safetensors", features.to(torch.float16).contiguous()
+    meta = {"ids": json.dumps(ids), "skipped": json.dumps(skipped, ensure_ascii=False)}
+    with atomic_path(path) as tmp: save_file({"features": feats}, str(tmp), metadata=meta | {"sha256": chunk_digest(feats, meta)})
     return path
 
-def read_chunks(root: Path) -> tuple:
-    "Index of the chunks in `root`: ({record id: (chunk path, row)}, {record id: [item key, reason, detail]})."
-    rows, skipped = {}, {}
+# %% ../../nbs/03a_feature_cache.ipynb #69087e32
+def load_chunk(path) -> tuple:
+    "(features (n, D) fp16, record ids, skipped, has a checksum) of one chunk; `ValueError` when it fails verification."
+    with safe_open(str(path), "pt") as s: meta, feats = s.metadata() or {}, s.get_tensor("features")
+    ids, skipped = json.loads(meta["ids"]), json.loads(meta["skipped"])
+    if feats.dtype != torch.float16 or feats.ndim != 2 or len(feats) != len(ids):
+        raise ValueError(f"{feats.dtype} features of shape {tuple(feats.shape)} for {len(ids)} record ids")
+    if "sha256" in meta and chunk_digest(feats, meta) != meta["sha256"]: raise ValueError("checksum mismatch")
+    if ((feats.numpy().view("uint16") & 0x7C00) == 0x7C00).any(): raise ValueError("non-finite features")  # fp16 exponent all ones
+    if "sha256" not in meta and len(feats) and ((feats.float().norm(dim=1) - 1).abs() > 0.02).any():  # written before checksums
+        raise ValueError("features are not unit-norm")
+    return feats, ids, skipped, "sha256" in meta
+
+def _sig(f: Path) -> tuple: st = f.stat(); return st.st_size, st.st_mtime_ns
+
+def read_chunks(root: Path, verified: dict | None = None,  # verified: {path: (size, mtime_ns)} of chunks already checked, updated here
+                upgrade: bool = False) -> tuple:  # upgrade: rewrite a chunk written before checksums with one
+    "Index of the chunks in `root` that pass `load_chunk`: ({record id: (chunk path, row)}, {record id: [item key, reason, detail]})."
+    rows, skipped, verified = {}, {}, {} if verified is None else verified
     for f in sorted(Path(root).glob("chunk_*.safetensors")):
         try:
-            with safe_open(str(f), "pt") as s: meta = s.metadata()
-            ids, sk = json.loads(meta["ids"]), json.loads(meta["skipped"])
-        except Exception as e: log.warning("%s: unreadable cache chunk ignored (%s)", f, e); continue
+            if verified.get(f) == _sig(f):
+                with safe_open(str(f), "pt") as s: meta = s.metadata()
+                ids, sk, summed = json.loads(meta["ids"]), json.loads(meta["skipped"]), True
+            else: feats, ids, sk, summed = load_chunk(f)
+        except Exception as e:
+            log.warning("%s: damaged cache chunk removed, its crops will be re-encoded (%s: %s)", f, type(e).__name__, str(e)[:200])
+            try: f.unlink(missing_ok=True)
+            except OSError: pass
+            continue
+        if not summed and upgrade:  # same contents under the same name: an atomic replace that adds the checksum
+            try:
+                if (p := write_chunk(root, ids, feats, sk)) != f: f.unlink(); f = p
+            except OSError as e: log.warning("%s: cannot add a checksum (%s)", f, e)
+        try: verified[f] = _sig(f)
+        except OSError: pass
         rows.update({r: (f, i) for i, r in enumerate(ids)}); skipped.update(sk)
     return rows, skipped
 
@@ -87,7 +121,7 @@ class FeatureCache:
     "The tower features of a list of items, read from the on-disk cache; skipped items have no row."
     features: Tensor  # (N, D) fp16, rows in item order
     keys: list  # item key of each row
-    skipped: dict  # item key -> reason: "bad_image" (does not decode), "bad_member" (damaged zip member), "missing_image"
+    skipped: dict  # item key -> reason: "bad_image" (does not decode), "bad_member" (damaged zip member), "missing_image", "bad_feature" (non-finite tower output)
     path: Path  # the cache folder
     n_cached: int = 0  # rows found on disk at the start of the build
     n_computed: int = 0  # crops this build sent through the tower (failures included)
@@ -106,12 +140,19 @@ class FeatureCache:
         return self.features[torch.tensor([self._rows[k] for k in keys], dtype=torch.long)]
 
 def _write_manifest(root: Path, key: dict):
-    "Write the folder's manifest once; refuse a folder whose manifest holds another key."
+    "Write the folder's manifest once; rewrite a damaged one; empty a folder whose manifest holds another key."
     p = root / "manifest.json"
     if p.exists():
-        if json.loads(p.read_text(encoding="utf-8"))["key"] != key: raise RuntimeError(f"{p}: cache key mismatch")
-        return
-    fmt = "chunk_*.safetensors: tensor 'features' (n, D) fp16; metadata 'ids' (record id per row), 'skipped' {id: [item key, reason, detail]}"
+        try: held = json.loads(p.read_text(encoding="utf-8"))["key"]
+        except (OSError, ValueError, KeyError, TypeError) as e:  # the chunks stay: each one is verified by its checksum
+            log.warning("%s: damaged feature-cache manifest rewritten (%s: %s)", p, type(e).__name__, str(e)[:200])
+        else:
+            if held == key: return
+            old = list(root.glob("chunk_*.safetensors"))
+            log.warning("%s: manifest of another cache key; its %d chunk(s) removed and the crops re-encoded", p, len(old))
+            for f in old: f.unlink(missing_ok=True)
+    fmt = ("chunk_*.safetensors: tensor 'features' (n, D) fp16; metadata 'ids' (record id per row), 'skipped' {id: [item key, "
+           "reason, detail]}, 'sha256' (chunk_digest of the features and the other metadata)")
     atomic_write_text(p, json.dumps({"key": key, "format": fmt}, ensure_ascii=False, indent=1) + "\n")
 
 # %% ../../nbs/03a_feature_cache.ipynb #7652252c
@@ -147,7 +188,7 @@ def _encode_missing(items, ids, todo, tower, root, batch_size, num_workers, prog
     dl = DataLoader(ds, batch_sampler=batches, num_workers=num_workers, collate_fn=collate_photos,
                     pin_memory=tower.device.type == "cuda", prefetch_factor=4 if num_workers else None)
     sizes = [sum(len(groups[p]) for p in c) for c in chunks]
-    bar = tqdm(total=sum(sizes), unit="img", desc="CLIP features", disable=not progress or not sys.stderr.isatty())
+    bar = progress_bar(total=sum(sizes), unit="img", desc="CLIP features", enable=progress, logger=log)  # a bar, or log lines
     checked, ci, done, got_ids, got, skipped = tower.precision == "fp32", 0, 0, [], [], {}
     stats = Counter() if stats is None else stats
     for b in dl:
@@ -159,8 +200,11 @@ def _encode_missing(items, ids, todo, tower, root, batch_size, num_workers, prog
         if pix:
             pixels = torch.cat([p.to(tower.device, non_blocking=True) for p in pix])  # (n, 3, S, S)
             if not checked: check_precision(tower, pixels[:16]); checked = True
-            got.append(tower(pixels).to(torch.float16).cpu())  # (n, D)
-            got_ids += [ids[todo[j]] for j in rows]
+            f = tower(pixels).to(torch.float16).cpu()  # (n, D)
+            ok = torch.isfinite(f).all(1).tolist()  # a non-finite row is never written: it would poison every epoch
+            bad += [(j, "bad_feature", "the tower returned non-finite features") for j, k in zip(rows, ok) if not k]
+            got.append(f[torch.tensor(ok, dtype=torch.bool)]); got_ids += [ids[todo[j]] for j, k in zip(rows, ok) if k]
+            rows = [j for j, k in zip(rows, ok) if k]
         for j, reason, why in bad:
             log.warning("%s: crop skipped (%s)", items[todo[j]].key, why)
             skipped[ids[todo[j]]] = [items[todo[j]].key, reason, why]
@@ -174,7 +218,7 @@ def _encode_missing(items, ids, todo, tower, root, batch_size, num_workers, prog
 def build_feature_cache(items: list,  # `Item`s (key, image_path, crop are read)
                         tower: CLIPImageEncoder, cache_dir,  # the frozen tower; caches live in subfolders of cache_dir
                         batch_size: int = 64, num_workers: int = 2,  # inference batch (crops); DataLoader decode workers
-                        progress: bool = True,  # tqdm bar (only on a terminal)
+                        progress: bool = True,  # a bar on a terminal, the widget in Jupyter, log lines in a log file
                         crop_padding: float | None = None,  # recorded in the cache key (crop boxes are per record too)
                         chunk_size: int = 1024,  # crops per chunk file: the unit of resume
                         load_fn=None,  # load_fn(item, min_side) -> PIL crop: decode per crop with it (CPU only)
@@ -186,12 +230,13 @@ def build_feature_cache(items: list,  # `Item`s (key, image_path, crop are read)
     t0 = time.perf_counter()
     rank = get_rank() if rank is None else rank
     world_size = get_world_size() if world_size is None else world_size
-    decode = "cpu" if load_fn is not None else resolve_decode(decode, tower.device)
+    decode = "cpu" if load_fn is not None else resolve_decode(decode, tower.device, getattr(tower, "preprocess_cfg", None))
     key = cache_key(tower, crop_padding, decode)
     root = cache_path(cache_dir, key); root.mkdir(parents=True, exist_ok=True)
     with main_first(): _write_manifest(root, key)
     ids = [record_id(it) for it in items]
-    rows, skipped = read_chunks(root)
+    verified = {}  # chunks checked by this build: not hashed twice
+    rows, skipped = read_chunks(root, verified, upgrade=rank == 0)
     todo = [i for i, r in enumerate(ids) if r is not None and r not in rows and r not in skipped]
     n_cached = sum(r in rows for r in ids)
     if rank == 0: log.info("feature cache %s: %d of %d crops cached, %d to encode (%s decode)", root, n_cached, len(items), len(todo), decode)
@@ -201,7 +246,7 @@ def build_feature_cache(items: list,  # `Item`s (key, image_path, crop are read)
         _encode_missing(items, ids, todo, tower, root, batch_size, num_workers, progress and rank == 0, chunk_size,
                         load_fn, rank, world_size, decode, per_photo, stats)
         barrier()  # the union of the ranks' chunks is the whole cache
-        rows, skipped = read_chunks(root)
+        rows, skipped = read_chunks(root, verified)
         if stats.get("gpu_decode_fallback") or any(k.startswith("gpu_decode_fallback_") for k in stats):
             log.info("GPU decode: %d photos decoded on the CPU instead (%s)", sum(v for k, v in stats.items() if k.startswith("gpu_decode_fallback")),
                      {k: v for k, v in stats.items() if k.startswith("gpu_decode_fallback")})
@@ -219,7 +264,6 @@ def build_feature_cache(items: list,  # `Item`s (key, image_path, crop are read)
     secs = time.perf_counter() - t0
     return FeatureCache(feats, [items[i].key for i in keep], skip, root, n_cached, len(todo), secs,
                         len(todo) / secs if todo else 0., details, decode, dict(stats))
-
 
 # %% ../../nbs/03a_feature_cache.ipynb #6b359174
 def cache_contents(path) -> dict:

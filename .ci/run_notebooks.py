@@ -1,0 +1,28 @@
+#!/usr/bin/env python
+"""Execute every notebook top to bottom in a fresh Jupyter kernel (nbclient, the engine of `jupyter nbconvert --execute`).
+
+Cells flagged `#| slow`, `#| gpu` or `#| eval: false` are left out, as `nbdev_test` leaves them out; nothing is written
+back to the notebooks. Usage: python .ci/run_notebooks.py [NB ...]   (default: nbs/*.ipynb)"""
+import re, sys, time
+from pathlib import Path
+import nbformat
+from nbclient import NotebookClient
+from nbclient.exceptions import CellExecutionError
+
+SKIP = re.compile(r"^\s*#\|\s*(slow|gpu|eval:\s*false)\b", re.M)
+
+def run(path: Path) -> float:
+    nb = nbformat.read(path, as_version=4)
+    nb.cells = [c for c in nb.cells if not (c.cell_type == "code" and SKIP.search(c.source))]
+    t0 = time.perf_counter()
+    NotebookClient(nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}).execute()
+    return time.perf_counter() - t0
+
+if __name__ == "__main__":
+    paths = [Path(p) for p in sys.argv[1:]] or sorted(Path("nbs").glob("*.ipynb"))
+    failed = []
+    for p in paths:
+        try: print(f"jupyter: {p} ok ({run(p):.0f} s)", flush=True)
+        except CellExecutionError as e:
+            failed.append(p); print(f"jupyter: {p} FAILED\n{str(e)[-3000:]}", flush=True)
+    if failed: sys.exit(f"jupyter: {len(failed)} notebook(s) failed under Jupyter: {', '.join(map(str, failed))}")
