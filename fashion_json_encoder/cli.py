@@ -157,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     "The parser of `main.py` / `fashion-encoder` (named after the command that ran) with one sub-command per task."
     p = argparse.ArgumentParser(description="fashion-json-encoder: K-Fashion JSON encoder aligned with a frozen CLIP image tower.")
     sub = p.add_subparsers(dest="command", required=True,
-                           metavar="{train,evaluate,search,tag,sanity_check,create_config,inspect_data,synthetic}")
+                           metavar="{train,evaluate,search,tag,serve,sanity_check,create_config,inspect_data,synthetic}")
     add_train_args(sub.add_parser("train", help="train (same flags as train.py)", description="Train the JSON encoder."))
     e = sub.add_parser("evaluate", help="whole-gallery retrieval metrics of a checkpoint", description="Evaluate a checkpoint.")
     e.add_argument("--checkpoint_path", required=True, help="a checkpoint written by training (best_model.pt, last.pt, ...)")
@@ -203,6 +203,13 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--cache_dir", help="keep the parsed-index cache here (default: the user cache folder, "
                    "$XDG_CACHE_HOME/fashion-json-encoder or ~/.cache/fashion-json-encoder)")
     i.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    w = sub.add_parser("serve", help="explore a trained encoder in the browser: search, tag, model", description="The web app.")
+    w.add_argument("--checkpoint_path", required=True, help="a checkpoint written by training (best_model.pt, ...)")
+    w.add_argument("--dataset_path", help="dataset to index when no index is saved next to the checkpoint (default: the recorded one)")
+    w.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    w.add_argument("--port", type=_positive, default=7860, help="port (default 7860)")
+    w.add_argument("--max_upload_mb", type=_positive, default=20, help="largest photo upload accepted (default 20 MB)")
+    w.add_argument("--quiet", action="store_true", help="warnings and errors only")
     y = sub.add_parser("synthetic", help="write a generated K-Fashion dataset in the release's format, to try everything on",
                        description="Write generated K-Fashion data (labels and JPEGs in the real on-disk format).")
     y.add_argument("--output", required=True, help="folder to create (must not exist or be empty)")
@@ -228,7 +235,13 @@ def main(argv=None) -> int:
     if a.command == "evaluate": return run_command(_evaluate, a, quiet=q)
     if a.command in ("search", "tag"): return run_command(_search_or_tag, a, quiet=q)
     if a.command == "synthetic": return run_command(_synthetic, a, quiet=q)
+    if a.command == "serve": return run_command(_serve, a, quiet=q)
     raise AssertionError(a.command)
+
+def _serve(a) -> int:
+    from fashion_json_encoder.app import serve
+    serve(a.checkpoint_path, a.host, a.port, a.dataset_path, progress=_progress(a), max_upload_mb=a.max_upload_mb)
+    return 0
 
 def _synthetic(a) -> int:
     from fashion_json_encoder.synthetic import make_synthetic_kfashion

@@ -286,3 +286,8 @@ class FashionEncoderSystem:
     def tag(self, image_path, box=None, top: int = 5, checkpoint_path=None) -> dict:
         "Top vocabulary values per field, with scores, for an image or its (x, y, w, h) box."
         return self.searcher(checkpoint_path).tag(image_path, box, top)
+
+    def app(self, checkpoint_path=None, port: int | None = None, height: int = 900):
+        "The web app (search, tag, model) inline in a notebook cell; `.close()` on the result stops it."
+        from fashion_json_encoder.app import app_inline
+        return app_inline(searcher=self.searcher(checkpoint_path), port=port, height=height)

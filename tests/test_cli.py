@@ -220,3 +220,7 @@ def test_synthetic_writes_a_dataset_the_loader_reads(tmp_path, capsys):
     assert sum(json.loads(capsys.readouterr().out)["records"].values()) == 12
     rc, lines, err = _rc_err(capsys, main, ["synthetic", "--output", str(tmp_path / "s")])
     assert rc == 2 and "not an empty folder" in lines[0], err
+
+def test_serve_reports_a_bad_checkpoint_in_one_line(tmp_path, capsys):
+    rc, lines, err = _rc_err(capsys, main, ["serve", "--checkpoint_path", str(tmp_path / "missing.pt"), "--port", "7999"])
+    assert rc == 2 and "checkpoint file not found" in lines[0], err
