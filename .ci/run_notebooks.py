@@ -3,7 +3,7 @@
 
 Cells flagged `#| slow`, `#| gpu` or `#| eval: false` are left out, as `nbdev_test` leaves them out; nothing is written
 back to the notebooks. Usage: python .ci/run_notebooks.py [NB ...]   (default: nbs/*.ipynb)"""
-import re, sys, time
+import os, re, sys, time
 from pathlib import Path
 import nbformat
 from nbclient import NotebookClient
@@ -18,11 +18,15 @@ def run(path: Path) -> float:
     NotebookClient(nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}).execute()
     return time.perf_counter() - t0
 
+def run_one(p: Path):
+    "(path, None) when the notebook ran, else (path, the error's tail)."
+    try: print(f"jupyter: {p} ok ({run(p):.0f} s)", flush=True); return p, None
+    except CellExecutionError as e: return p, str(e)[-3000:]
+
 if __name__ == "__main__":
+    from concurrent.futures import ThreadPoolExecutor
     paths = [Path(p) for p in sys.argv[1:]] or sorted(Path("nbs").glob("*.ipynb"))
-    failed = []
-    for p in paths:
-        try: print(f"jupyter: {p} ok ({run(p):.0f} s)", flush=True)
-        except CellExecutionError as e:
-            failed.append(p); print(f"jupyter: {p} FAILED\n{str(e)[-3000:]}", flush=True)
-    if failed: sys.exit(f"jupyter: {len(failed)} notebook(s) failed under Jupyter: {', '.join(map(str, failed))}")
+    with ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1))) as pool:  # one kernel process per notebook
+        failed = [(p, err) for p, err in pool.map(run_one, paths) if err]
+    for p, err in failed: print(f"jupyter: {p} FAILED\n{err}", flush=True)
+    if failed: sys.exit(f"jupyter: {len(failed)} notebook(s) failed under Jupyter: {', '.join(str(p) for p, _ in failed)}")

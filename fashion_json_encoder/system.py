@@ -280,7 +280,7 @@ class FashionEncoderSystem:
         return self._searcher
 
     def search(self, json_query, k: int = 10, checkpoint_path=None, normalised: bool = True) -> list:
-        "Top-k gallery items (image path, box, score, JSON) for a dict or JSON-string query over any subset of fields."
+        "Top-k gallery items (rank, score, cosine, image path, box, JSON) for a query over any subset of fields; a list of queries gives a list of hit lists."
         return self.searcher(checkpoint_path).search(json_query, k, normalised)
 
     def tag(self, image_path, box=None, top: int = 5, checkpoint_path=None) -> dict:

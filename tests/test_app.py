@@ -4,24 +4,17 @@ from pathlib import Path
 from urllib.parse import quote
 import pytest
 from fashion_json_encoder.config import UserError
-from fashion_json_encoder.synthetic import make_synthetic_kfashion
-from fashion_json_encoder.models.image_encoder import CLIPImageEncoder, tiny_clip_config
-from fashion_json_encoder.system import FashionEncoderSystem
 from fashion_json_encoder.search import Searcher
 from fashion_json_encoder import app as app_mod
 from fashion_json_encoder.app import Explorer, item_crop, read_upload, serve
+from conftest import train_tiny_run
 
 DOCS_IMG = Path(__file__).resolve().parent.parent / "docs" / "img"
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    d = tmp_path_factory.mktemp("app")
-    ds = make_synthetic_kfashion(d / "kfashion", n_photos=40, seed=3)
-    tower = CLIPImageEncoder(pretrained="none", model_cfg=tiny_clip_config(), seed=0)
-    system = FashionEncoderSystem(output_dir=d / "run", batch_size=16, progress=False, clip_pretrained="none", num_workers=0)
-    system.setup_data(ds, tower=tower).setup_trainer().train(standalone_epochs=1, contrastive_epochs=2)
-    ex = Explorer(Searcher(d / "run/checkpoints/best_model.pt", tower=tower))
-    return ex, d / "run/checkpoints/best_model.pt", tower
+    _, ckpt, _, tower = train_tiny_run(tmp_path_factory.mktemp("app"))
+    return Explorer(Searcher(ckpt, tower=tower)), ckpt, tower
 
 def _found_category(ex) -> str:
     "A category whose top hit carries it (a tiny model finds some, not all)."
