@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from .config import UserError, atomic_path
+from .checkpoints import state_digest
 from .vocab import Vocab, field_values, normalise_value, romanize
 from .models.json_encoder import encode_json
 from .evaluation import bank_from_counts, calibrate, canonical_json, json_groups, querybank_bias
@@ -19,10 +20,10 @@ log = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['log', 'INDEX_FORMAT', 'APPROX_THRESHOLD', 'IVF_NPROBE', 'EXACT_BEYOND', 'closest_values', 'check_query',
-           'value_queries', 'field_retrieval', 'encoder_digest', 'side_path', 'content_digest', 'dataset_fingerprint',
-           'SearchIndex', 'build_search_index', 'fold_gallery', 'fold_queries', 'build_ivf', 'serialize_ivf', 'search',
-           'tag', 'json_prior', 'calibrate_checkpoint', 'load_calibration', 'load_image_crop', 'Searcher',
-           'format_hits', 'format_tags']
+           'value_queries', 'field_retrieval', 'encoder_digest', 'side_path', 'dataset_fingerprint', 'SearchIndex',
+           'build_search_index', 'fold_gallery', 'fold_queries', 'build_ivf', 'serialize_ivf', 'search', 'tag',
+           'json_prior', 'calibrate_checkpoint', 'load_calibration', 'load_image_crop', 'Searcher', 'format_hits',
+           'format_tags']
 
 # %% ../nbs/06a_search.ipynb #7f301e03
 def closest_values(value: str, values: list, n: int = 5) -> list:
@@ -82,21 +83,11 @@ def field_retrieval(image: torch.Tensor,   # (N, D) unit-norm gallery image feat
 # %% ../nbs/06a_search.ipynb #acc2c97b
 def encoder_digest(encoder) -> str:
     "Short hash of the encoder weights."
-    h = hashlib.sha256()
-    for k, v in encoder.state_dict().items(): h.update(k.encode()); h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
+    return state_digest(encoder.state_dict())[:16]
 
 def side_path(checkpoint_path, kind: str) -> Path:
     "`best_model.pt` -> `best_model.<kind>.pt` next to it."
     p = Path(checkpoint_path); return p.with_name(f"{p.stem}.{kind}.pt")
-
-def content_digest(tensors: list, meta) -> str:  # tensors: None entries are skipped; meta: anything json.dumps takes
-    "sha256 of tensors' bytes, dtypes and shapes and of `meta` as JSON: what a side file stores to be verified on load."
-    h = hashlib.sha256()
-    for t in (t for t in tensors if t is not None):
-        h.update(f"{t.dtype} {tuple(t.shape)}\n".encode()); h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-    h.update(json.dumps(meta, ensure_ascii=False, sort_keys=True, default=str).encode())
-    return h.hexdigest()
 
 def dataset_fingerprint(dataset_path, cfg) -> str:  # cfg: the checkpoint's config (which items a label gives)
     "Short hash of the resolved folder and its content as `build_index` keys it (label bytes, zip directories, photos)."
@@ -130,8 +121,8 @@ class SearchIndex:
         import faiss
         return faiss.deserialize_index(self.ann.numpy())
     def digest(self) -> str:
-        "`content_digest` of everything the index holds."
-        d = self._fields(); return content_digest([d.pop("features"), d.pop("qb_bias"), d.pop("ann")], d)
+        "`checkpoints.state_digest` of everything the index holds."
+        return state_digest(self._fields())
     def _fields(self) -> dict: return {f.name: getattr(self, f.name) for f in dc_fields(self)}  # asdict would deep-copy the tensors
     def save(self, path) -> Path:
         "Write atomically, with its digest."
@@ -277,7 +268,7 @@ def calibrate_checkpoint(checkpoint_path, encoder, vocab: Vocab, train_jsons: li
     return calib
 
 def _calib_digest(c: dict) -> str:
-    return content_digest([c["bank"], c["bank_logw"]], {k: v for k, v in c.items() if k not in ("bank", "bank_logw", "sha256", "digest")})
+    return state_digest({k: v for k, v in c.items() if k not in ("sha256", "digest")})
 
 def load_calibration(checkpoint_path, encoder) -> dict | None:
     "The saved calibration of this checkpoint's encoder, or None; a damaged file is removed with one warning."

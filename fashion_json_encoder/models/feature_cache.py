@@ -16,6 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from ..progress import progress as progress_bar
 from ..config import UserError, atomic_path, atomic_write_text
+from ..checkpoints import state_digest
 from .image_encoder import CLIPImageEncoder, check_precision
 from ..archives import member_stat
 from ..decode import PhotoDataset, collate_photos, crop_tensor, decode_crops, decode_jpegs, photo_groups, resolve_decode
@@ -61,10 +62,7 @@ def plan_photo_chunks(sizes: list, chunk_size: int, rank: int = 0, world_size: i
 
 def chunk_digest(features: Tensor, meta: dict) -> str:  # features: (n, D) fp16 as stored; meta: the 'ids' and 'skipped' strings
     "sha256 of everything a chunk means: the feature bytes, their dtype and shape, and the 'ids' and 'skipped' metadata."
-    h = hashlib.sha256(f"{features.dtype} {tuple(features.shape)}\n".encode())
-    h.update(features.contiguous().reshape(-1).view(torch.uint8).numpy())
-    for k in ("ids", "skipped"): h.update(b"\0" + meta[k].encode())
-    return h.hexdigest()
+    return state_digest({"features": features, "ids": meta["ids"], "skipped": meta["skipped"]})
 
 def write_chunk(root: Path, ids: list, features: Tensor,  # (n, D) features of the records `ids`, in order
                 skipped: dict) -> Path:  # record id -> [item key, reason, detail]
