@@ -45,7 +45,8 @@ def main(argv=None):
     from fashion_json_encoder.data import build_index
     from fashion_json_encoder.decode import decode_crops
     from fashion_json_encoder.models import feature_cache as fcm
-    from fashion_json_encoder.models.image_encoder import CLIPImageEncoder, check_precision, resolve_device
+    from fashion_json_encoder.models.image_encoder import CLIPImageEncoder, check_precision
+    from fashion_json_encoder.config import resolve_device
     from fashion_json_encoder.synthetic import make_synthetic_kfashion
 
     dev = resolve_device(a.device)

@@ -21,7 +21,8 @@ import torch
 from fashion_json_encoder.config import Config
 from fashion_json_encoder.data import CropDataset, build_index, collate_crops
 from fashion_json_encoder.synthetic import make_synthetic_kfashion
-from fashion_json_encoder.system import make_tower, train_run
+from fashion_json_encoder.models.image_encoder import make_tower
+from fashion_json_encoder.system import train_run
 from fashion_json_encoder.training import Trainer, make_paired
 from fashion_json_encoder.vocab import Vocab
 

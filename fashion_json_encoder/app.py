@@ -9,7 +9,9 @@ __all__ = ['log', 'FONT', 'CSS', 'value_label', 'field_choices', 'make_query', '
 # %% ../nbs/08b_app.ipynb #782ae9ad
 import base64, io, ipaddress, json, logging, tempfile
 from pathlib import Path
-from .config import UserError
+from .config import Config, UserError
+from .checkpoints import RunDir
+from .evaluation import format_metrics
 from .search import Searcher
 from .visualise import english_label
 
@@ -30,7 +32,7 @@ def make_query(selected: dict) -> dict:
     return {f: v for f, v in selected.items() if v}
 
 # %% ../nbs/08b_app.ipynb #75af9c6e
-def item_crop(image_path, box, pad: float = 0.1, size: int = 256):  # box: (x0, y0, x1, y1) of an indexed item; image_path: a file or "<zip>::<member>"
+def item_crop(image_path, box, pad: float = Config.crop_padding, size: int = 256):  # box: (x0, y0, x1, y1) of an indexed item; image_path: a file or "<zip>::<member>"
     "The item's crop padded as in training, shrunk to fit `size`; a grey tile and one warning when its photo cannot be read."
     from PIL import Image
     from fashion_json_encoder.archives import read_bytes
@@ -122,24 +124,23 @@ def read_upload(path) -> tuple:
 def model_summary(searcher: Searcher, index=None) -> tuple:
     "(markdown: tower, data counts, index; evaluation table or a hint; UMAP picture or None) of a checkpoint's run folder."
     from PIL import Image
-    from fashion_json_encoder.system import format_metrics
-    run, t = searcher.checkpoint_path.resolve().parent.parent, searcher.tower_rec
-    lines = [f"**checkpoint** `{searcher.checkpoint_path.name}` in `{run.name}`",
+    run, t = RunDir.of(searcher.checkpoint_path), searcher.tower_rec
+    lines = [f"**checkpoint** `{searcher.checkpoint_path.name}` in `{run.root.name}`",
              f"**image tower** {t.get('model', '?')} · weights `{t.get('pretrained', '?')}` · fingerprint `{t.get('fingerprint', '?')}`"]
     if t.get("pretrained") == "none": lines.append("**warning:** the image tower is RANDOMLY INITIALISED: scores say nothing about real retrieval")
     lines.append("**vocabulary** " + ", ".join(f"{f} {len(v)}" for f, v in searcher.vocab.fields.items()))
-    try: data = json.loads((run / "results" / "training_results.json").read_text(encoding="utf-8")).get("data", {})
+    try: data = json.loads(run.result("training_results.json").read_text(encoding="utf-8")).get("data", {})
     except (OSError, ValueError): data = {}
     if data: lines.append("**training data** " + ", ".join(f"{s}: {data.get('records', {}).get(s, '?')} photos, {n} items"
                                                            for s, n in data.get("items", {}).items())
                           + (f"; skipped {sum(data['skipped'].values())}" if data.get("skipped") else ""))
     if index is not None: lines.append(f"**search index** {len(index)} items (train + val)"
                                        + (f", querybank β {index.beta:g}" if index.beta is not None else ", raw cosine (no calibration)"))
-    try: table = format_metrics(json.loads((run / "results" / "evaluation_results.json").read_text(encoding="utf-8")))
+    try: table = format_metrics(json.loads(run.result("evaluation_results.json").read_text(encoding="utf-8")))
     except FileNotFoundError: table = "no evaluation yet: python main.py evaluate --checkpoint_path <this checkpoint> --plot"
     except (OSError, ValueError, KeyError, TypeError) as e: table = f"results/evaluation_results.json unreadable ({type(e).__name__}: {e})"
     try:
-        with Image.open(run / "results" / "umap.png") as im: umap = im.convert("RGB")
+        with Image.open(run.result("umap.png")) as im: umap = im.convert("RGB")
     except (OSError, ValueError): umap = None
     return "  \n".join(lines), table, umap
 

@@ -5,15 +5,18 @@
 # %% ../nbs/05c_checkpoints.ipynb #ba4cfc7a
 from __future__ import annotations
 import hashlib, logging
+from dataclasses import dataclass
 from pathlib import Path
 import torch
-from .config import UserError, atomic_path, remove_stale_temps
+from .config import Config, UserError, atomic_path, config_from_dict, remove_stale_temps
+from .vocab import Vocab
+from .models.json_encoder import JSONEncoder, encoder_from_config
 
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'CKPT_FORMAT', 'RUN_FILES', 'state_digest', 'save_checkpoint', 'check_finite', 'load_checkpoint', 'run_files',
-           'claim_run_dir']
+__all__ = ['log', 'CKPT_FORMAT', 'RUN_FILES', 'state_digest', 'save_checkpoint', 'check_finite', 'load_checkpoint', 'RunDir',
+           'run_files', 'claim_run_dir', 'load_encoder', 'encoder_digest', 'side_path']
 
 # %% ../nbs/05c_checkpoints.ipynb #906df40d
 CKPT_FORMAT = "fashion-json-encoder/1"
@@ -75,6 +78,36 @@ def load_checkpoint(path, map_location="cpu") -> dict:
                         "(flipped or lost bytes); use another checkpoint, e.g. last.pt or checkpoint_epoch_N.pt")
     return check_finite(state, path)
 
+# %% ../nbs/05c_checkpoints.ipynb #f245e216
+@dataclass(frozen=True)
+class RunDir:
+    "The layout of a run folder: checkpoints/, logs/ (TensorBoard), results/ and cache/ (index and feature caches)."
+    root: Path
+    def __post_init__(self): object.__setattr__(self, "root", Path(self.root))
+    @classmethod
+    def of(cls, checkpoint_path) -> RunDir:
+        "The run folder a checkpoint belongs to (`RUN/checkpoints/x.pt` -> `RUN`)."
+        return cls(Path(checkpoint_path).resolve().parent.parent)
+    @property
+    def checkpoints(self) -> Path: return self.root / "checkpoints"
+    @property
+    def logs(self) -> Path: return self.root / "logs"
+    @property
+    def results(self) -> Path: return self.root / "results"
+    @property
+    def cache(self) -> Path: return self.root / "cache"
+    @property
+    def features(self) -> Path: return self.cache / "features"
+    @property
+    def best(self) -> Path: return self.checkpoints / "best_model.pt"
+    @property
+    def last(self) -> Path: return self.checkpoints / "last.pt"
+    def epoch(self, n: int) -> Path: return self.checkpoints / f"checkpoint_epoch_{n}.pt"
+    def result(self, name: str) -> Path:
+        "`results/<name>`: training_results.json, evaluation_results.json, vocab.json, umap.png, retrievals.png."
+        return self.results / name
+
+
 # %% ../nbs/05c_checkpoints.ipynb #506ae7d0
 RUN_FILES = ("checkpoints/*.pt", "results/training_results.json")  # what makes a folder hold a training run
 _OLD_RUN = RUN_FILES + ("logs/events.out.tfevents.*", "results/evaluation_results.json", "checkpoints/*.calibration.pt",
@@ -88,13 +121,31 @@ def claim_run_dir(out, resume: bool = False,     # continuing the run that is in
                   overwrite: bool = False) -> Path:  # replace the run that is in `out`: its checkpoints, logs and results go
     "Refuse an output folder that holds a run unless it is resumed or overwritten; remove temp files of killed writes."
     out = Path(out); found = run_files(out)
+    last = RunDir(out).last
     if found and not resume:
         if not overwrite:
             raise UserError(f"{out} already holds a training run ({found[0].relative_to(out)}); pass --resume "
-                            f"{out / 'checkpoints' / 'last.pt'} to continue it, --overwrite to replace it, or another --output_dir")
+                            f"{last} to continue it, --overwrite to replace it, or another --output_dir")
         old = [p for pat in _OLD_RUN for p in out.glob(pat)]
         for p in old: p.unlink(missing_ok=True)
         log.warning("--overwrite: removed the previous run's %d file(s) from %s (checkpoints, logs, results; the caches stay)", len(old), out)
     for sub in ("checkpoints", "results", "cache"): remove_stale_temps(out / sub)
     return out
+
+
+# %% ../nbs/05c_checkpoints.ipynb #6898c796
+def load_encoder(state: dict, device="cpu") -> tuple[JSONEncoder, Vocab, Config]:
+    "The trained JSON encoder (eval mode), its vocabulary and config from a loaded checkpoint."
+    cfg, vocab = config_from_dict(state["config"], "checkpoint config"), Vocab(state["vocab"])
+    enc = encoder_from_config(cfg, vocab.sizes)
+    enc.load_state_dict(state["encoder"])
+    return enc.to(device).eval(), vocab, cfg
+
+def encoder_digest(encoder) -> str:
+    "Short hash of the encoder weights."
+    return state_digest(encoder.state_dict())[:16]
+
+def side_path(checkpoint_path, kind: str) -> Path:
+    "`best_model.pt` -> `best_model.<kind>.pt` next to it."
+    p = Path(checkpoint_path); return p.with_name(f"{p.stem}.{kind}.pt")
 

@@ -12,9 +12,27 @@ from .config import Config, UserError, config_from_dict, load_config, save_confi
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'add_train_args', 'config_from_args', 'run_command', 'quiet_pipe', 'train_main', 'build_parser', 'main']
+__all__ = ['log', 'shared_flags', 'add_train_args', 'config_from_args', 'run_command', 'quiet_pipe', 'train_main', 'build_parser',
+           'main']
 
 # %% ../nbs/09_cli.ipynb #2182a242
+_SHARED = {  # flags several commands take: one spelling, one meaning, one help text
+    "checkpoint_path": dict(required=True, help="a checkpoint written by training (best_model.pt, last.pt, ...)"),
+    "dataset_path": dict(help="dataset to index when no index is saved next to the checkpoint (default: the recorded one)"),
+    "clip_pretrained": dict(help="tower weights: 'openai', another open_clip tag, a local .pt/.bin/.safetensors file, or 'none'"),
+    "device": dict(help="auto (default), cpu, cuda or cuda:N"),
+    "trust_torchscript": dict(action="store_true", help="load a TorchScript tower file that is not one of OpenAI's published files "
+                              "(it can run code: only for files you made)"),
+    "json": dict(action="store_true", help="print one JSON object instead of a table"),
+    "quiet": dict(action="store_true", help="no progress bars: warnings and errors only"),
+}
+
+def shared_flags(p: argparse.ArgumentParser, *names: str,
+                 help: dict | None = None) -> argparse.ArgumentParser:  # name -> a help text for this command only
+    "Add the shared flags `names` (keys of `_SHARED`) to parser `p`."
+    for n in names: p.add_argument(f"--{n}", **{**_SHARED[n], **({"help": help[n]} if help and n in help else {})})
+    return p
+
 def add_train_args(p: argparse.ArgumentParser):
     "The training flags shared by `train.py` and `main.py train`."
     p.add_argument("--dataset_path", help="K-Fashion folder: the release zips as downloaded, unzipped, or both (searched recursively)")
@@ -28,27 +46,26 @@ def add_train_args(p: argparse.ArgumentParser):
     p.add_argument("--warmup_steps", type=int, help="linear learning-rate warm-up steps before the cosine (default 0)")
     p.add_argument("--no_standalone", action="store_true", help="skip stage 1 (same as --standalone_epochs 0)")
     p.add_argument("--clip_model", help="open_clip model name (default ViT-B-32), e.g. ViT-B-16 or hf-hub:ORG/NAME")
-    p.add_argument("--clip_pretrained", help="'openai' (default), another open_clip tag (e.g. laion2b_s34b_b79k), a local "
-                   ".pt/.bin/.safetensors file, or 'none' (random init, tests only)")
+    shared_flags(p, "clip_pretrained", help={"clip_pretrained": "'openai' (default), another open_clip tag (e.g. laion2b_s34b_b79k), "
+                                             "a local .pt/.bin/.safetensors file, or 'none' (random init, tests only)"})
     p.add_argument("--num_workers", type=int, help="DataLoader and index-building workers")
+    p.add_argument("--tower_batch_size", type=int, help="crops per forward pass of the frozen tower when it embeds a split (default 256)")
     p.add_argument("--decode", choices=["auto", "cpu", "gpu"], help="JPEG decode for the feature-cache build: cpu (Pillow in workers), "
                    "gpu (nvJPEG on the tower's GPU) or auto (default: gpu when the tower is on CUDA)")
-    p.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
+    shared_flags(p, "device")
     p.add_argument("--seed", type=int, help="fixes data splits, init and order")
     p.add_argument("--resume", help="continue from a checkpoint, e.g. OUTPUT/checkpoints/last.pt, or 'latest' for "
                    "OUTPUT/checkpoints/last.pt (its config, dataset and folder unless given); a larger --epochs extends a finished run")
-    p.add_argument("--trust_torchscript", action="store_true", help="load a TorchScript --clip_pretrained file that is not one "
-                   "of OpenAI's published files (it can run code: only for files you made)")
     p.add_argument("--overwrite", action="store_true", help="replace the run already in --output_dir (its checkpoints, logs, results)")
     p.add_argument("--no_cache", action="store_true", help="run the frozen tower on every batch instead of caching features")
-    p.add_argument("--quiet", action="store_true", help="no progress bars, warnings and errors only")
-    return p
+    return shared_flags(p, "trust_torchscript", "quiet")
 
 def config_from_args(a: argparse.Namespace, base: Config | None = None) -> Config:
     "Defaults (or `base`, e.g. a resumed run's config) <- config file <- flags."
     cfg = load_config(a.config) if getattr(a, "config", None) else (base or Config())
     over = {k: getattr(a, k, None) for k in ("max_epochs", "batch_size", "learning_rate", "standalone_epochs", "warmup_steps",
-                                              "clip_model", "clip_pretrained", "num_workers", "decode", "device", "seed")}
+                                              "clip_model", "clip_pretrained", "num_workers", "tower_batch_size", "decode", "device",
+                                              "seed")}
     if getattr(a, "no_standalone", False): over["standalone_epochs"] = 0
     if getattr(a, "no_cache", False): over["feature_cache"] = False
     n = over.get("max_epochs")
@@ -114,23 +131,23 @@ def _create_config(a, path) -> int:
 
 def _train(a) -> int:
     from fashion_json_encoder.system import train_run
-    from fashion_json_encoder.training import load_checkpoint
-    out, data, base = a.output_dir, a.dataset_path, None
+    from fashion_json_encoder.checkpoints import RunDir, load_checkpoint
+    out, data, base, st = a.output_dir, a.dataset_path, None, None
     if a.resume == "latest":  # open_clip's spelling: the last.pt of --output_dir
-        a.resume = Path(out or "outputs") / "checkpoints" / "last.pt"
+        a.resume = RunDir(out or "outputs").last
         if not a.resume.is_file(): raise UserError(f"--resume latest: {a.resume} not found (is --output_dir the run's folder?)")
     if a.resume:  # a resumed run keeps its config, dataset and folder unless flags say otherwise
-        st = load_checkpoint(a.resume)
+        st = load_checkpoint(a.resume)   # read once: train_run and the trainer get this state, not the file again
         base, data = config_from_dict(st["config"], f"{a.resume} config"), data or st.get("dataset_path")
-        out = out or Path(a.resume).resolve().parent.parent
+        out = out or RunDir.of(a.resume).root
     out = Path(out or "outputs")
     res = train_run(config_from_args(a, base), data, out, resume=a.resume, progress=_progress(a), overwrite=a.overwrite,
-                    trust_torchscript=a.trust_torchscript)
+                    trust_torchscript=a.trust_torchscript, resume_state=st)
     if int(os.environ.get("RANK", "0")) != 0: return 0  # under torchrun only rank 0 reports
     if res.get("already_finished"):
         print(f"nothing to do: {a.resume} already finished (epoch {res['epoch']} of {res['total_epochs']}); "
               f"pass --epochs N (N > {res['epoch']}) to extend it"); return 0
-    best, b = out / "checkpoints" / "best_model.pt", res.get("best_metrics") or {}
+    best, b = RunDir(out).best, res.get("best_metrics") or {}
     print(f"done: best epoch {res.get('best_epoch')}  val mrr {b.get('mrr', float('nan')):.4f}  top1 {b.get('top1', float('nan')):.4f}"
           f"  top5 {b.get('top5', float('nan')):.4f}  r10 {b.get('top10', float('nan')):.4f}  -> " + (str(best) if best.is_file() else "no best_model.pt"))
     return 0
@@ -160,23 +177,18 @@ def build_parser() -> argparse.ArgumentParser:
                            metavar="{train,evaluate,search,tag,serve,sanity_check,create_config,inspect_data,synthetic}")
     add_train_args(sub.add_parser("train", help="train (same flags as train.py)", description="Train the JSON encoder."))
     e = sub.add_parser("evaluate", help="whole-gallery retrieval metrics of a checkpoint", description="Evaluate a checkpoint.")
-    e.add_argument("--checkpoint_path", required=True, help="a checkpoint written by training (best_model.pt, last.pt, ...)")
-    e.add_argument("--dataset_path", help="dataset to evaluate on (default: the one recorded in the checkpoint)")
+    shared_flags(e, "checkpoint_path", "dataset_path", help={"dataset_path": "dataset to evaluate on (default: the one recorded in the checkpoint)"})
     e.add_argument("--split", default="val", choices=["val", "train"], help="which split is the gallery (default val)")
-    e.add_argument("--clip_pretrained", help="override the tower weights recorded in the checkpoint")
-    e.add_argument("--trust_torchscript", action="store_true", help="load a recorded TorchScript tower file that is not OpenAI's")
+    shared_flags(e, "clip_pretrained", "trust_torchscript", help={"clip_pretrained": "override the tower weights recorded in the checkpoint"})
     e.add_argument("--output_dir", help="write results/evaluation_results.json here (default: the checkpoint's run folder)")
-    e.add_argument("--device", help="auto, cpu, cuda or cuda:N")
-    e.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
+    shared_flags(e, "device", "json")
     e.add_argument("--save_embeddings", metavar="FILE.npz", help="write image and JSON embeddings, item keys and JSON strings (recompute every metric from it)")
     e.add_argument("--plot", action="store_true", help="save a UMAP of image and JSON embeddings as results/umap.png")
     e.add_argument("--baseline", choices=["clip_text"], help="also score open_clip's text tower on captions templated from each JSON")
-    e.add_argument("--quiet", action="store_true", help="warnings and errors only")
+    shared_flags(e, "quiet")
     for name, hlp, desc in (("search", "find gallery images by a JSON query", "Search the gallery with a (partial) JSON query."),
                             ("tag", "rank the vocabulary values of each field for an image", "Tag an image or a box of it.")):
-        t = sub.add_parser(name, help=hlp, description=desc)
-        t.add_argument("--checkpoint_path", required=True, help="a checkpoint written by training (best_model.pt, ...)")
-        t.add_argument("--dataset_path", help="dataset to index when no index is saved next to the checkpoint (default: the recorded one)")
+        t = shared_flags(sub.add_parser(name, help=hlp, description=desc), "checkpoint_path", "dataset_path")
         if name == "search":
             t.add_argument("--query", required=True, help='JSON object, any subset of the fields, e.g. \'{"category": "블라우스", "material": ["레이스"]}\'')
             t.add_argument("--k", type=_positive, default=10, help="how many items to return (default 10)")
@@ -185,14 +197,11 @@ def build_parser() -> argparse.ArgumentParser:
             t.add_argument("--image", required=True, help="image file (JPEG/PNG)")
             t.add_argument("--box", help="x,y,w,h box in raw pixels (K-Fashion 렉트좌표 style); default: the whole image")
             t.add_argument("--top", type=_positive, default=5, help="values per field (default 5)")
-        t.add_argument("--trust_torchscript", action="store_true", help="load a recorded TorchScript tower file that is not OpenAI's")
-        t.add_argument("--json", action="store_true", help="print one JSON object")
-        t.add_argument("--quiet", action="store_true", help="warnings and errors only")
+        shared_flags(t, "trust_torchscript", "json", "quiet")
     s = sub.add_parser("sanity_check", help="check the pipeline end to end in under 2 minutes", description="Sanity check.")
-    s.add_argument("--dataset_path", help="run on a small sample of this dataset instead of built-in synthetic data")
-    s.add_argument("--clip_pretrained", help="tower weights (default: 'none' on synthetic data, 'openai' on a dataset)")
-    s.add_argument("--device", help="auto, cpu, cuda or cuda:N")
-    s.add_argument("--quiet", action="store_true", help="warnings and errors only")
+    shared_flags(s, "dataset_path", "clip_pretrained", "device", "quiet",
+                 help={"dataset_path": "run on a small sample of this dataset instead of built-in synthetic data",
+                       "clip_pretrained": "tower weights (default: 'none' on synthetic data, 'openai' on a dataset)"})
     c = sub.add_parser("create_config", help="write a config file with every key and its default", description="Write a config.")
     c.add_argument("--output", required=True, help="path of the JSON file to write")
     c.add_argument("--config", help="start from this config instead of the defaults")
@@ -202,14 +211,13 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--output_dir", help="keep the parsed-index cache in OUTPUT_DIR/cache, where training looks for it")
     i.add_argument("--cache_dir", help="keep the parsed-index cache here (default: the user cache folder, "
                    "$XDG_CACHE_HOME/fashion-json-encoder or ~/.cache/fashion-json-encoder)")
-    i.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    shared_flags(i, "json", "quiet")
     w = sub.add_parser("serve", help="explore a trained encoder in the browser: search, tag, model", description="The web app.")
-    w.add_argument("--checkpoint_path", required=True, help="a checkpoint written by training (best_model.pt, ...)")
-    w.add_argument("--dataset_path", help="dataset to index when no index is saved next to the checkpoint (default: the recorded one)")
+    shared_flags(w, "checkpoint_path", "dataset_path")
     w.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     w.add_argument("--port", type=_positive, default=7860, help="port (default 7860)")
     w.add_argument("--max_upload_mb", type=_positive, default=20, help="largest photo upload accepted (default 20 MB)")
-    w.add_argument("--quiet", action="store_true", help="warnings and errors only")
+    shared_flags(w, "quiet")
     y = sub.add_parser("synthetic", help="write a generated K-Fashion dataset in the release's format, to try everything on",
                        description="Write generated K-Fashion data (labels and JPEGs in the real on-disk format).")
     y.add_argument("--output", required=True, help="folder to create (must not exist or be empty)")
@@ -217,8 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     y.add_argument("--seed", type=int, default=0, help="fixes every generated value")
     y.add_argument("--bad_cases", action="store_true", help="add the release's quirks: broken JSON, missing boxes, broken JPEGs, ...")
     y.add_argument("--zip", action="store_true", help="write the release zips as downloaded instead of the unzipped tree")
-    y.add_argument("--quiet", action="store_true", help="warnings and errors only")
-    i.add_argument("--quiet", action="store_true", help="warnings and errors only")
+    shared_flags(y, "quiet")
     return p
 
 @quiet_pipe
@@ -254,14 +261,15 @@ def _synthetic(a) -> int:
     return 0
 
 def _inspect(a) -> int:
-    from fashion_json_encoder.system import inspect_data
+    from fashion_json_encoder.prepare import inspect_data
     from fashion_json_encoder.data import format_report
     rep = inspect_data(a.dataset_path, load_config(a.config) if a.config else Config(), a.output_dir, cache_dir=a.cache_dir,
                        progress=_progress(a))
     print(json.dumps(rep, ensure_ascii=False, indent=2) if a.json else format_report(rep)); return 0
 
 def _evaluate(a) -> int:
-    from fashion_json_encoder.system import evaluate_checkpoint, format_metrics
+    from fashion_json_encoder.system import evaluate_checkpoint
+    from fashion_json_encoder.evaluation import format_metrics
     m = evaluate_checkpoint(a.checkpoint_path, dataset_path=a.dataset_path, split=a.split, clip_pretrained=a.clip_pretrained,
                             output_dir=a.output_dir, device=a.device, progress=_progress(a), save_embeddings=a.save_embeddings,
                             plot=a.plot, baseline=a.baseline, trust_torchscript=a.trust_torchscript)
@@ -269,14 +277,15 @@ def _evaluate(a) -> int:
 
 def _search_or_tag(a) -> int:
     from fashion_json_encoder.search import Searcher, check_query, format_hits, format_tags
-    from fashion_json_encoder.training import load_checkpoint
+    from fashion_json_encoder.checkpoints import load_checkpoint
     from fashion_json_encoder.vocab import Vocab
-    if a.command == "search": check_query(a.query, Vocab(load_checkpoint(a.checkpoint_path)["vocab"]))  # fail fast, before any index build
+    st = load_checkpoint(a.checkpoint_path)   # read once, handed to the Searcher
+    if a.command == "search": check_query(a.query, Vocab(st["vocab"]))  # fail fast, before any index build
     box = None
     if a.command == "tag" and a.box:
         try: box = [float(v) for v in a.box.split(",")]; assert len(box) == 4
         except (ValueError, AssertionError): raise UserError(f"--box must be x,y,w,h (four numbers), got {a.box!r}") from None
-    s = Searcher(a.checkpoint_path, a.dataset_path, progress=_progress(a), trust_torchscript=a.trust_torchscript)
+    s = Searcher(a.checkpoint_path, a.dataset_path, progress=_progress(a), trust_torchscript=a.trust_torchscript, state=st)
     out = s.search(a.query, a.k, normalised=not a.raw) if a.command == "search" else s.tag(a.image, box, a.top)
     print(json.dumps(out, ensure_ascii=False, indent=2) if a.json else (format_hits if a.command == "search" else format_tags)(out))
     return 0

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 import open_clip
 from open_clip.model import _build_text_tower
-from .config import UserError
+from .config import Config, UserError
 from .vocab import KFASHION_VALUES, field_values, romanize
 from .models.image_encoder import clip_model_config, openai_weights, quiet_open_clip, read_clip_checkpoint, weights_fingerprint
 
@@ -89,7 +89,7 @@ def load_text_state_dict(path, trust_torchscript: bool = False) -> dict:  # see 
 
 class CLIPTextEncoder(nn.Module):
     "open_clip's text tower, frozen: captions -> L2-normalised (B, 512) features."
-    def __init__(self, model_name: str = "ViT-B-32", pretrained: str = "openai", seed: int = 0,
+    def __init__(self, model_name: str = Config.clip_model, pretrained: str = Config.clip_pretrained, seed: int = 0,
                  model_cfg: dict | None = None, device: str = "cpu", trust_torchscript: bool = False):
         super().__init__()
         pretrained = str(pretrained)

@@ -12,9 +12,9 @@ from typing import Any, get_type_hints
 
 # %% auto #0
 __all__ = ['KFASHION_GROUPS', 'KFASHION_ATTRIBUTES', 'KFASHION_MULTI', 'STYLE_KEY', 'UserError', 'ConfigError', 'default_fields',
-           'Config', 'validate_config', 'config_from_dict', 'load_config', 'atomic_path', 'atomic_write_text',
-           'save_config', 'update_config', 'config_diff', 'log_config', 'remove_stale_temps', 'run_lock', 'user_io',
-           'check_writable']
+           'Config', 'validate_config', 'resolve_device', 'config_from_dict', 'load_config', 'atomic_path',
+           'atomic_write_text', 'save_config', 'update_config', 'config_diff', 'log_config', 'remove_stale_temps',
+           'run_lock', 'user_io', 'check_writable']
 
 # %% ../nbs/00_config.ipynb #e2043caf
 class UserError(Exception):
@@ -66,6 +66,7 @@ class Config:
     val_fraction: float = 0.1           # val share when the dataset has no Training/Validation folders
     verify_images: bool = False         # decode every JPEG while indexing (slow; otherwise at feature extraction)
     num_workers: int = 2                # DataLoader / index-building workers
+    tower_batch_size: int = 256         # crops per forward pass of the frozen tower when it embeds a split (cache build, val without cache)
     val_subset: int = 10_000            # items of the seeded per-epoch val subset (0 = the whole split); the whole split is evaluated at the end
     cuda_graphs: bool = True            # on CUDA, capture each cached-feature training step as a CUDA graph (False = eager)
     # image tower
@@ -102,7 +103,7 @@ def validate_config(cfg: Config) -> Config:
         ok = isinstance(v, _TYPES[t]) and not (t is not bool and isinstance(v, bool))
         _check(ok, name, v, f"expected {t.__name__}, got {type(v).__name__}")
         if t is float: _check(_finite(v), name, v, "must be a finite number")
-    for k in ("batch_size", "embedding_dim", "hidden_dim", "output_dim", "image_size"):
+    for k in ("batch_size", "tower_batch_size", "embedding_dim", "hidden_dim", "output_dim", "image_size"):
         _check(getattr(cfg, k) > 0, k, getattr(cfg, k), "must be > 0")
     for k in ("max_epochs", "standalone_epochs", "save_every", "num_workers", "val_subset", "warmup_steps", "log_every_n_steps"):
         _check(getattr(cfg, k) >= 0, k, getattr(cfg, k), "must be >= 0")
@@ -139,6 +140,16 @@ def validate_config(cfg: Config) -> Config:
     _check(cfg.device == "auto" or cfg.device == "cpu" or cfg.device.startswith("cuda"), "device", cfg.device,
            "must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
     return cfg
+
+# %% ../nbs/00_config.ipynb #937ca7af
+def resolve_device(device: str = "auto") -> torch.device:
+    "The `device` key as a `torch.device`: `auto` -> CUDA when available, else CPU; a CUDA device that is not there is a user error."
+    import torch  # here, not at the top: the CLI's --help and config checks stay fast
+    if device == "auto": return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device '{device}' requested but no CUDA GPU is available (use --device cpu or auto)")
+    return torch.device(device)
+
 
 # %% ../nbs/00_config.ipynb #6b82454e
 def config_from_dict(d: dict, source: str = "config") -> Config:

@@ -19,9 +19,10 @@ from .progress import progress
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'SKIP_REASONS', 'DECODE_ERRORS', 'Item', 'crop_box', 'read_label', 'look_of', 'item_json', 'parse_photo',
-           'scan_dataset', 'pair_key', 'pair_files', 'split_looks', 'DatasetIndex', 'index_fingerprint', 'build_index',
-           'ImageDecodeError', 'load_crop', 'CropDataset', 'collate_crops', 'data_report', 'format_report']
+__all__ = ['log', 'SKIP_REASONS', 'DECODE_ERRORS', 'Item', 'clip_box', 'crop_box', 'read_label', 'look_of', 'item_json',
+           'parse_photo', 'scan_dataset', 'pair_key', 'pair_files', 'split_looks', 'DatasetIndex', 'index_fingerprint',
+           'build_index', 'ImageDecodeError', 'load_crop', 'CropDataset', 'collate_crops', 'data_report',
+           'format_report']
 
 # %% ../nbs/01_data.ipynb #6ba061c9
 @dataclass(frozen=True)
@@ -59,7 +60,12 @@ SKIP_REASONS = {  # reason -> what was skipped (stable names: reports and tests 
 }
 
 # %% ../nbs/01_data.ipynb #fb0b92a7
-def crop_box(box, size, pad: float = 0.1) -> tuple:  # box: (x0, y0, x1, y1) inside the image; size: (W, H)
+def clip_box(x: float, y: float, w: float, h: float, size) -> tuple | None:  # an (x, y, w, h) box; size: the image's (W, H)
+    "The box as (x0, y0, x1, y1) clipped to the image, or None when it is empty or lies outside it."
+    box = (max(0., x), max(0., y), min(float(size[0]), x + w), min(float(size[1]), y + h))
+    return box if w > 0 and h > 0 and box[2] > box[0] and box[3] > box[1] else None
+
+def crop_box(box, size, pad: float = Config.crop_padding) -> tuple:  # box: (x0, y0, x1, y1) inside the image; size: (W, H)
     "The box grown by `pad` x its width/height on each side, as int bounds clipped to the image."
     (x0, y0, x1, y1), (W, H) = box, size
     pw, ph = pad * (x1 - x0), pad * (y1 - y0)
@@ -125,7 +131,7 @@ def _image_size(path, verify: bool):
         if verify: im.draft("RGB", (max(1, size[0] // 8), max(1, size[1] // 8))); im.load()
     return size
 
-def parse_photo(label_path, image_path, fields: dict, targets, pad: float = 0.1, verify: bool = False) -> dict:
+def parse_photo(label_path, image_path, fields: dict, targets, pad: float = Config.crop_padding, verify: bool = False) -> dict:
     "{'skip': reason} or {'look', 'items': [(group, box, crop, json)], 'skipped', 'stats'} for one photo."
     d, reason, note = read_label(label_path)
     if reason: return {"skip": reason}
@@ -148,8 +154,7 @@ def parse_photo(label_path, image_path, fields: dict, targets, pad: float = 0.1,
         except (KeyError, TypeError, ValueError): skipped["box_invalid"] += 1; continue
         if not all(map(math.isfinite, (x, y, w, h))): skipped["box_invalid"] += 1; continue
         if w <= 0 or h <= 0: skipped["box_zero_area"] += 1; continue
-        box = (max(0., x), max(0., y), min(float(size[0]), x + w), min(float(size[1]), y + h))
-        if box[2] <= box[0] or box[3] <= box[1]: skipped["box_outside_image"] += 1; continue
+        if (box := clip_box(x, y, w, h, size)) is None: skipped["box_outside_image"] += 1; continue
         stats["box_clipped"] += box != (x, y, x + w, y + h)
         items.append((g, box, crop_box(box, size, pad), item_json(_first(labels, g), style, fields, stats)))
     if not present: skipped["all_groups_empty"] += 1

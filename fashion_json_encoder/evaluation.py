@@ -16,7 +16,8 @@ from .vocab import field_values
 # %% auto #0
 __all__ = ['BETAS', 'canonical_json', 'json_groups', 'retrieval_ranks', 'paired_ranks', 'rank_metrics', 'querybank_biases',
            'querybank_bias', 'make_hub_case', 'gallery_metrics', 'strict_ranks', 'calibrate', 'bank_from_counts',
-           'crossfit_folds', 'half_metrics', 'crossfit_normalised_metrics', 'save_embeddings', 'metrics_from_npz']
+           'crossfit_folds', 'half_metrics', 'crossfit_normalised_metrics', 'save_embeddings', 'metrics_from_npz',
+           'format_metrics']
 
 # %% ../nbs/06_evaluation.ipynb #8b372c0f
 def canonical_json(item_json: dict, fields=None) -> str:
@@ -415,4 +416,34 @@ def metrics_from_npz(path, chunk: int | None = None) -> dict:
         m.update(crossfit_normalised_metrics(t("image"), t("json"), t("bank"), t("bank_logw"), t("prior"), groups,
                                              seed=seed, chunk=chunk, split=split))
     return m
+
+
+# %% ../nbs/06_evaluation.ipynb #067e1ffb
+def format_metrics(res: dict) -> str:
+    "A readable table of `evaluate_checkpoint`'s result: strict and aware, raw and normalised (cross-fit), baselines."
+    m, n = res["metrics"], res["metrics"]["gallery_size"]
+    ks = ("top1", "top5", "top10", "mrr")
+    row = lambda name, p, q: f"{name:<26}" + "".join(f"{m[f'{v}{p}_{k}']:>8.4f}" for v in (q, q + "aware_") for k in ks)
+    rows = [f"checkpoint {res['checkpoint']} (epoch {res['epoch']}), split {res['split']}: gallery {n} items, "
+            f"{m['distinct_jsons']} distinct JSONs (random top1 = {1 / n:.4f})",
+            f"{'':<26}{'strict':<32}{'identical-JSON aware':<32}", f"{'direction':<26}" + f"{'top1':>8}{'top5':>8}{'R@10':>8}{'mrr':>8}" * 2,
+            row("image->json raw", "i2j", ""), row("json->image raw", "j2i", "")]
+    if "beta_source" in m:  # normalised numbers come from halves of the gallery: compare them with the raw halves
+        up = m["fold_use_prior"]
+        rows += ["", row("image->json raw (halves)", "i2j", "half_"), row("json->image raw (halves)", "j2i", "half_"),
+                 row("image->json +prior" if all(up) else "image->json (no prior)" if not any(up) else "image->json +prior 1/2",
+                     "i2j", "norm_"),
+                 row(f"json->image QB b={m['fold_beta'][1]:g}/{m['fold_beta'][0]:g}", "j2i", "norm_"), f"beta: {m['beta_source']}"]
+    rows.append(f"InfoNCE loss {m['loss']:.4f}   cosine: positive {m['pos_cosine']:.4f}, negative {m['neg_cosine']:.4f}, "
+                f"gap {m['cosine_gap']:.4f} (negative over differing JSONs {m['neg_cosine_aware']:.4f})")
+    if c := res.get("calibration"):
+        rows.append(f"querybank: {c['bank_size']} distinct training JSONs; search uses beta {c['beta']:g} chosen on the whole val "
+                    f"split, JSON prior for image->json {'kept' if c['use_prior'] else 'dropped'} (val MRR {c['prior_gain']:+.4f})")
+    if b := res.get("baselines"):
+        cols = ("i2j_top1", "i2j_mrr", "j2i_top1", "j2i_mrr", "mrr", "aware_mrr")
+        rows += ["", f"{'model':<22}" + "".join(f"{c:>10}" for c in cols),
+                 *(f"{name:<22}" + "".join(f"{mm[c]:>10.4f}" for c in cols) for name, mm in [("json encoder", m), *b.items()])]
+    for k, label in (("embeddings", "embeddings"), ("umap", "UMAP figure"), ("retrievals", "retrieval gallery")):
+        if res.get(k): rows.append(f"{label}: {res[k]}")
+    return "\n".join(rows + [f"warning: {w}" for w in res.get("warnings", [])])
 

@@ -12,7 +12,7 @@ from .config import Config, update_config
 from .vocab import collate_json
 from .synthetic import make_synthetic_kfashion
 from .training import Trainer, crop_batches, embed_rows
-from .system import prepare_data
+from .prepare import prepare_data
 
 log = logging.getLogger(__name__)
 

@@ -4,26 +4,31 @@
 
 # %% ../nbs/06a_search.ipynb #9488af4e
 from __future__ import annotations
-import difflib, functools, hashlib, json, logging, math, time
-from collections import Counter
+import difflib, functools, hashlib, json, logging, math, time, warnings
 from dataclasses import dataclass, fields as dc_fields, replace
 from pathlib import Path
 import torch
 import torch.nn.functional as F
-from .config import UserError, atomic_path
-from .checkpoints import state_digest
+from PIL import Image
+from .config import Config, UserError, atomic_path, update_config
+from .checkpoints import (RunDir, encoder_digest, load_checkpoint, load_encoder, side_path,  # noqa: F401
+                                              state_digest)  # encoder_digest, side_path: re-exported for older imports
 from .vocab import Vocab, field_values, normalise_value, romanize
+from .data import clip_box, crop_box, index_fingerprint
 from .models.json_encoder import encode_json
-from .evaluation import bank_from_counts, calibrate, canonical_json, json_groups, querybank_bias
+from .models.image_encoder import make_tower
+from .evaluation import canonical_json, querybank_bias
+from .calibration import calibrate_checkpoint, json_prior, load_calibration  # noqa: F401  json_prior: re-exported
+from .training import embed_rows
+from .prepare import prepare_data
 
 log = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['log', 'INDEX_FORMAT', 'APPROX_THRESHOLD', 'IVF_NPROBE', 'EXACT_BEYOND', 'closest_values', 'check_query',
-           'value_queries', 'field_retrieval', 'encoder_digest', 'side_path', 'dataset_fingerprint', 'SearchIndex',
-           'build_search_index', 'fold_gallery', 'fold_queries', 'build_ivf', 'serialize_ivf', 'search', 'tag',
-           'json_prior', 'calibrate_checkpoint', 'load_calibration', 'load_image_crop', 'Searcher', 'format_hits',
-           'format_tags']
+           'value_queries', 'field_retrieval', 'dataset_fingerprint', 'SearchIndex', 'build_search_index',
+           'fold_gallery', 'fold_queries', 'build_ivf', 'serialize_ivf', 'search', 'tag', 'load_image_crop', 'Searcher',
+           'format_hits', 'format_tags']
 
 # %% ../nbs/06a_search.ipynb #7f301e03
 def closest_values(value: str, values: list, n: int = 5) -> list:
@@ -81,17 +86,8 @@ def field_retrieval(image: torch.Tensor,   # (N, D) unit-norm gallery image feat
             "weakest": {f: sorted(d.items(), key=lambda t: (t[1], t[0]))[:weakest] for f, d in vals.items()}, "values": vals}
 
 # %% ../nbs/06a_search.ipynb #acc2c97b
-def encoder_digest(encoder) -> str:
-    "Short hash of the encoder weights."
-    return state_digest(encoder.state_dict())[:16]
-
-def side_path(checkpoint_path, kind: str) -> Path:
-    "`best_model.pt` -> `best_model.<kind>.pt` next to it."
-    p = Path(checkpoint_path); return p.with_name(f"{p.stem}.{kind}.pt")
-
 def dataset_fingerprint(dataset_path, cfg) -> str:  # cfg: the checkpoint's config (which items a label gives)
     "Short hash of the resolved folder and its content as `build_index` keys it (label bytes, zip directories, photos)."
-    from fashion_json_encoder.data import index_fingerprint
     root = Path(dataset_path).expanduser().resolve()
     return hashlib.sha256(f"{root}\n{index_fingerprint(root, cfg)}".encode()).hexdigest()[:16]
 
@@ -249,51 +245,11 @@ def tag(feature: torch.Tensor, encoder, vocab: Vocab, top: int = 5, fields=None)
     for (f, v), c in zip(qs, cos.tolist()): out.setdefault(f, []).append((v, c))
     return {f: sorted(vs, key=lambda t: -t[1])[:top] for f, vs in out.items()}
 
-# %% ../nbs/06a_search.ipynb #c336decb
-def json_prior(strings: list, calib: dict) -> torch.Tensor:
-    "(N,) log(training count + 1) of each canonical JSON string under a calibration's bank."
-    counts = {s: math.exp(w) for s, w in zip(calib["bank_strings"], calib["bank_logw"].tolist())}
-    return torch.tensor([math.log(counts.get(s, 0) + 1) for s in strings])
-
-def calibrate_checkpoint(checkpoint_path, encoder, vocab: Vocab, train_jsons: list, image, text, strings: list) -> dict:
-    "Querybank from the training JSONs, β and the prior choice on val; saved as `<checkpoint>.calibration.pt`."
-    fields = list(vocab.fields)
-    bank_strings, bank_logw = bank_from_counts(Counter(canonical_json(j, fields) for j in train_jsons))
-    bank = encode_json([json.loads(s) for s in bank_strings], vocab, encoder).float().cpu()
-    calib = {"bank_strings": bank_strings, "bank_logw": bank_logw, "bank": bank, "encoder": encoder_digest(encoder)}
-    calib.update(calibrate(image, text, bank, bank_logw, json_prior(strings, calib), json_groups(strings)))
-    with atomic_path(side_path(checkpoint_path, "calibration")) as tmp: torch.save(calib | {"sha256": _calib_digest(calib)}, tmp)
-    log.info("querybank of %d training JSONs: beta %.1f chosen on val, JSON prior %s (val image->json MRR %+.4f)",
-             len(bank_strings), calib["beta"], "kept" if calib["use_prior"] else "dropped", calib["prior_gain"])
-    return calib
-
-def _calib_digest(c: dict) -> str:
-    return state_digest({k: v for k, v in c.items() if k not in ("sha256", "digest")})
-
-def load_calibration(checkpoint_path, encoder) -> dict | None:
-    "The saved calibration of this checkpoint's encoder, or None; a damaged file is removed with one warning."
-    p = side_path(checkpoint_path, "calibration")
-    if not p.is_file(): return None
-    try:
-        c = torch.load(p, map_location="cpu", weights_only=True)
-        if not isinstance(c, dict): raise ValueError(f"holds a {type(c).__name__}, not a dict")
-        if missing := {"bank_strings", "bank_logw", "bank", "beta", "use_prior", "encoder"} - set(c): raise KeyError(f"no {sorted(missing)}")
-        if "sha256" in c and c.pop("sha256") != _calib_digest(c): raise ValueError("checksum mismatch")  # files before issue 15 have none
-        if not torch.isfinite(c["bank"]).all(): raise ValueError("non-finite querybank")
-    except Exception as e:  # a cache: the next search-index build or `evaluate --split val` writes it again
-        log.warning("%s: damaged calibration removed, recomputed by the next search-index build or `evaluate --split val` (%s: %s)",
-                    p, type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
-        p.unlink(missing_ok=True); return None
-    return c if c.get("encoder") == encoder_digest(encoder) else None
-
 # %% ../nbs/06a_search.ipynb #f5155454
 def _xywh(b) -> str: return "(" + ", ".join(f"{v:g}" for v in b) + ")"
 
-def load_image_crop(image_path, box=None, pad: float = 0.1):
+def load_image_crop(image_path, box=None, pad: float = Config.crop_padding):
     "The RGB photo, or its (x, y, w, h) box grown by `pad` per side; `UserError` for a missing or unreadable file or a bad box."
-    import warnings
-    from PIL import Image
-    from fashion_json_encoder.data import crop_box
     if not Path(image_path).is_file(): raise UserError(f"{image_path}: no such image file")
     if box is not None:
         try: box = tuple(map(float, box))
@@ -308,21 +264,20 @@ def load_image_crop(image_path, box=None, pad: float = 0.1):
     except (OSError, ValueError, SyntaxError) as e: raise UserError(f"{image_path}: cannot read image ({e})") from None
     if box is None: return im
     x, y, w, h = box
-    x0, y0, x1, y1 = max(0., x), max(0., y), min(float(im.width), x + w), min(float(im.height), y + h)
-    if w <= 0 or h <= 0 or x1 <= x0 or y1 <= y0:
+    if (clipped := clip_box(x, y, w, h, im.size)) is None:
         raise UserError(f"box {_xywh(box)} (x, y, w, h) is empty or outside the {im.width}x{im.height} image")
-    if (x0, y0, x1, y1) != (x, y, x + w, y + h):
+    x0, y0, x1, y1 = clipped
+    if clipped != (x, y, x + w, y + h):
         log.warning("box %s (x, y, w, h) extends past the %dx%d image %s: clipped to %s", _xywh(box), im.width, im.height,
                     image_path, _xywh((x0, y0, x1 - x0, y1 - y0)))
-    return im.crop(crop_box((x0, y0, x1, y1), im.size, pad))
+    return im.crop(crop_box(clipped, im.size, pad))
 
 class Searcher:
     "A trained checkpoint ready to `search` and `tag`: encoder, vocabulary, saved index, tower on demand."
     def __init__(self, checkpoint_path, dataset_path=None, tower=None, progress: bool = False, rebuild: bool = False,
-                 trust_torchscript: bool = False):  # the recorded tower may be a TorchScript file that is not OpenAI's
-        from fashion_json_encoder.system import load_encoder
-        from fashion_json_encoder.training import load_checkpoint
-        st = load_checkpoint(checkpoint_path)
+                 trust_torchscript: bool = False,  # the recorded tower may be a TorchScript file that is not OpenAI's
+                 state: dict | None = None):  # `load_checkpoint(checkpoint_path)` when the caller has read it already
+        st = state or load_checkpoint(checkpoint_path)
         self.checkpoint_path, self.progress, self._tower, self._index, self._rebuild = Path(checkpoint_path), progress, tower, None, rebuild
         self.trust_torchscript = trust_torchscript
         self.encoder, self.vocab, self.cfg = load_encoder(st, "cpu")
@@ -333,7 +288,6 @@ class Searcher:
     def tower(self):
         "The frozen image tower recorded in the checkpoint (built on first use)."
         if self._tower is None:
-            from fashion_json_encoder.system import make_tower
             self._tower = make_tower(self.cfg, "cpu", self.tower_rec.get("pretrained"), trust_torchscript=self.trust_torchscript)
         return self._tower
 
@@ -367,12 +321,9 @@ class Searcher:
 
     def build_index(self) -> SearchIndex:
         "Embed nothing new: read both splits' cached features, calibrate if needed, save the index."
-        from fashion_json_encoder.config import update_config
-        from fashion_json_encoder.system import prepare_data
-        from fashion_json_encoder.training import embed_rows
         if not self.dataset_path: raise UserError(f"{self.checkpoint_path}: no search index and no dataset recorded; pass --dataset_path")
         cfg = update_config(self.cfg, feature_cache=True)
-        prep = prepare_data(cfg, self.dataset_path, self.checkpoint_path.resolve().parent.parent, vocab=self.vocab,
+        prep = prepare_data(cfg, self.dataset_path, RunDir.of(self.checkpoint_path).root, vocab=self.vocab,
                             tower=self.tower, progress=self.progress)
         if self.calibration is None and len(prep.val) >= 2:
             vi, vt = F.normalize(prep.val.features.float(), dim=1), embed_rows(self.encoder, prep.val, "cpu")

@@ -4,102 +4,39 @@
 
 # %% ../nbs/08_system.ipynb #ead306e8
 from __future__ import annotations
-import json, logging, os, time
+import json, logging
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
 from pathlib import Path
-import torch
 import torch.nn.functional as F
-from .config import (Config, UserError, atomic_write_text, check_writable, config_from_dict, load_config, log_config,
-                                         run_lock, update_config, user_io)
-from .checkpoints import claim_run_dir
+from .config import (Config, UserError, atomic_write_text, check_writable, load_config, log_config,
+                                         resolve_device, run_lock, update_config, user_io)
+from .checkpoints import RunDir, claim_run_dir, load_checkpoint, load_encoder, side_path
 from .vocab import Vocab
-from .data import build_index, data_report
-from .models.image_encoder import CLIPImageEncoder, resolve_device
-from .models.feature_cache import build_feature_cache
-from .models.json_encoder import JSONEncoder
-from .evaluation import gallery_metrics
-from .training import PairedData, Trainer, embed_rows, finished_run, load_checkpoint, make_paired, tower_features
-from .distributed import cleanup_distributed, init_distributed, is_main, main_first
+from .models.image_encoder import make_tower
+from .evaluation import (canonical_json, crossfit_normalised_metrics, format_metrics, gallery_metrics,
+                                             json_groups, save_embeddings as write_npz)
+from .calibration import calibrate_checkpoint, json_prior, load_calibration
+from .training import Trainer, embed_rows, finished_run, tower_features
+from .prepare import Prepared, inspect_data, prepare_data, user_cache_dir  # noqa: F401  re-exported
+from .search import Searcher
+from .distributed import cleanup_distributed, init_distributed, is_main
 
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'Prepared', 'make_tower', 'prepare_data', 'train_run', 'load_encoder', 'evaluate_checkpoint', 'format_metrics',
-           'user_cache_dir', 'inspect_data', 'FashionEncoderSystem']
-
-# %% ../nbs/08_system.ipynb #154ca38b
-@dataclass
-class Prepared:
-    "Everything a run needs: the index, the vocabulary, the tower and both splits ready for training."
-    cfg: Config; index: object; vocab: Vocab; tower: CLIPImageEncoder; train: PairedData; val: PairedData; info: dict
-
-def make_tower(cfg: Config, device=None, clip_pretrained: str | None = None,
-               trust_torchscript: bool = False) -> CLIPImageEncoder:  # load a TorchScript file whose hash is not OpenAI's
-    "The frozen image tower the config describes (seeded when randomly initialised); its output must fit the config."
-    t = CLIPImageEncoder(cfg.clip_model, clip_pretrained or cfg.clip_pretrained, precision=cfg.clip_precision,
-                         device=str(device or resolve_device(cfg.device)), seed=cfg.seed, trust_torchscript=trust_torchscript)
-    if (t.output_dim, t.image_size) != (cfg.output_dim, cfg.image_size):
-        raise UserError(f"the {cfg.clip_model} tower gives {t.output_dim}-d features at {t.image_size} px but the config says "
-                        f"output_dim {cfg.output_dim}, image_size {cfg.image_size}; set those keys to match (--clip_model sets them)")
-    return t
-
-def _cached_split(items, tower, cache_dir, cfg, progress, skipped):
-    cache = build_feature_cache(items, tower, cache_dir, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
-                                progress=progress, crop_padding=cfg.crop_padding, decode=cfg.decode)
-    pos = {k: i for i, k in enumerate(cache.keys)}
-    kept = [it for it in items if it.key in pos]
-    for reason in cache.skipped.values(): skipped[reason] += 1
-    feats = cache.features[[pos[it.key] for it in kept]] if kept else torch.empty(0, tower.output_dim)
-    return kept, feats, cache
-
-def _sample(items: list, k: int | None, seed: int) -> list:
-    if k is None or len(items) <= k: return items
-    keep = sorted(torch.randperm(len(items), generator=torch.Generator().manual_seed(seed))[:k].tolist())
-    return [items[i] for i in keep]
-
-def prepare_data(cfg: Config, dataset_path, output_dir, vocab: Vocab | None = None, tower=None,
-                 progress: bool = True, splits=("train", "val"),
-                 sample: int | None = None,  # sample: keep a seeded random subset of at most this many items per split
-                 device=None,               # the tower's device when it is built here (default: the config's)
-                 trust_torchscript: bool = False) -> Prepared:  # see `make_tower`
-    "Index the dataset, build (or reuse) the vocabulary, the tower and the feature cache of each split."
-    out = Path(output_dir)
-    t0 = time.perf_counter()
-    with main_first():  # under torchrun rank 0 parses (and caches) the index, then the other ranks read it
-        index = build_index(dataset_path, cfg, cache_dir=out / "cache", num_workers=cfg.num_workers, progress=progress and is_main())
-    t_index = time.perf_counter() - t0
-    if sample: index.items = {s: _sample(v, sample, cfg.seed) for s, v in index.items.items()}
-    vocab = vocab or Vocab.build([it.json for it in index.items["train"]], list(cfg.fields))
-    tower = tower or make_tower(cfg, device, trust_torchscript=trust_torchscript)
-    skipped, data, timings = index.skipped.copy(), {}, {"index_seconds": t_index, "cache_build_seconds": 0.0}
-    for split in splits:
-        items = index.items[split]
-        if cfg.feature_cache:
-            items, feats, cache = _cached_split(items, tower, out / "cache" / "features", cfg, progress, skipped)
-            timings["cache_build_seconds"] += cache.build_seconds
-        else: feats = None
-        data[split] = make_paired(items, vocab, feats)
-    info = {"data": {"dataset_path": str(Path(dataset_path).resolve()), "records": index.records,
-                     "items": {s: len(d) for s, d in data.items()}, "skipped": dict(skipped),
-                     "unknown_values": sum(vocab.unknown.values())},
-            "tower": {"model": cfg.clip_model, "pretrained": tower.pretrained, "fingerprint": tower.fingerprint,
-                      "seed": cfg.seed, "precision": cfg.clip_precision},
-            "timings": timings}
-    if tower.pretrained == "none":
-        info["warnings"] = ["image tower is RANDOMLY INITIALISED (clip_pretrained='none'): metrics say nothing about real retrieval"]
-    return Prepared(cfg, index, vocab, tower, data.get("train"), data.get("val"), info)
+__all__ = ['log', 'train_run', 'evaluate_checkpoint', 'FashionEncoderSystem']
 
 # %% ../nbs/08_system.ipynb #67eb2f16
 def train_run(cfg: Config, dataset_path, output_dir, resume=None, progress: bool = True, tower=None,
               standalone_epochs: int | None = None, contrastive_epochs: int | None = None,
               overwrite: bool = False,  # replace a run already in `output_dir` (else it is refused)
-              trust_torchscript: bool = False) -> dict:  # see `make_tower`
+              trust_torchscript: bool = False,  # see `make_tower`
+              resume_state: dict | None = None) -> dict:  # `load_checkpoint(resume)` when the caller has read it already
     "Train on `dataset_path`, writing checkpoints/, logs/ and results/ under `output_dir`; returns the results dict."
     S = cfg.standalone_epochs if standalone_epochs is None else standalone_epochs
     C = cfg.max_epochs - S if contrastive_epochs is None else contrastive_epochs
     if S + C <= 0: raise UserError(f"nothing to train: {S} standalone + {C} contrastive epochs (set --epochs / max_epochs >= 1)")
-    st = load_checkpoint(resume) if resume else None
+    st = (resume_state or load_checkpoint(resume)) if resume else None   # the one read of the checkpoint
     if st and (done := finished_run(st, resume, S + C)): return done  # before any indexing or caching
     out = Path(output_dir)
     device, owns_group = init_distributed(resolve_device(cfg.device))  # torchrun (WORLD_SIZE > 1): this process is one rank
@@ -109,19 +46,12 @@ def train_run(cfg: Config, dataset_path, output_dir, resume=None, progress: bool
         if is_main(): claim_run_dir(check_writable(out), resume=bool(resume), overwrite=overwrite)
         prep = prepare_data(cfg, dataset_path, out, vocab=st and Vocab(st["vocab"]), tower=tower, progress=progress, device=device,
                             trust_torchscript=trust_torchscript)
-        if is_main(): prep.vocab.save(out / "results" / "vocab.json")
+        if is_main(): prep.vocab.save(RunDir(out).result("vocab.json"))
         trainer = Trainer(cfg, prep.vocab, prep.train, prep.val, out, tower=prep.tower, device=device, progress=progress,
                           info=prep.info)
-        res = trainer.fit(standalone_epochs, contrastive_epochs, resume=resume)
+        res = trainer.fit(standalone_epochs, contrastive_epochs, resume=resume, resume_state=st)
     if owns_group: cleanup_distributed()
     return res
-
-def load_encoder(state: dict, device="cpu") -> tuple[JSONEncoder, Vocab, Config]:
-    "The trained JSON encoder, its vocabulary and config from a loaded checkpoint."
-    cfg, vocab = config_from_dict(state["config"], "checkpoint config"), Vocab(state["vocab"])
-    enc = JSONEncoder(vocab.sizes, cfg.embedding_dim, cfg.hidden_dim, cfg.output_dim, cfg.dropout_rate)
-    enc.load_state_dict(state["encoder"])
-    return enc.to(device).eval(), vocab, cfg
 
 def evaluate_checkpoint(checkpoint_path, dataset_path=None, split: str = "val", clip_pretrained: str | None = None,
                         output_dir=None, device=None, progress: bool = True, tower=None,
@@ -131,8 +61,6 @@ def evaluate_checkpoint(checkpoint_path, dataset_path=None, split: str = "val", 
                         text_tower=None,               # the baseline's CLIPTextEncoder (default: the image tower's model and weights)
                         trust_torchscript: bool = False) -> dict:  # the recorded tower may be a TorchScript file not from OpenAI
     "Whole-gallery metrics of a checkpoint on a split, raw and querybank-normalised, rebuilding the tower and vocabulary it records."
-    from fashion_json_encoder.evaluation import canonical_json, crossfit_normalised_metrics, json_groups, save_embeddings as write_npz
-    from fashion_json_encoder.search import calibrate_checkpoint, json_prior, load_calibration
     st = load_checkpoint(checkpoint_path)
     dev = resolve_device(device or "auto")
     enc, vocab, cfg = load_encoder(st, dev)
@@ -140,14 +68,14 @@ def evaluate_checkpoint(checkpoint_path, dataset_path=None, split: str = "val", 
     cfg = update_config(cfg, clip_pretrained=clip_pretrained or rec.get("pretrained") or cfg.clip_pretrained)
     dataset_path = dataset_path or st.get("dataset_path")
     if not dataset_path: raise UserError(f"{checkpoint_path}: no dataset recorded in the checkpoint; pass --dataset_path")
-    run_dir = Path(output_dir) if output_dir else Path(checkpoint_path).resolve().parent.parent
+    run = RunDir(output_dir) if output_dir else RunDir.of(checkpoint_path)
     tower = tower or make_tower(cfg, dev, trust_torchscript=trust_torchscript)
     if rec.get("fingerprint") and rec["fingerprint"] != tower.fingerprint:
         log.warning("the image tower differs from the one used in training (fingerprint %s, checkpoint %s)", tower.fingerprint, rec["fingerprint"])
-    prep = prepare_data(cfg, dataset_path, run_dir, vocab=vocab, tower=tower, progress=progress, splits=(split,))
+    prep = prepare_data(cfg, dataset_path, run.root, vocab=vocab, tower=tower, progress=progress, splits=(split,))
     data = getattr(prep, split)
     if len(data) < 2: raise UserError(f"{dataset_path}: the {split} split has {len(data)} item(s); at least 2 are needed")
-    feats = data.features if data.features is not None else tower_features(data.items, prep.tower, cfg.batch_size, cfg.num_workers)
+    feats = data.features if data.features is not None else tower_features(data.items, prep.tower, cfg.tower_batch_size, cfg.num_workers)
     img = F.normalize(feats.float(), dim=1)
     txt = embed_rows(enc, data, dev)
     jsons, scale = [it.json for it in data.items], float(st["logit_scale"].exp())
@@ -174,57 +102,13 @@ def evaluate_checkpoint(checkpoint_path, dataset_path=None, split: str = "val", 
                                           calib and {**calib, "prior": prior}, split=split, seed=cfg.seed))
     if plot:
         from fashion_json_encoder.visualise import plot_retrievals, plot_umap, retrieval_examples
-        out["umap"] = str(plot_umap(img, txt, jsons, path=run_dir / "results" / "umap.png"))
+        out["umap"] = str(plot_umap(img, txt, jsons, path=run.result("umap.png")))
         q, h, t = retrieval_examples(img, txt, data.items, n=4, k=5, seed=cfg.seed)    # a few val queries and their top 5
-        out["retrievals"] = str(plot_retrievals(q, h, path=run_dir / "results" / "retrievals.png", truth=t))
-    atomic_write_text(run_dir / "results" / "evaluation_results.json", json.dumps(out, ensure_ascii=False, indent=2) + "\n")
-    log.info("wrote %s%s", run_dir / "results" / "evaluation_results.json",
-             f" and the querybank calibration {Path(checkpoint_path).with_suffix('.calibration.pt')}" if split == "val" and calib else "")
+        out["retrievals"] = str(plot_retrievals(q, h, path=run.result("retrievals.png"), truth=t))
+    atomic_write_text(run.result("evaluation_results.json"), json.dumps(out, ensure_ascii=False, indent=2) + "\n")
+    log.info("wrote %s%s", run.result("evaluation_results.json"),
+             f" and the querybank calibration {side_path(checkpoint_path, 'calibration')}" if split == "val" and calib else "")
     return out
-
-def format_metrics(res: dict) -> str:
-    "A readable table of `evaluate_checkpoint`'s result: strict and aware, raw and normalised (cross-fit), baselines."
-    m, n = res["metrics"], res["metrics"]["gallery_size"]
-    ks = ("top1", "top5", "top10", "mrr")
-    row = lambda name, p, q: f"{name:<26}" + "".join(f"{m[f'{v}{p}_{k}']:>8.4f}" for v in (q, q + "aware_") for k in ks)
-    rows = [f"checkpoint {res['checkpoint']} (epoch {res['epoch']}), split {res['split']}: gallery {n} items, "
-            f"{m['distinct_jsons']} distinct JSONs (random top1 = {1 / n:.4f})",
-            f"{'':<26}{'strict':<32}{'identical-JSON aware':<32}", f"{'direction':<26}" + f"{'top1':>8}{'top5':>8}{'R@10':>8}{'mrr':>8}" * 2,
-            row("image->json raw", "i2j", ""), row("json->image raw", "j2i", "")]
-    if "beta_source" in m:  # normalised numbers come from halves of the gallery: compare them with the raw halves
-        up = m["fold_use_prior"]
-        rows += ["", row("image->json raw (halves)", "i2j", "half_"), row("json->image raw (halves)", "j2i", "half_"),
-                 row("image->json +prior" if all(up) else "image->json (no prior)" if not any(up) else "image->json +prior 1/2",
-                     "i2j", "norm_"),
-                 row(f"json->image QB b={m['fold_beta'][1]:g}/{m['fold_beta'][0]:g}", "j2i", "norm_"), f"beta: {m['beta_source']}"]
-    rows.append(f"InfoNCE loss {m['loss']:.4f}   cosine: positive {m['pos_cosine']:.4f}, negative {m['neg_cosine']:.4f}, "
-                f"gap {m['cosine_gap']:.4f} (negative over differing JSONs {m['neg_cosine_aware']:.4f})")
-    if c := res.get("calibration"):
-        rows.append(f"querybank: {c['bank_size']} distinct training JSONs; search uses beta {c['beta']:g} chosen on the whole val "
-                    f"split, JSON prior for image->json {'kept' if c['use_prior'] else 'dropped'} (val MRR {c['prior_gain']:+.4f})")
-    if b := res.get("baselines"):
-        cols = ("i2j_top1", "i2j_mrr", "j2i_top1", "j2i_mrr", "mrr", "aware_mrr")
-        rows += ["", f"{'model':<22}" + "".join(f"{c:>10}" for c in cols),
-                 *(f"{name:<22}" + "".join(f"{mm[c]:>10.4f}" for c in cols) for name, mm in [("json encoder", m), *b.items()])]
-    for k, label in (("embeddings", "embeddings"), ("umap", "UMAP figure"), ("retrievals", "retrieval gallery")):
-        if res.get(k): rows.append(f"{label}: {res[k]}")
-    return "\n".join(rows + [f"warning: {w}" for w in res.get("warnings", [])])
-
-def user_cache_dir() -> Path:
-    "The per-user cache folder: `$XDG_CACHE_HOME/fashion-json-encoder`, else `~/.cache/fashion-json-encoder`."
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fashion-json-encoder"
-
-def inspect_data(dataset_path, cfg: Config | None = None,
-                 output_dir=None,   # keep the parsed-index cache in output_dir/cache, where training finds it
-                 cache_dir=None,    # or here; neither: the user cache folder
-                 progress: bool = False) -> dict:
-    "The data report: records, items, items per group, skips by reason, vocabulary sizes and where the index cache is."
-    cfg = cfg or Config()
-    cache = Path(cache_dir) if cache_dir else Path(output_dir) / "cache" if output_dir else user_cache_dir()
-    index = build_index(dataset_path, cfg, cache_dir=cache, num_workers=cfg.num_workers, progress=progress)
-    log.info("parsed-index cache: %s", cache)
-    vocab = Vocab.build([it.json for it in index.items["train"]], list(cfg.fields))
-    return {**data_report(index, vocab), "cache_dir": str(cache)}
 
 # %% ../nbs/08_system.ipynb #efe0b3b9
 class FashionEncoderSystem:
@@ -258,21 +142,20 @@ class FashionEncoderSystem:
         log_config(self.config, log)
         with user_io(self.output_dir), run_lock(self.output_dir):  # one run per folder, as `train.py`
             claim_run_dir(self.output_dir, overwrite=overwrite)
-            self.prepared.vocab.save(self.output_dir / "results" / "vocab.json")
+            self.prepared.vocab.save(RunDir(self.output_dir).result("vocab.json"))
             return self.trainer.fit(standalone_epochs, contrastive_epochs)
 
     def evaluate(self, checkpoint_path=None, dataset_path=None, split: str = "val",
                  **kwargs) -> dict:  # kwargs: save_embeddings=, plot=, baseline="clip_text", text_tower= (see evaluate_checkpoint)
         "Whole-gallery metrics of a checkpoint (default: this run's best_model.pt)."
-        ckpt = checkpoint_path or self.output_dir / "checkpoints" / "best_model.pt"
+        ckpt = checkpoint_path or RunDir(self.output_dir).best
         tower = self.prepared.tower if self.prepared else None
         return evaluate_checkpoint(ckpt, dataset_path or self.dataset_path, split=split, progress=self.progress,
                                    tower=tower, **kwargs)["metrics"]
 
     def searcher(self, checkpoint_path=None):
         "The `search.Searcher` of a checkpoint (default: this run's best_model.pt); its index is built once and saved."
-        from fashion_json_encoder.search import Searcher
-        ckpt = Path(checkpoint_path or self.output_dir / "checkpoints" / "best_model.pt")
+        ckpt = Path(checkpoint_path or RunDir(self.output_dir).best)
         key = (ckpt.resolve(), ckpt.stat().st_mtime_ns if ckpt.is_file() else None)
         if getattr(self, "_searcher_key", None) != key:
             self._searcher = Searcher(ckpt, self.dataset_path, tower=self.prepared.tower if self.prepared else None, progress=self.progress)

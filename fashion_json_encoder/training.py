@@ -10,14 +10,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from .config import Config, UserError, atomic_write_text
+from fastcore.basics import patch
+from .config import Config, UserError, atomic_write_text, resolve_device
 from .progress import progress
-from .checkpoints import CKPT_FORMAT, load_checkpoint, save_checkpoint  # re-exported: older imports keep working
+from .checkpoints import CKPT_FORMAT, RunDir, load_checkpoint, save_checkpoint  # re-exported: older imports keep working
 from .vocab import Vocab, collate_json
 from .evaluation import gallery_metrics
-from .models.json_encoder import JSONEncoder
+from .models.json_encoder import JSONEncoder, encoder_from_config
 from .models.contrastive_learner import ContrastiveLearner
-from .models.image_encoder import resolve_device
 from .resident import RowsLoss, graph_rows_loss, resident, rows_step
 from .distributed import (all_gather_object, broadcast_object, gather_with_grad, get_rank,
                                               get_world_size, reduce_sum)
@@ -59,7 +59,7 @@ def make_paired(items: list, vocab: Vocab, features: torch.Tensor | None = None)
     return PairedData(collate_json([vocab.encode(it.json) for it in items], names), features, list(items))
 
 # %% ../nbs/05_training.ipynb #161f8ca8
-def standalone_targets(json_ids: dict, dim: int = 512, seed: int = 0) -> torch.Tensor:
+def standalone_targets(json_ids: dict, dim: int = Config.output_dim, seed: int = 0) -> torch.Tensor:
     "A fixed random unit vector per distinct JSON row: (N, dim)."
     rows = torch.cat([v.sort(dim=1, descending=True).values for v in json_ids.values()], dim=1)  # (N, sum L_f) order-free
     _, inverse = torch.unique(rows, dim=0, return_inverse=True)
@@ -80,7 +80,7 @@ def crop_batches(items: list, tower, batches: list, num_workers: int = 0, on_ski
             if on_skip: on_skip(items[j], reason)
         if ok: yield torch.tensor(ok), pixels
 
-def tower_features(items: list, tower, batch_size: int = 64, num_workers: int = 0, on_skip=None) -> torch.Tensor:
+def tower_features(items: list, tower, batch_size: int = Config.tower_batch_size, num_workers: int = 0, on_skip=None) -> torch.Tensor:
     "(N, D) frozen-tower features of every item's crop in one pass; rows whose JPEG fails stay zero."
     out = torch.zeros(len(items), tower.output_dim)
     for idx, pixels in crop_batches(items, tower, list(torch.arange(len(items)).split(batch_size)), num_workers, on_skip):
@@ -113,7 +113,7 @@ def make_adam(params, lr: float, weight_decay: float) -> torch.optim.Adam:
 
 def cosine_lr(step: int,        # 0-based global step of the contrastive stage
               total: int,       # the stage's steps in this run (epochs x batches per epoch)
-              base_lr: float, warmup: int = 0) -> float:  # warmup: linear warm-up steps (config warmup_steps)
+              base_lr: float, warmup: int = Config.warmup_steps) -> float:  # warmup: linear warm-up steps
     "Learning rate at `step`: a linear warm-up, then a cosine from `base_lr` to 0 at `total` (open_clip's `cosine_lr`), 0 past it."
     if step < warmup: return base_lr * (step + 1) / warmup
     e, es = step - warmup, total - warmup
@@ -142,11 +142,11 @@ class Trainer:
         if len(val) < 2: raise UserError(f"the val split has {len(val)} item(s); at least 2 are needed to validate")
         if len(train) < 2: raise UserError(f"the train split has {len(train)} item(s); at least 2 are needed")
         self.cfg, self.vocab, self.train_data, self.val_data = cfg, vocab, train, val
-        self.out, self.progress, self.info = Path(output_dir), progress, dict(info or {})
+        self.run, self.progress, self.info = RunDir(output_dir), progress, dict(info or {})  # the run folder's layout
         self.device = torch.device(device) if device else resolve_device(cfg.device)
         self.rank, self.world = get_rank(), get_world_size()
         seed_everything(cfg.seed)
-        self.encoder = JSONEncoder(vocab.sizes, cfg.embedding_dim, cfg.hidden_dim, cfg.output_dim, cfg.dropout_rate).to(self.device)
+        self.encoder = encoder_from_config(cfg, vocab.sizes).to(self.device)
         self.net = self.encoder if self.world == 1 else torch.nn.parallel.DistributedDataParallel(
             self.encoder, device_ids=[self.device] if self.device.type == "cuda" else None, broadcast_buffers=False)
         self.learner = ContrastiveLearner(self.net, tower, cfg.temperature, cfg.learn_temperature).to(self.device)
@@ -175,6 +175,7 @@ class Trainer:
         return F.normalize(f.to(self.device).float(), dim=1)
 
     def _skip(self, item, reason):
+        "Count and log an undecodable crop."
         self.undecodable += 1
         log.warning("%s: crop skipped (%s)", item.image_path, reason)
 
@@ -187,274 +188,325 @@ class Trainer:
     def _features(self, data: PairedData) -> torch.Tensor:
         "Image features (N, D) of every row: the cache, or one pass of the frozen tower."
         if data.features is not None: return data.features
-        return tower_features(data.items, self.tower, self.cfg.batch_size, self.cfg.num_workers, self._skip)
+        return tower_features(data.items, self.tower, self.cfg.tower_batch_size, self.cfg.num_workers, self._skip)
 
-    def _new_stage(self, stage: str, standalone_epochs: int, contrastive_epochs: int):
-        params = [p for p in self.learner.parameters() if p.requires_grad]
-        self.opt = make_adam(params, self.cfg.learning_rate, self.cfg.weight_decay)
-        self._sched = (standalone_epochs * self.steps_per_epoch, contrastive_epochs * self.steps_per_epoch)
-        self.stage = stage
-
-    def lr_at(self, step: int) -> float:
-        "The learning rate of global `step`: constant in stage 1, warm-up + cosine over this run's contrastive steps."
-        first, total = self._sched
-        if self.stage != "contrastive": return self.cfg.learning_rate
-        return cosine_lr(step - first, total, self.cfg.learning_rate, self.cfg.warmup_steps)
-
-    def _set_lr(self, step: int) -> float:
-        lr = self.lr_at(step)
-        for g in self.opt.param_groups: g["lr"] = lr
-        return lr
-
-    def _check_finite(self, losses: torch.Tensor, epoch: int, offset: int = 0):  # offset: the epoch's step of losses[0]
-        "Stop with a one-line error at the first non-finite step loss of `epoch` (its weights are not saved)."
-        bad = (~torch.isfinite(losses)).nonzero()
-        if not len(bad): return
-        i = int(bad[0]); last = self.history[-1]["epoch"] if self.history else None
-        kept = f"checkpoints/last.pt holds epoch {last}, the last good one" if last else "no checkpoint was written"
-        raise UserError(f"epoch {epoch}, step {offset + i + 1} of {self.steps_per_epoch} ({self.stage}): the training loss is {float(losses[i])}; "
-                        f"stopped, this epoch's weights are discarded and {kept}. Lower the learning rate "
-                        f"(now {self.cfg.learning_rate:g}) or check the data")
-
-    # -- one epoch of each stage ---------------------------------------------------------------------------------
     def _batches(self, epoch: int) -> list:
         "This rank's row batches of `epoch` (per-rank batch_size; the global batch is world_size times larger)."
         return self.train_data.batches(self.cfg.batch_size, self.cfg.seed, epoch, rank=self.rank, world_size=self.world)
 
-    def _resident(self) -> dict:
-        "The training data on the device (once): JSON ids and cached features (or pinned host memory)."
-        if self._res is None:
-            d = self.train_data
-            self._res = {"json": {k: v.to(self.device) for k, v in d.json.items()},
-                         "features": None if d.features is None else resident(d.features, self.device)}
-        return self._res
-
-    def _rows(self, stage: str) -> tuple:
-        "(RowsLoss of `stage`, whether it runs as a CUDA graph), built on first use."
-        if stage not in self._rows_loss:
-            r = self._resident()
-            mod = RowsLoss(self.encoder, self.learner, r["json"], **({"targets": self.targets.to(self.device)} if stage == "standalone"
-                                                                        else {"features": r["features"]}))
-            on_gpu = stage == "standalone" or r["features"].device.type == self.device.type
-            graphed = self.cfg.cuda_graphs and on_gpu and graph_rows_loss(mod, self.cfg.batch_size)
-            self._rows_loss[stage] = (mod, graphed)
-            self.train_path = ("cuda-graph" if graphed else "device-resident") if self.device.type == "cuda" else "cpu"
-            if stage == "contrastive" and not on_gpu: self.train_path = "pinned-host"
-            log.info("%s stage: %s steps", stage, self.train_path)
-        return self._rows_loss[stage]
-
-    def _resident_epoch(self, epoch: int, stage: str) -> float:
-        "One epoch of either stage on resident data: batches drawn on the device, the loss summed there, one sync."
-        mod, graphed = self._rows(stage)
-        batches = self._batches(epoch)
-        if not batches: return 0.0
-        sizes = [len(b) for b in batches]
-        rows = torch.cat(batches).to(self.device).split(sizes)  # one host->device copy per epoch
-        losses = torch.empty(len(rows), device=self.device)     # (steps,) each step's loss, read back once
-        every, first, scales = self.cfg.log_every_n_steps, self._step0(epoch), {}
-        self.learner.train()
-        for i, idx in enumerate(self._bar(rows, epoch)):
-            self.learner.clamp_logit_scale_(); self._set_lr(first + i)
-            loss = rows_step(mod, graphed, idx, self.cfg.batch_size)
-            self.opt.zero_grad(set_to_none=True); loss.backward(); self.opt.step()
-            losses[i] = loss.detach()
-            if every and (first + i) % every == 0: scales[first + i] = self.learner.logit_scale.detach().clone()
-        host = losses.cpu()   # the epoch's only host-device synchronisation
-        self._check_finite(host, epoch)
-        self._steps = (first, host, {k: v.item() for k, v in scales.items()})
-        return float((host * torch.tensor(sizes, dtype=host.dtype)).sum()) / sum(sizes)
-
     def _step0(self, epoch: int) -> int: return (epoch - 1) * self.steps_per_epoch  # global step of `epoch`'s first batch
 
-    def _standalone_epoch(self, epoch: int) -> float:
-        if self.world == 1: return self._resident_epoch(epoch, "standalone")
-        self.encoder.train(); total, n, steps = 0.0, 0, []
-        for idx in self._bar(self._batches(epoch), epoch):
-            n_all = reduce_sum(len(idx), self.device)  # rows of the global batch
-            js = {k: v.to(self.device) for k, v in self.train_data.batch(idx).items()}
-            out = self.net(js)                                              # (B, D) unit-norm
-            err = 1 - (out * self.targets[idx].to(self.device)).sum(1)     # (B,) 1 - cos to the fixed target
-            loss = err.mean() if self.world == 1 else err.sum() * self.world / n_all  # DDP's mean over ranks -> global mean
-            steps.append(loss.item()); self._check_finite(torch.tensor(steps[-1:]), epoch, len(steps) - 1)
-            self.opt.zero_grad(set_to_none=True); loss.backward(); self.opt.step()
-            total += err.sum().item(); n += n_all
-        self._steps = (self._step0(epoch), torch.tensor(steps), {})
-        return reduce_sum(total, self.device) / max(n, 1)
-
-    def _contrastive_epoch(self, epoch: int) -> float:
-        if self.world == 1 and self.train_data.features is not None: return self._resident_epoch(epoch, "contrastive")
-        self.learner.train(); total, n, steps, scales = 0.0, 0, [], {}
-        batches, first, every = self._batches(epoch), self._step0(epoch), self.cfg.log_every_n_steps
-        amp = self.device.type == "cuda"
-        for i, (idx, img) in enumerate(self._bar(self._image_batches(self.train_data, batches), epoch, total=len(batches))):
-            n_all = reduce_sum(len(idx), self.device)  # rows of the global batch (undecodable crops may be missing)
-            if n_all < 2: continue
-            self._set_lr(first + i)
-            js = {k: v.to(self.device, non_blocking=True) for k, v in self.train_data.batch(idx).items()}
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=amp):
-                loss = self.learner(img.to(self.device, non_blocking=True), js)  # the global-batch loss on every rank
-            steps.append(loss.item()); self._check_finite(torch.tensor(steps[-1:]), epoch, len(steps) - 1)
-            self.opt.zero_grad(set_to_none=True); loss.backward(); self.opt.step()
-            if every and (first + i) % every == 0: scales[first + i] = self.learner.logit_scale.item()
-            total += steps[-1] * n_all; n += n_all
-        self._steps = (first, torch.tensor(steps), scales)
-        return total / max(n, 1)
-
     def _bar(self, it, epoch, total=None):
+        "Progress over an epoch's batches (rank 0 only)."
         return progress(it, total=total, desc=f"epoch {epoch}", unit="batch", leave=False, enable=self.progress and self.rank == 0,
                         logger=log, every_pct=None, closing=False)  # in a log file: a line every 30 s of a long epoch
 
-    def validate(self, whole: bool = False, encoder=None) -> dict:
-        "Gallery metrics on the per-epoch val subset (or the `whole` split), by rank 0, shared with the other ranks."
-        m = None
-        if self.rank == 0:
-            rows = None if whole else self.val_rows
-            img = self.val_image if not whole or self.val_rows is None else self._val_image(None)
-            txt = embed_rows(encoder or self.encoder, self.val_data, self.device, rows=rows, keep=True)
-            m = gallery_metrics(img, txt, self.learner.logit_scale.exp().item())
-        return broadcast_object(m)
+# %% ../nbs/05_training.ipynb #2f982766
+@patch
+def _new_stage(self: Trainer, stage: str, standalone_epochs: int, contrastive_epochs: int):
+    "A fresh Adam for `stage` and this run's contrastive schedule: (its first global step, its steps)."
+    params = [p for p in self.learner.parameters() if p.requires_grad]
+    self.opt = make_adam(params, self.cfg.learning_rate, self.cfg.weight_decay)
+    self._sched = (standalone_epochs * self.steps_per_epoch, contrastive_epochs * self.steps_per_epoch)
+    self.stage = stage
 
-    def final_evaluation(self, ckpt: Path) -> dict | None:
-        "Whole-val-split metrics of best_model.pt (per-epoch numbers come from the seeded subset)."
-        if self.best is None: return None
-        info = {"model": "checkpoints/best_model.pt", "epoch": self.best["epoch"], "split": "val", "items": len(self.val_data)}
-        if self.val_rows is None:  # every epoch already ranked the whole split: the best epoch's numbers are final
-            return {**info, "metrics": self.best["val"], "seconds": 0.0, "recomputed": False}
-        t0, enc = time.perf_counter(), None
-        if self.rank == 0:
-            enc = copy.deepcopy(self.encoder)
-            enc.load_state_dict(load_checkpoint(ckpt / "best_model.pt")["encoder"])
-        m = self.validate(whole=True, encoder=enc)
-        return {**info, "metrics": m, "seconds": time.perf_counter() - t0, "recomputed": True}
+@patch
+def lr_at(self: Trainer, step: int) -> float:
+    "The learning rate of global `step`: constant in stage 1, warm-up + cosine over this run's contrastive steps."
+    first, total = self._sched
+    if self.stage != "contrastive": return self.cfg.learning_rate
+    return cosine_lr(step - first, total, self.cfg.learning_rate, self.cfg.warmup_steps)
 
-    # -- checkpoints and resume -------------------------------------------------------------------------------------
-    def state(self, epoch: int) -> dict:
-        "Everything needed to use the encoder or resume the run (tensors and plain values only)."
-        return {"format": CKPT_FORMAT, "epoch": epoch, "stage": self.stage, "config": asdict(self.cfg),
-                "vocab": self.vocab.fields, "encoder": self.encoder.state_dict(),
-                "logit_scale": self.learner.logit_scale.detach().cpu(), "optimizer": self.opt.state_dict(),
-                "scheduler": None, "history": self.history,  # the learning rate is a function of the step (`lr_at`)
-                "best": self.best, "rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None, "tower": self.info.get("tower", {}),
-                "dataset_path": self.info.get("data", {}).get("dataset_path"),
-                "world_size": self.world, "rank_rng": self._rank_rng}  # rank_rng: each rank's (cpu, cuda) RNG state under torchrun
+@patch
+def _set_lr(self: Trainer, step: int) -> float:
+    "Set the optimiser's learning rate to `lr_at(step)`; returns it."
+    lr = self.lr_at(step)
+    for g in self.opt.param_groups: g["lr"] = lr
+    return lr
 
-    def _resume(self, path) -> int:
-        st = load_checkpoint(path)
-        if st["vocab"] != self.vocab.fields: raise UserError(f"{path}: the checkpoint's vocabulary differs from this dataset's")
-        self.encoder.load_state_dict(st["encoder"])
-        with torch.no_grad(): self.learner.logit_scale.copy_(st["logit_scale"])
-        self.history, self.best, self.stage = st["history"], st["best"], None
-        self._resume_opt = st  # the optimiser state is restored when the stage's optimiser is built
-        rng, cuda_rng = st["rng"], st.get("cuda_rng")  # dropout continues exactly where the interrupted run stopped
-        if self.world > 1:
-            per_rank = st.get("rank_rng") or []
-            if len(per_rank) == self.world: rng, cuda_rng = per_rank[self.rank]
-            else: log.warning("%s: written by a run of %d process(es), resumed on %d: dropout masks differ from an uninterrupted run",
-                              path, st.get("world_size", 1), self.world)
-        torch.set_rng_state(rng)
-        if self.device.type == "cuda" and cuda_rng is not None: torch.cuda.set_rng_state(cuda_rng, self.device)
-        log.info("resumed from %s at epoch %d (%s)", path, st["epoch"], st["stage"])
-        return st["epoch"]
+# %% ../nbs/05_training.ipynb #3b803904
+@patch
+def _resident(self: Trainer) -> dict:
+    "The training data on the device (once): JSON ids and cached features (or pinned host memory)."
+    if self._res is None:
+        d = self.train_data
+        self._res = {"json": {k: v.to(self.device) for k, v in d.json.items()},
+                     "features": None if d.features is None else resident(d.features, self.device)}
+    return self._res
 
-    # -- the run ---------------------------------------------------------------------------------------------------
-    def fit(self, standalone_epochs: int | None = None, contrastive_epochs: int | None = None, resume=None) -> dict:
-        "Train both stages (resuming from a `last.pt` when given); returns the results dict also written to disk."
-        from torch.utils.tensorboard import SummaryWriter
-        S = self.cfg.standalone_epochs if standalone_epochs is None else standalone_epochs
-        C = self.cfg.max_epochs - S if contrastive_epochs is None else contrastive_epochs
-        if S + C <= 0: raise UserError(f"nothing to train: {S} standalone + {C} contrastive epochs (set --epochs / max_epochs >= 1)")
-        if C <= 0: log.warning("standalone only: %d standalone epoch(s) and no contrastive epoch, so the encoder never sees an image; "
-                               "best_model.pt is chosen on the standalone epochs", S)
-        start = self._resume(resume) + 1 if resume else 1
-        t_run = time.perf_counter()
-        if done := resume and finished_run({"epoch": start - 1, "history": self.history, "best": self.best}, resume, S + C):
-            return {**self.results(0.0), **done}
-        ckpt, res = self.out / "checkpoints", self.out / "results"
-        main = self.rank == 0  # only rank 0 writes checkpoints, logs and results
-        writer = SummaryWriter(str(self.out / "logs")) if main else None
-        if writer: writer.add_text("config", "```json\n" + json.dumps(asdict(self.cfg), ensure_ascii=False, indent=2) + "\n```", start)
-        metric = self.cfg.select_metric
-        nv = len(self.val_data)
-        scope = (f"a seeded subset of {len(self.val_rows):,} of the {nv:,} val items (config val_subset)" if self.val_rows is not None
-                 else f"the whole val split ({nv:,} items)")
-        log.info("per-epoch validation (best_model.pt selection, TensorBoard val/*): %s; final evaluation: the whole val split", scope)
-        try:
-            for epoch in range(start, S + C + 1):
-                stage = "standalone" if epoch <= S else "contrastive"
-                if stage != self.stage:
-                    self._new_stage(stage, S, C)
-                    if self._resume_opt is not None and self._resume_opt["stage"] == stage:
-                        self.opt.load_state_dict(self._resume_opt["optimizer"])
-                    self._resume_opt = None
-                t0 = time.perf_counter()
-                loss = self._standalone_epoch(epoch) if stage == "standalone" else self._contrastive_epoch(epoch)
-                secs = time.perf_counter() - t0
-                val = self.validate()
-                val_secs = time.perf_counter() - t0 - secs
-                rec = {"epoch": epoch, "stage": stage, "train_loss": loss, "val": val, "val_items": val["gallery_size"],
-                       "lr": self.opt.param_groups[0]["lr"],
-                       "temperature": 1 / self.learner.logit_scale.exp().item(), "train_seconds": secs, "val_seconds": val_secs,
-                       "samples_per_s": len(self.train_data) / secs}
-                self.history.append(rec)
-                if self.world > 1:
-                    self._rank_rng = all_gather_object((torch.get_rng_state(), torch.cuda.get_rng_state(self.device)
-                                                        if self.device.type == "cuda" else None))
-                if main: self._log_steps(writer, stage); self._log(writer, rec)
-                if (stage == "contrastive" or C == 0) and _better(metric, val, self.best and self.best["val"]):
-                    self.best = {"epoch": epoch, "val": val}
-                    if main: save_checkpoint(self.state(epoch), ckpt / "best_model.pt")
-                if main and self.cfg.save_every and epoch % self.cfg.save_every == 0:
-                    save_checkpoint(self.state(epoch), ckpt / f"checkpoint_epoch_{epoch}.pt")
-                if main: save_checkpoint(self.state(epoch), ckpt / "last.pt")
-            self.final = self.final_evaluation(ckpt)
-            if main and self.final: self._log_final(writer, self.final)
-        finally:
-            if writer: writer.close()
-        results = self.results(time.perf_counter() - t_run)
-        if main: atomic_write_text(res / "training_results.json", json.dumps(results, ensure_ascii=False, indent=2) + "\n")
-        return results
+@patch
+def _rows(self: Trainer, stage: str) -> tuple:
+    "(RowsLoss of `stage`, whether it runs as a CUDA graph), built on first use."
+    if stage not in self._rows_loss:
+        r = self._resident()
+        mod = RowsLoss(self.encoder, self.learner, r["json"], **({"targets": self.targets.to(self.device)} if stage == "standalone"
+                                                                    else {"features": r["features"]}))
+        on_gpu = stage == "standalone" or r["features"].device.type == self.device.type
+        graphed = self.cfg.cuda_graphs and on_gpu and graph_rows_loss(mod, self.cfg.batch_size)
+        self._rows_loss[stage] = (mod, graphed)
+        self.train_path = ("cuda-graph" if graphed else "device-resident") if self.device.type == "cuda" else "cpu"
+        if stage == "contrastive" and not on_gpu: self.train_path = "pinned-host"
+        log.info("%s stage: %s steps", stage, self.train_path)
+    return self._rows_loss[stage]
 
-    def _log(self, writer, rec: dict):
-        e, v = rec["epoch"], rec["val"]
-        log.info("epoch %d (%s): train loss %.4f | val (%d items) loss %.4f top1 %.3f top5 %.3f R@10 %.3f mrr %.3f pos cos %.3f | "
-                 "%.0f samples/s, validation %.1fs", e, rec["stage"], rec["train_loss"], rec["val_items"], v["loss"], v["top1"],
-                 v["top5"], v["top10"], v["mrr"], v["pos_cosine"], rec["samples_per_s"], rec["val_seconds"])
-        writer.add_scalar(f"train/loss_{rec['stage']}", rec["train_loss"], e)
-        for k in ("loss", "top1", "top5", "top10", "mrr", "pos_cosine", "i2j_mrr", "j2i_mrr"): writer.add_scalar(f"val/{k}", v[k], e)
-        writer.add_scalar("train/lr", rec["lr"], e); writer.add_scalar("train/temperature", rec["temperature"], e)
-        writer.flush()
+@patch
+def _resident_epoch(self: Trainer, epoch: int, stage: str) -> float:
+    "One epoch of either stage on resident data: batches drawn on the device, the loss summed there, one sync."
+    mod, graphed = self._rows(stage)
+    batches = self._batches(epoch)
+    if not batches: return 0.0
+    sizes = [len(b) for b in batches]
+    rows = torch.cat(batches).to(self.device).split(sizes)  # one host->device copy per epoch
+    losses = torch.empty(len(rows), device=self.device)     # (steps,) each step's loss, read back once
+    every, first, scales = self.cfg.log_every_n_steps, self._step0(epoch), {}
+    self.learner.train()
+    for i, idx in enumerate(self._bar(rows, epoch)):
+        self.learner.clamp_logit_scale_(); self._set_lr(first + i)
+        loss = rows_step(mod, graphed, idx, self.cfg.batch_size)
+        self.opt.zero_grad(set_to_none=True); loss.backward(); self.opt.step()
+        losses[i] = loss.detach()
+        if every and (first + i) % every == 0: scales[first + i] = self.learner.logit_scale.detach().clone()
+    host = losses.cpu()   # the epoch's only host-device synchronisation
+    self._check_finite(host, epoch)
+    self._steps = (first, host, {k: v.item() for k, v in scales.items()})
+    return float((host * torch.tensor(sizes, dtype=host.dtype)).sum()) / sum(sizes)
 
-    def _log_steps(self, writer, stage: str):
-        "Per-step TensorBoard scalars of the last epoch, every `log_every_n_steps` global steps (written after its one sync)."
-        every = self.cfg.log_every_n_steps
-        if not every: return
-        first, losses, scales = self._steps
-        for i, v in enumerate(losses.tolist()):
-            g = first + i
-            if g % every: continue
-            writer.add_scalar(f"train_step/loss_{stage}", v, g); writer.add_scalar("train_step/lr", self.lr_at(g), g)
-            if g in scales: writer.add_scalar("train_step/temperature", math.exp(-scales[g]), g)
+@patch
+def _check_finite(self: Trainer, losses: torch.Tensor, epoch: int, offset: int = 0):  # offset: the epoch's step of losses[0]
+    "Stop with a one-line error at the first non-finite step loss of `epoch` (its weights are not saved)."
+    bad = (~torch.isfinite(losses)).nonzero()
+    if not len(bad): return
+    i = int(bad[0]); last = self.history[-1]["epoch"] if self.history else None
+    kept = f"checkpoints/last.pt holds epoch {last}, the last good one" if last else "no checkpoint was written"
+    raise UserError(f"epoch {epoch}, step {offset + i + 1} of {self.steps_per_epoch} ({self.stage}): the training loss is {float(losses[i])}; "
+                    f"stopped, this epoch's weights are discarded and {kept}. Lower the learning rate "
+                    f"(now {self.cfg.learning_rate:g}) or check the data")
 
-    def _log_final(self, writer, fin: dict):
-        m = fin["metrics"]
-        log.info("final evaluation of best_model.pt (epoch %d) on the whole val split (%d items): loss %.4f top1 %.3f top5 %.3f "
-                 "R@10 %.3f mrr %.3f aware mrr %.3f (%.1fs)", fin["epoch"], fin["items"], m["loss"], m["top1"], m["top5"], m["top10"],
-                 m["mrr"], m["aware_mrr"], fin["seconds"])
-        for k in ("loss", "top1", "top5", "top10", "mrr", "aware_mrr", "i2j_mrr", "j2i_mrr"): writer.add_scalar(f"final/{k}", m[k], fin["epoch"])
-        writer.flush()
+# %% ../nbs/05_training.ipynb #b23ae7f9
+@patch
+def _standalone_epoch(self: Trainer, epoch: int) -> float:
+    "One stage-1 epoch (resident on one process, batch by batch under DDP); returns the mean loss."
+    if self.world == 1: return self._resident_epoch(epoch, "standalone")
+    self.encoder.train(); total, n, steps = 0.0, 0, []
+    for idx in self._bar(self._batches(epoch), epoch):
+        n_all = reduce_sum(len(idx), self.device)  # rows of the global batch
+        js = {k: v.to(self.device) for k, v in self.train_data.batch(idx).items()}
+        out = self.net(js)                                              # (B, D) unit-norm
+        err = 1 - (out * self.targets[idx].to(self.device)).sum(1)     # (B,) 1 - cos to the fixed target
+        loss = err.mean() if self.world == 1 else err.sum() * self.world / n_all  # DDP's mean over ranks -> global mean
+        steps.append(loss.item()); self._check_finite(torch.tensor(steps[-1:]), epoch, len(steps) - 1)
+        self.opt.zero_grad(set_to_none=True); loss.backward(); self.opt.step()
+        total += err.sum().item(); n += n_all
+    self._steps = (self._step0(epoch), torch.tensor(steps), {})
+    return reduce_sum(total, self.device) / max(n, 1)
 
-    def results(self, seconds: float) -> dict:
-        "The run summary written to `results/training_results.json`."
-        con = [h for h in self.history if h["stage"] == "contrastive"]
-        return {"config": asdict(self.cfg), "vocab_sizes": self.vocab.sizes, "history": self.history,
-                "best_epoch": self.best and self.best["epoch"], "best_metrics": self.best and self.best["val"],
-                "select_metric": self.cfg.select_metric, "device": str(self.device), **self.info,
-                "world_size": self.world, "global_batch_size": self.cfg.batch_size * self.world,
-                "timings": {**self.info.get("timings", {}), "fit_seconds": seconds,
-                            "contrastive_samples_per_s": (sum(h["samples_per_s"] for h in con) / len(con)) if con else None},
-                "undecodable_at_train": self.undecodable, "train_path": self.train_path,
-                "validation": {"per_epoch": "subset" if self.val_rows is not None else "whole",
-                               "per_epoch_items": len(self.val_rows) if self.val_rows is not None else len(self.val_data),
-                               "val_items": len(self.val_data), "subset_seed": self.cfg.seed},
-                "final_metrics": self.final and self.final["metrics"], "final": self.final}
+@patch
+def _contrastive_epoch(self: Trainer, epoch: int) -> float:
+    "One stage-2 epoch (resident with cached features on one process, else batch by batch); returns the mean loss."
+    if self.world == 1 and self.train_data.features is not None: return self._resident_epoch(epoch, "contrastive")
+    self.learner.train(); total, n, steps, scales = 0.0, 0, [], {}
+    batches, first, every = self._batches(epoch), self._step0(epoch), self.cfg.log_every_n_steps
+    amp = self.device.type == "cuda"
+    for i, (idx, img) in enumerate(self._bar(self._image_batches(self.train_data, batches), epoch, total=len(batches))):
+        n_all = reduce_sum(len(idx), self.device)  # rows of the global batch (undecodable crops may be missing)
+        if n_all < 2: continue
+        self._set_lr(first + i)
+        js = {k: v.to(self.device, non_blocking=True) for k, v in self.train_data.batch(idx).items()}
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=amp):
+            loss = self.learner(img.to(self.device, non_blocking=True), js)  # the global-batch loss on every rank
+        steps.append(loss.item()); self._check_finite(torch.tensor(steps[-1:]), epoch, len(steps) - 1)
+        self.opt.zero_grad(set_to_none=True); loss.backward(); self.opt.step()
+        if every and (first + i) % every == 0: scales[first + i] = self.learner.logit_scale.item()
+        total += steps[-1] * n_all; n += n_all
+    self._steps = (first, torch.tensor(steps), scales)
+    return total / max(n, 1)
+
+# %% ../nbs/05_training.ipynb #b5cd00ec
+@patch
+def validate(self: Trainer, whole: bool = False, encoder=None) -> dict:
+    "Gallery metrics on the per-epoch val subset (or the `whole` split), by rank 0, shared with the other ranks."
+    m = None
+    if self.rank == 0:
+        rows = None if whole else self.val_rows
+        img = self.val_image if not whole or self.val_rows is None else self._val_image(None)
+        txt = embed_rows(encoder or self.encoder, self.val_data, self.device, rows=rows, keep=True)
+        m = gallery_metrics(img, txt, self.learner.logit_scale.exp().item())
+    return broadcast_object(m)
+
+@patch
+def final_evaluation(self: Trainer) -> dict | None:
+    "Whole-val-split metrics of best_model.pt (per-epoch numbers come from the seeded subset)."
+    if self.best is None: return None
+    info = {"model": "checkpoints/best_model.pt", "epoch": self.best["epoch"], "split": "val", "items": len(self.val_data)}
+    if self.val_rows is None:  # every epoch already ranked the whole split: the best epoch's numbers are final
+        return {**info, "metrics": self.best["val"], "seconds": 0.0, "recomputed": False}
+    t0, enc = time.perf_counter(), None
+    if self.rank == 0:
+        enc = copy.deepcopy(self.encoder)
+        enc.load_state_dict(load_checkpoint(self.run.best)["encoder"])
+    m = self.validate(whole=True, encoder=enc)
+    return {**info, "metrics": m, "seconds": time.perf_counter() - t0, "recomputed": True}
+
+# %% ../nbs/05_training.ipynb #c8238cf6
+_ENCODER_KEYS = ("embedding_dim", "hidden_dim", "output_dim", "fields")  # config keys that shape the encoder's weights
+
+@patch
+def _check_resumable(self: Trainer, st: dict, path):
+    "`UserError` when checkpoint `st` cannot continue in this run: another encoder shape, or another image tower."
+    old = st.get("config", {})
+    if diff := [k for k in _ENCODER_KEYS if k in old and old[k] != getattr(self.cfg, k)]:
+        was = ", ".join(f"{k} {old[k]!r}" for k in diff); now = ", ".join(f"{k} {getattr(self.cfg, k)!r}" for k in diff)
+        raise UserError(f"{path}: the checkpoint's encoder has {was} but this run's config says {now}; resume with the run's "
+                        "own config (drop the flags or --config that change it) or start a new run in another --output_dir")
+    was, now = st.get("tower", {}).get("fingerprint"), self.info.get("tower", {}).get("fingerprint")
+    if was and now and was != now:
+        raise UserError(f"{path}: the run was trained against image tower {was} ({st['tower'].get('model')}, "
+                        f"{st['tower'].get('pretrained')}), this one is {now}: their features are not comparable; resume with "
+                        "the run's own --clip_model/--clip_pretrained or start a new run in another --output_dir")
+
+@patch
+def state(self: Trainer, epoch: int) -> dict:
+    "Everything needed to use the encoder or resume the run (tensors and plain values only)."
+    return {"format": CKPT_FORMAT, "epoch": epoch, "stage": self.stage, "config": asdict(self.cfg),
+            "vocab": self.vocab.fields, "encoder": self.encoder.state_dict(),
+            "logit_scale": self.learner.logit_scale.detach().cpu(), "optimizer": self.opt.state_dict(),
+            "scheduler": None, "history": self.history,  # the learning rate is a function of the step (`lr_at`)
+            "best": self.best, "rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None, "tower": self.info.get("tower", {}),
+            "dataset_path": self.info.get("data", {}).get("dataset_path"),
+            "world_size": self.world, "rank_rng": self._rank_rng}  # rank_rng: each rank's (cpu, cuda) RNG state under torchrun
+
+@patch
+def _resume(self: Trainer, path,
+            state: dict | None = None) -> int:  # state: `load_checkpoint(path)` when the caller has read it already
+    "Restore weights, history, optimiser state and RNG streams from checkpoint `path`; returns its epoch."
+    st = load_checkpoint(path) if state is None else state
+    if st["vocab"] != self.vocab.fields: raise UserError(f"{path}: the checkpoint's vocabulary differs from this dataset's")
+    self._check_resumable(st, path)
+    self.encoder.load_state_dict(st["encoder"])
+    with torch.no_grad(): self.learner.logit_scale.copy_(st["logit_scale"])
+    self.history, self.best, self.stage = list(st["history"]), st["best"], None  # a copy: `state` stays as given
+    self._resume_opt = st  # the optimiser state is restored when the stage's optimiser is built
+    rng, cuda_rng = st["rng"], st.get("cuda_rng")  # dropout continues exactly where the interrupted run stopped
+    if self.world > 1:
+        per_rank = st.get("rank_rng") or []
+        if len(per_rank) == self.world: rng, cuda_rng = per_rank[self.rank]
+        else: log.warning("%s: written by a run of %d process(es), resumed on %d: dropout masks differ from an uninterrupted run",
+                          path, st.get("world_size", 1), self.world)
+    torch.set_rng_state(rng)
+    if self.device.type == "cuda" and cuda_rng is not None: torch.cuda.set_rng_state(cuda_rng, self.device)
+    log.info("resumed from %s at epoch %d (%s)", path, st["epoch"], st["stage"])
+    return st["epoch"]
+
+# %% ../nbs/05_training.ipynb #715b381a
+@patch
+def _log(self: Trainer, writer, rec: dict):
+    "Log epoch record `rec` in one line and write its TensorBoard scalars."
+    e, v = rec["epoch"], rec["val"]
+    log.info("epoch %d (%s): train loss %.4f | val (%d items) loss %.4f top1 %.3f top5 %.3f R@10 %.3f mrr %.3f pos cos %.3f | "
+             "%.0f samples/s, validation %.1fs", e, rec["stage"], rec["train_loss"], rec["val_items"], v["loss"], v["top1"],
+             v["top5"], v["top10"], v["mrr"], v["pos_cosine"], rec["samples_per_s"], rec["val_seconds"])
+    writer.add_scalar(f"train/loss_{rec['stage']}", rec["train_loss"], e)
+    for k in ("loss", "top1", "top5", "top10", "mrr", "pos_cosine", "i2j_mrr", "j2i_mrr"): writer.add_scalar(f"val/{k}", v[k], e)
+    writer.add_scalar("train/lr", rec["lr"], e); writer.add_scalar("train/temperature", rec["temperature"], e)
+    writer.flush()
+
+@patch
+def _log_steps(self: Trainer, writer, stage: str):
+    "Per-step TensorBoard scalars of the last epoch, every `log_every_n_steps` global steps (written after its one sync)."
+    every = self.cfg.log_every_n_steps
+    if not every: return
+    first, losses, scales = self._steps
+    for i, v in enumerate(losses.tolist()):
+        g = first + i
+        if g % every: continue
+        writer.add_scalar(f"train_step/loss_{stage}", v, g); writer.add_scalar("train_step/lr", self.lr_at(g), g)
+        if g in scales: writer.add_scalar("train_step/temperature", math.exp(-scales[g]), g)
+
+@patch
+def _log_final(self: Trainer, writer, fin: dict):
+    "Log the final evaluation and write its `final/*` TensorBoard scalars."
+    m = fin["metrics"]
+    log.info("final evaluation of best_model.pt (epoch %d) on the whole val split (%d items): loss %.4f top1 %.3f top5 %.3f "
+             "R@10 %.3f mrr %.3f aware mrr %.3f (%.1fs)", fin["epoch"], fin["items"], m["loss"], m["top1"], m["top5"], m["top10"],
+             m["mrr"], m["aware_mrr"], fin["seconds"])
+    for k in ("loss", "top1", "top5", "top10", "mrr", "aware_mrr", "i2j_mrr", "j2i_mrr"): writer.add_scalar(f"final/{k}", m[k], fin["epoch"])
+    writer.flush()
+
+@patch
+def results(self: Trainer, seconds: float) -> dict:
+    "The run summary written to `results/training_results.json`."
+    con = [h for h in self.history if h["stage"] == "contrastive"]
+    return {"config": asdict(self.cfg), "vocab_sizes": self.vocab.sizes, "history": self.history,
+            "best_epoch": self.best and self.best["epoch"], "best_metrics": self.best and self.best["val"],
+            "select_metric": self.cfg.select_metric, "device": str(self.device), **self.info,
+            "world_size": self.world, "global_batch_size": self.cfg.batch_size * self.world,
+            "timings": {**self.info.get("timings", {}), "fit_seconds": seconds,
+                        "contrastive_samples_per_s": (sum(h["samples_per_s"] for h in con) / len(con)) if con else None},
+            "undecodable_at_train": self.undecodable, "train_path": self.train_path,
+            "validation": {"per_epoch": "subset" if self.val_rows is not None else "whole",
+                           "per_epoch_items": len(self.val_rows) if self.val_rows is not None else len(self.val_data),
+                           "val_items": len(self.val_data), "subset_seed": self.cfg.seed},
+            "final_metrics": self.final and self.final["metrics"], "final": self.final}
+
+# %% ../nbs/05_training.ipynb #56c7da93
+@patch
+def fit(self: Trainer, standalone_epochs: int | None = None,  # None: the config's standalone_epochs
+        contrastive_epochs: int | None = None,       # None: the config's max_epochs - standalone_epochs
+        resume=None,                                 # path of a `last.pt` to continue
+        resume_state: dict | None = None) -> dict:   # `load_checkpoint(resume)` when the caller has read it already
+    "Train both stages (resuming from a `last.pt` when given); returns the results dict also written to disk."
+    assert resume_state is None or resume, "resume_state needs resume, the path it was read from"
+    from torch.utils.tensorboard import SummaryWriter
+    S = self.cfg.standalone_epochs if standalone_epochs is None else standalone_epochs
+    C = self.cfg.max_epochs - S if contrastive_epochs is None else contrastive_epochs
+    if S + C <= 0: raise UserError(f"nothing to train: {S} standalone + {C} contrastive epochs (set --epochs / max_epochs >= 1)")
+    if C <= 0: log.warning("standalone only: %d standalone epoch(s) and no contrastive epoch, so the encoder never sees an image; "
+                           "best_model.pt is chosen on the standalone epochs", S)
+    start = self._resume(resume, resume_state) + 1 if resume else 1
+    t_run = time.perf_counter()
+    if done := resume and finished_run({"epoch": start - 1, "history": self.history, "best": self.best}, resume, S + C):
+        return {**self.results(0.0), **done}
+    main = self.rank == 0  # only rank 0 writes checkpoints, logs and results
+    writer = SummaryWriter(str(self.run.logs)) if main else None
+    if writer: writer.add_text("config", "```json\n" + json.dumps(asdict(self.cfg), ensure_ascii=False, indent=2) + "\n```", start)
+    metric = self.cfg.select_metric
+    nv = len(self.val_data)
+    scope = (f"a seeded subset of {len(self.val_rows):,} of the {nv:,} val items (config val_subset)" if self.val_rows is not None
+             else f"the whole val split ({nv:,} items)")
+    log.info("per-epoch validation (best_model.pt selection, TensorBoard val/*): %s; final evaluation: the whole val split", scope)
+    try:
+        for epoch in range(start, S + C + 1):
+            stage = "standalone" if epoch <= S else "contrastive"
+            if stage != self.stage:
+                self._new_stage(stage, S, C)
+                if self._resume_opt is not None and self._resume_opt["stage"] == stage:
+                    self.opt.load_state_dict(self._resume_opt["optimizer"])
+                self._resume_opt = None
+            t0 = time.perf_counter()
+            loss = self._standalone_epoch(epoch) if stage == "standalone" else self._contrastive_epoch(epoch)
+            secs = time.perf_counter() - t0
+            val = self.validate()
+            val_secs = time.perf_counter() - t0 - secs
+            rec = {"epoch": epoch, "stage": stage, "train_loss": loss, "val": val, "val_items": val["gallery_size"],
+                   "lr": self.opt.param_groups[0]["lr"],
+                   "temperature": 1 / self.learner.logit_scale.exp().item(), "train_seconds": secs, "val_seconds": val_secs,
+                   "samples_per_s": len(self.train_data) / secs}
+            self.history.append(rec)
+            if self.world > 1:
+                self._rank_rng = all_gather_object((torch.get_rng_state(), torch.cuda.get_rng_state(self.device)
+                                                    if self.device.type == "cuda" else None))
+            if main: self._log_steps(writer, stage); self._log(writer, rec)
+            if (stage == "contrastive" or C == 0) and _better(metric, val, self.best and self.best["val"]):
+                self.best = {"epoch": epoch, "val": val}
+                if main: save_checkpoint(self.state(epoch), self.run.best)
+            if main and self.cfg.save_every and epoch % self.cfg.save_every == 0:
+                save_checkpoint(self.state(epoch), self.run.epoch(epoch))
+            if main: save_checkpoint(self.state(epoch), self.run.last)
+        self.final = self.final_evaluation()
+        if main and self.final: self._log_final(writer, self.final)
+    finally:
+        if writer: writer.close()
+    results = self.results(time.perf_counter() - t_run)
+    if main: atomic_write_text(self.run.result("training_results.json"), json.dumps(results, ensure_ascii=False, indent=2) + "\n")
+    return results

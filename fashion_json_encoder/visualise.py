@@ -13,7 +13,7 @@ import torch
 import matplotlib.pyplot as plt
 from matplotlib import font_manager
 from matplotlib.collections import LineCollection
-from .config import default_fields
+from .config import Config, default_fields
 from .vocab import field_values
 
 log = logging.getLogger(__name__)
@@ -144,7 +144,7 @@ def plot_tags(tags: dict, path=None,     # tags: `tag` output, {field: [(value, 
     return _save(fig, path, dpi)
 
 # %% ../nbs/07_visualise.ipynb #dd41da6e
-def _crop(image_path, box, pad: float = 0.1, size: int = 192):  # box: (x0, y0, x1, y1) as in `search` hits; image_path: a file or "<zip>::<member>"
+def _crop(image_path, box, pad: float = Config.crop_padding, size: int = 192):  # box: (x0, y0, x1, y1) as in `search` hits; image_path: a file or "<zip>::<member>"
     from PIL import Image
     from fashion_json_encoder.archives import read_bytes
     from fashion_json_encoder.data import crop_box

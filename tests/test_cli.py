@@ -98,10 +98,17 @@ def test_help_lists_every_flag():
                  "--sanity_check", "--create_config", "--quiet"):
         assert flag in r.stdout, flag
 
-def test_resume_from_cli_keeps_run_config_and_folder(trained, capsys):
+def test_resume_from_cli_keeps_run_config_and_folder(trained, capsys, monkeypatch):
+    import torch
     out, _ = trained
+    last, reads, load = (out / "checkpoints/last.pt").resolve(), [], torch.load
+    def counting_load(f, *a, **k):
+        if isinstance(f, (str, os.PathLike)) and Path(f).resolve() == last: reads.append(f)
+        return load(f, *a, **k)
+    monkeypatch.setattr(torch, "load", counting_load)
     # only --resume: the run's own config (3 epochs, batch 8), dataset and folder are reused; nothing left to train
     assert train_main(["--resume", str(out / "checkpoints/last.pt"), "--quiet", "--epochs", "4"]) == 0
+    assert len(reads) == 1, f"the resumed checkpoint was read {len(reads)} times"   # issue 13: once per command (was 3)
     assert "done: best epoch" in capsys.readouterr().out
     res = json.loads((out / "results/training_results.json").read_text(encoding="utf-8"))
     assert [h["epoch"] for h in res["history"]] == [1, 2, 3, 4] and res["config"]["batch_size"] == 8
@@ -173,7 +180,7 @@ def test_a_write_failure_is_one_line(trained, dataset, tmp_path, capsys, monkeyp
     assert "Traceback" not in err
 
 def test_evaluate_refuses_non_finite_weights(trained, tmp_path, capsys):
-    from fashion_json_encoder.training import load_checkpoint, save_checkpoint
+    from fashion_json_encoder.checkpoints import load_checkpoint, save_checkpoint
     st = load_checkpoint(trained[0] / "checkpoints/best_model.pt")
     k = next(iter(st["encoder"])); st["encoder"][k] = st["encoder"][k].float() * float("nan")
     p = save_checkpoint(st, tmp_path / "nan.pt")
@@ -198,8 +205,8 @@ def test_non_positive_counts_are_refused(capsys, argv):
     assert e.value.code == 2 and "must be at least 1" in capsys.readouterr().err
 
 def test_tag_checks_the_image_before_loading_anything(trained, capsys, monkeypatch):
-    import fashion_json_encoder.system as system
-    monkeypatch.setattr(system, "make_tower", lambda *a, **k: pytest.fail("the tower was loaded before the image was checked"))
+    import fashion_json_encoder.search as search   # where the Searcher builds its tower
+    monkeypatch.setattr(search, "make_tower", lambda *a, **k: pytest.fail("the tower was loaded before the image was checked"))
     rc, lines, err = _rc_err(capsys, main, ["tag", "--checkpoint_path", str(trained[0] / "checkpoints/best_model.pt"),
                                             "--image", "/no/such/photo.jpg"])
     assert rc == 2 and "/no/such/photo.jpg" in lines[0] and "no such image file" in lines[0], err
@@ -224,3 +231,13 @@ def test_synthetic_writes_a_dataset_the_loader_reads(tmp_path, capsys):
 def test_serve_reports_a_bad_checkpoint_in_one_line(tmp_path, capsys):
     rc, lines, err = _rc_err(capsys, main, ["serve", "--checkpoint_path", str(tmp_path / "missing.pt"), "--port", "7999"])
     assert rc == 2 and "checkpoint file not found" in lines[0], err
+
+
+def test_resume_with_another_encoder_shape_is_one_line(trained, capsys, tmp_path):
+    "Issue 13: a checkpoint that cannot load into this run's encoder is a user error, not a RuntimeError traceback."
+    out, _ = trained
+    (tmp_path / "c.json").write_text(json.dumps({"hidden_dim": 64, "clip_pretrained": "none", "batch_size": 8}), encoding="utf-8")
+    rc, lines, err = _rc_err(capsys, train_main, ["--resume", str(out / "checkpoints/last.pt"), "--config", str(tmp_path / "c.json"),
+                                                  "--epochs", "9", "--quiet"])
+    assert rc == 2 and len(lines) == 1 and "hidden_dim 256 but this run's config says hidden_dim 64" in lines[0], err
+    assert "Traceback" not in err

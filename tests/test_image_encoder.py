@@ -193,7 +193,7 @@ def test_cuda_tower(tower):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_missing_gpu_is_a_user_error():
-    from fashion_json_encoder.models.image_encoder import resolve_device
+    from fashion_json_encoder.config import resolve_device
     from fashion_json_encoder.config import UserError
     with pytest.raises(UserError, match="no CUDA GPU is available"): resolve_device("cuda:0")
     assert resolve_device("cpu").type == "cpu"

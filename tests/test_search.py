@@ -8,7 +8,8 @@ from fashion_json_encoder.config import UserError, update_config, Config
 from fashion_json_encoder.synthetic import make_synthetic_kfashion
 from fashion_json_encoder.system import evaluate_checkpoint
 from fashion_json_encoder.evaluation import metrics_from_npz
-from fashion_json_encoder.search import Searcher, check_query, field_retrieval, side_path
+from fashion_json_encoder.search import Searcher, check_query, field_retrieval
+from fashion_json_encoder.checkpoints import side_path
 from fashion_json_encoder.clip_text import CLIPTextEncoder, tiny_text_config
 from fashion_json_encoder.cli import main
 from conftest import train_tiny_run
@@ -77,7 +78,7 @@ def test_save_embeddings_reproduces_every_metric_and_baseline_runs(run, tmp_path
     assert again.keys() == res["metrics"].keys() and "norm_j2i_mrr" in again
     for k, v in res["metrics"].items(): assert again[k] == pytest.approx(v, abs=1e-6), k
     assert set(res["baselines"]) == {"clip_text_en", "clip_text_ko"}
-    from fashion_json_encoder.system import format_metrics
+    from fashion_json_encoder.evaluation import format_metrics
     table = format_metrics(res)
     assert "clip_text_en" in table and "clip_text_ko" in table and "json encoder" in table and "distinct JSONs" in table
 
@@ -114,7 +115,8 @@ def test_cli_evaluate_plot_embeddings_and_baseline(run, tmp_path, capsys):
 
 import shutil, zipfile
 from PIL import Image
-from fashion_json_encoder.search import SearchIndex, load_calibration, load_image_crop, format_hits
+from fashion_json_encoder.search import SearchIndex, load_image_crop, format_hits
+from fashion_json_encoder.calibration import load_calibration
 
 
 def _warnings_naming(caplog, path) -> list:

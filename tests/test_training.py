@@ -1,5 +1,5 @@
 "Training: exact resume, atomic checkpoints, safe loading, and the run's output layout."
-import dataclasses, json, pickle
+import dataclasses, json, pickle, shutil
 from pathlib import Path
 import pytest
 import torch
@@ -47,6 +47,40 @@ def test_resume_equals_uninterrupted(prepared, tmp_path, monkeypatch):
     res_w = torch.load(tmp_path / "cut/checkpoints/last.pt", weights_only=True)["encoder"]
     assert all(torch.allclose(full_w[k], res_w[k], atol=tol) for k in full_w)
     assert full["best_epoch"] == resumed["best_epoch"]
+
+def test_resume_state_is_not_read_again(prepared, tmp_path, monkeypatch):
+    "`fit(resume=p, resume_state=load_checkpoint(p))`, as `train_run` calls it, never reads `p` and trains as `fit(resume=p)`."
+    import fashion_json_encoder.training as training
+    _trainer(prepared, tmp_path / "cut").fit(1, 1)
+    for d in ("path", "state"): shutil.copytree(tmp_path / "cut", tmp_path / d)
+    st = load_checkpoint(tmp_path / "state/checkpoints/last.pt")
+    reads = []
+    def counting(path, *a, **kw):
+        reads.append(Path(path).name); return load_checkpoint(path, *a, **kw)
+    monkeypatch.setattr(training, "load_checkpoint", counting)
+    by_path = _trainer(prepared, tmp_path / "path").fit(1, 3, resume=tmp_path / "path/checkpoints/last.pt")
+    assert reads.count("last.pt") == 1
+    reads.clear()
+    by_state = _trainer(prepared, tmp_path / "state").fit(1, 3, resume=tmp_path / "state/checkpoints/last.pt", resume_state=st)
+    assert "last.pt" not in reads
+    assert len(st["history"]) == 2                                    # the caller's dict is left as it was
+    keys = ("epoch", "stage", "train_loss", "val", "lr", "temperature")
+    assert [{k: h[k] for k in keys} for h in by_state["history"]] == [{k: h[k] for k in keys} for h in by_path["history"]]
+    w_path, w_state = (torch.load(tmp_path / d / "checkpoints/last.pt", weights_only=True)["encoder"] for d in ("path", "state"))
+    assert all(torch.equal(w_path[k], w_state[k]) for k in w_path)
+
+def test_the_tower_embeds_val_in_tower_batches(prepared, tmp_path, monkeypatch):
+    "Without cached features the val split goes through the tower `tower_batch_size` crops at a time, not `batch_size`."
+    import fashion_json_encoder.training as training
+    _, tower, p = prepared
+    sizes, orig = [], training.tower_features
+    def spy(items, tower, batch_size, *a, **kw):
+        sizes.append(batch_size); return orig(items, tower, batch_size, *a, **kw)
+    monkeypatch.setattr(training, "tower_features", spy)
+    cfg = dataclasses.replace(CFG, tower_batch_size=3)
+    t = Trainer(cfg, p.vocab, p.train, dataclasses.replace(p.val, features=None), tmp_path, tower=tower, progress=False)
+    assert sizes == [3]
+    assert torch.allclose(t.val_feats, p.val.features.float(), atol=1e-3)   # the cache's features (stored in fp16)
 
 def test_checkpoint_is_weights_only_and_self_contained(prepared, tmp_path):
     _trainer(prepared, tmp_path).fit(1, 1)

@@ -15,7 +15,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 from ..progress import progress as progress_bar
-from ..config import UserError, atomic_path, atomic_write_text
+from ..config import Config, UserError, atomic_path, atomic_write_text
 from ..checkpoints import state_digest
 from .image_encoder import CLIPImageEncoder, check_precision
 from ..archives import member_stat
@@ -215,7 +215,7 @@ def _encode_missing(items, ids, todo, tower, root, batch_size, num_workers, prog
 
 def build_feature_cache(items: list,  # `Item`s (key, image_path, crop are read)
                         tower: CLIPImageEncoder, cache_dir,  # the frozen tower; caches live in subfolders of cache_dir
-                        batch_size: int = 64, num_workers: int = 2,  # inference batch (crops); DataLoader decode workers
+                        batch_size: int = Config.tower_batch_size, num_workers: int = Config.num_workers,  # inference batch (crops); DataLoader decode workers
                         progress: bool = True,  # a bar on a terminal, the widget in Jupyter, log lines in a log file
                         crop_padding: float | None = None,  # recorded in the cache key (crop boxes are per record too)
                         chunk_size: int = 1024,  # crops per chunk file: the unit of resume

@@ -13,7 +13,7 @@ import open_clip
 from open_clip.factory import load_state_dict
 from open_clip.model import _build_vision_tower, convert_weights_to_lp
 from open_clip.transform import PreprocessCfg, image_transform, merge_preprocess_dict
-from ..config import UserError
+from ..config import Config, UserError, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 __all__ = ['log', 'OPENAI_FILES', 'HF_HUB_PREFIX', 'OPENAI_SHA256', 'BF16_MIN_COSINE', 'tiny_clip_config', 'clip_model_config',
            'quiet_open_clip', 'hf_cache_dir', 'cached_hub_file', 'hub_file', 'pretrained_weights', 'openai_weights',
            'resolve_tower', 'tower_spec', 'read_clip_checkpoint', 'load_visual_state_dict', 'weights_fingerprint',
-           'resolve_device', 'CLIPImageEncoder', 'check_bf16_agreement', 'check_precision']
+           'CLIPImageEncoder', 'make_tower', 'check_bf16_agreement', 'check_precision']
 
 # %% ../../nbs/03_image_encoder.ipynb #2fdcc6c4
 def tiny_clip_config(image_size: int = 64,  # input resolution (a multiple of the patch size 32)
@@ -31,7 +31,7 @@ def tiny_clip_config(image_size: int = 64,  # input resolution (a multiple of th
     return {"embed_dim": 512, "quick_gelu": True,
             "vision_cfg": {"image_size": image_size, "layers": layers, "width": width, "head_width": 32, "patch_size": 32}}
 
-def clip_model_config(model_name: str = "ViT-B-32",  # an open_clip architecture name
+def clip_model_config(model_name: str = Config.clip_model,  # an open_clip architecture name
                       quick_gelu: bool | None = None,  # force QuickGELU on/off; None keeps the config's
                      ) -> dict:
     "open_clip's config for `model_name` (vision part only matters), with `quick_gelu` applied."
@@ -106,7 +106,7 @@ def _hub_names(filename: str) -> tuple:
     if filename in ("", "open_clip_pytorch_model.bin"): return OPENAI_FILES
     return (filename[:-4] + ".safetensors", filename) if filename.endswith((".bin", ".pth")) else (filename,)
 
-def pretrained_weights(model_name: str = "ViT-B-32", tag: str = "openai") -> str:
+def pretrained_weights(model_name: str = Config.clip_model, tag: str = Config.clip_pretrained) -> str:
     "Path of open_clip's `tag` weights for `model_name`: the HF cache (or ~/.cache/clip) first, a download if the hub answers."
     pcfg = open_clip.get_pretrained_cfg(model_name, tag)
     if not pcfg: raise UserError(f"open_clip has no '{tag}' weights for {model_name}; pass --clip_pretrained /path/to/checkpoint.pt")
@@ -120,7 +120,7 @@ def pretrained_weights(model_name: str = "ViT-B-32", tag: str = "openai") -> str
     raise UserError(f"CLIP '{tag}' weights for {model_name}: {where} and {_unavailable()}; pass a local file instead: "
                     f"--clip_pretrained /path/to/{model_name}.pt (OpenAI's file, or open_clip's .bin/.safetensors)")
 
-def openai_weights(model_name: str = "ViT-B-32") -> str:
+def openai_weights(model_name: str = Config.clip_model) -> str:
     "Path of OpenAI's CLIP weights for `model_name` (see `pretrained_weights`)."
     return pretrained_weights(model_name, "openai")
 
@@ -139,8 +139,8 @@ def _hub_config(repo: str) -> dict:
     try: j = json.loads(Path(p).read_text(encoding="utf-8")); return {"model_cfg": j["model_cfg"], "preprocess_cfg": j.get("preprocess_cfg", {})}
     except (ValueError, KeyError, TypeError) as e: raise UserError(f"{p}: not an open_clip config ({type(e).__name__}: {e})") from None
 
-def resolve_tower(clip_model: str = "ViT-B-32",  # open_clip name (ViT-B-32, ViT-B-16-quickgelu, ...) or 'hf-hub:ORG/NAME'
-                  clip_pretrained: str = "openai",  # open_clip tag, a local weights file, or 'none'; an hf-hub id brings its own
+def resolve_tower(clip_model: str = Config.clip_model,  # open_clip name (ViT-B-32, ViT-B-16-quickgelu, ...) or 'hf-hub:ORG/NAME'
+                  clip_pretrained: str = Config.clip_pretrained,  # open_clip tag, a local weights file, or 'none'; an hf-hub id brings its own
                   model_cfg: dict | None = None,  # an open_clip config that replaces `clip_model`'s (e.g. `tiny_clip_config()`)
                   quick_gelu: bool | None = None,  # force QuickGELU on/off; None: as the name, the tag or the file says
                  ) -> dict:
@@ -178,7 +178,7 @@ def resolve_tower(clip_model: str = "ViT-B-32",  # open_clip name (ViT-B-32, ViT
     pp["size"] = _square(cfg["vision_cfg"].get("image_size", 224))
     return {"cfg": cfg, "preprocess": pp, "weights": weights, "pretrained": pre}
 
-def tower_spec(clip_model: str = "ViT-B-32", clip_pretrained: str = "openai", quick_gelu: bool | None = None) -> dict:
+def tower_spec(clip_model: str = Config.clip_model, clip_pretrained: str = Config.clip_pretrained, quick_gelu: bool | None = None) -> dict:
     "output_dim, image_size, QuickGELU and the eval transform of a tower, from configs only (no weights are read)."
     r = resolve_tower(clip_model, clip_pretrained, quick_gelu=quick_gelu)
     pp = r["preprocess"]
@@ -248,12 +248,6 @@ def weights_fingerprint(module: nn.Module, cfg: dict | None = None) -> str:
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _WARNED_RANDOM = set()  # towers whose random-weights warning this process already showed
 
-def resolve_device(device: str = "auto") -> torch.device:
-    "`auto` -> CUDA when available, else CPU; a CUDA device that is not there is a user error."
-    if device == "auto": return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device '{device}' requested but no CUDA GPU is available (use --device cpu or auto)")
-    return torch.device(device)
 
 def _fetch_weights(weights: tuple, trust_torchscript: bool) -> dict:
     "Visual-tower state dict for `resolve_tower`'s weights entry."
@@ -267,9 +261,9 @@ def _fetch_weights(weights: tuple, trust_torchscript: bool) -> dict:
 
 class CLIPImageEncoder(nn.Module):
     "open_clip's visual tower, frozen: images -> L2-normalised (B, output_dim) features, always eval, never a gradient."
-    def __init__(self, model_name: str = "ViT-B-32",  # open_clip architecture, or an 'hf-hub:ORG/NAME' id
-                 pretrained: str = "openai",  # open_clip tag ('openai', 'laion2b_s34b_b79k', ...), a local .pt/.bin/.safetensors path, or "none"
-                 precision: str = "fp32",  # "fp32", "bf16" (check it with `check_bf16_agreement`), "fp16" (CUDA only)
+    def __init__(self, model_name: str = Config.clip_model,  # open_clip architecture, or an 'hf-hub:ORG/NAME' id
+                 pretrained: str = Config.clip_pretrained,  # open_clip tag ('openai', 'laion2b_s34b_b79k', ...), a local .pt/.bin/.safetensors path, or "none"
+                 precision: str = Config.clip_precision,  # "fp32", "bf16" (check it with `check_bf16_agreement`), "fp16" (CUDA only)
                  device: str = "cpu",  # "cpu", "cuda", "cuda:N" or "auto"
                  seed: int = 0,  # init seed for pretrained="none"
                  model_cfg: dict | None = None,  # an open_clip model config instead of `model_name`'s (e.g. `tiny_clip_config()`)
@@ -342,6 +336,19 @@ class CLIPImageEncoder(nn.Module):
         ref = CLIPImageEncoder(**{**self._args, "precision": "fp32"})
         assert ref.fingerprint == self.fingerprint, "rebuilding the tower gave other weights"
         return ref
+
+
+# %% ../../nbs/03_image_encoder.ipynb #019aefa2
+def make_tower(cfg: Config, device=None,                   # default: the config's `device`
+               clip_pretrained: str | None = None,          # default: the config's `clip_pretrained`
+               trust_torchscript: bool = False) -> CLIPImageEncoder:  # load a TorchScript file whose hash is not OpenAI's
+    "The frozen image tower the config describes (seeded when randomly initialised); its output must fit the config."
+    t = CLIPImageEncoder(cfg.clip_model, clip_pretrained or cfg.clip_pretrained, precision=cfg.clip_precision,
+                         device=str(device or resolve_device(cfg.device)), seed=cfg.seed, trust_torchscript=trust_torchscript)
+    if (t.output_dim, t.image_size) != (cfg.output_dim, cfg.image_size):
+        raise UserError(f"the {cfg.clip_model} tower gives {t.output_dim}-d features at {t.image_size} px but the config says "
+                        f"output_dim {cfg.output_dim}, image_size {cfg.image_size}; set those keys to match (--clip_model sets them)")
+    return t
 
 
 # %% ../../nbs/03_image_encoder.ipynb #58aa1b31

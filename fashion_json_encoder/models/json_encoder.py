@@ -8,12 +8,13 @@ import logging
 import torch
 import torch.nn.functional as F
 from torch import nn, Tensor
+from ..config import Config
 from ..vocab import PAD, UNK, Vocab, collate_json
 
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'masked_mean', 'JSONEncoder', 'encode_json']
+__all__ = ['log', 'masked_mean', 'JSONEncoder', 'encoder_from_config', 'encode_json']
 
 # %% ../../nbs/02_json_encoder.ipynb #ff3cbf39
 def masked_mean(emb: Tensor,  # (B, L, E) value embeddings
@@ -31,10 +32,10 @@ class JSONEncoder(nn.Module):
     "Per-field embeddings, mean over multi-valued fields, concat, 2-layer MLP, L2-normalised output."
     def __init__(self,
                  vocab_sizes: dict[str, int],  # field -> vocabulary size including PAD and UNK (`Vocab.sizes`)
-                 embedding_dim: int = 128,  # size of each value embedding
-                 hidden_dim: int = 256,  # hidden width of the MLP
-                 output_dim: int = 512,  # output size; 512 = CLIP ViT-B/32 embed_dim
-                 dropout_rate: float = 0.1):  # dropout after the hidden ReLU
+                 embedding_dim: int = Config.embedding_dim,  # size of each value embedding
+                 hidden_dim: int = Config.hidden_dim,  # hidden width of the MLP
+                 output_dim: int = Config.output_dim,  # output size; 512 = CLIP ViT-B/32 embed_dim
+                 dropout_rate: float = Config.dropout_rate):  # dropout after the hidden ReLU
         super().__init__()
         assert vocab_sizes, "JSONEncoder needs at least one field"
         assert all(n > UNK for n in vocab_sizes.values()), f"vocab sizes must include PAD and UNK: {vocab_sizes}"
@@ -70,6 +71,12 @@ class JSONEncoder(nn.Module):
     def forward(self, json_batch: dict[str, Tensor]) -> Tensor:  # (B, output_dim) unit-norm
         "The L2-normalised embeddings of a collated batch."
         return self.encode_json(json_batch, normalize=True)
+
+# %% ../../nbs/02_json_encoder.ipynb #af29ffe8
+def encoder_from_config(cfg: Config, vocab_sizes: dict[str, int]) -> JSONEncoder:
+    "The `JSONEncoder` of a run: `vocab_sizes` (`Vocab.sizes`) and the config's embedding, hidden and output sizes and dropout."
+    return JSONEncoder(vocab_sizes, cfg.embedding_dim, cfg.hidden_dim, cfg.output_dim, cfg.dropout_rate)
+
 
 # %% ../../nbs/02_json_encoder.ipynb #7ad37f2f
 @torch.no_grad()
