@@ -41,7 +41,7 @@ def main(argv=None):
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from fashion_json_encoder.config import Config
     from fashion_json_encoder.synthetic import make_synthetic_kfashion
-    from fashion_json_encoder.data import build_index
+    from fashion_json_encoder.dataset import build_index
     from fashion_json_encoder.models.image_encoder import CLIPImageEncoder, check_bf16_agreement
     from fashion_json_encoder.models.feature_cache import build_feature_cache
     from fashion_json_encoder.data import CropDataset, collate_crops

@@ -42,7 +42,7 @@ def main(argv=None):
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from fashion_json_encoder.config import Config
-    from fashion_json_encoder.data import build_index
+    from fashion_json_encoder.dataset import build_index
     from fashion_json_encoder.decode import decode_crops
     from fashion_json_encoder.models import feature_cache as fcm
     from fashion_json_encoder.models.image_encoder import CLIPImageEncoder, check_precision

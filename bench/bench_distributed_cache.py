@@ -55,7 +55,7 @@ def main(argv=None):
     a = ap.parse_args(argv)
     import pickle
     from fashion_json_encoder.config import Config
-    from fashion_json_encoder.data import build_index
+    from fashion_json_encoder.dataset import build_index
     from fashion_json_encoder.synthetic import make_synthetic_kfashion
     root = Path(tempfile.mkdtemp())
     index = build_index(make_synthetic_kfashion(root / "kfashion", n_photos=a.photos, seed=0), Config(num_workers=0))

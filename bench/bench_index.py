@@ -10,7 +10,7 @@ import argparse, logging, os, shutil, sys, time
 from pathlib import Path
 
 from fashion_json_encoder.config import Config
-from fashion_json_encoder.data import build_index, scan_dataset
+from fashion_json_encoder.dataset import build_index, scan_dataset
 from fashion_json_encoder.synthetic import make_synthetic_kfashion
 
 

@@ -27,7 +27,8 @@ import fashion_json_encoder
 from fashion_json_encoder.config import Config
 from fashion_json_encoder.data import Item
 from fashion_json_encoder.search import build_search_index, search
-from fashion_json_encoder.training import PairedData, Trainer
+from fashion_json_encoder.paired import PairedData
+from fashion_json_encoder.training import Trainer
 from fashion_json_encoder.vocab import Vocab
 
 D = 512

@@ -13,7 +13,7 @@ field sometimes missing). The JSON encoder is trained with the project's own Tra
 Yardstick: the Bayes-optimal scorer, score(i, q) = kappa<x_i, t_q> - log sum_{q' in bank} exp(kappa<x_i, t_q'>), with
 kappa = 512 sqrt(1 + sigma^2) / sigma^2 and the bank = the training JSONs. Reported: learned MRR / Bayes MRR, top-1 and
 recall@10, plain and with querybank normalisation, and a bag-of-attributes linear baseline. Honest numbers, by the rule
-`evaluate` uses (`evaluation.crossfit_normalised_metrics`): the test gallery is cut into two halves by JSON (seeded),
+`evaluate` uses (`querybank.crossfit_normalised_metrics`): the test gallery is cut into two halves by JSON (seeded),
 beta and the JSON-prior switch are chosen on each half and each half is scored with the OTHER half's choice, ranks
 within each half's gallery. Every figure (Bayes, plain, QB, bag-of-attributes) is ranked within the same halves
 (galleries of about --gallery/2 items), so the ratios compare like with like.
@@ -43,8 +43,10 @@ import torch
 import torch.nn.functional as F
 
 from fashion_json_encoder.config import Config
-from fashion_json_encoder.evaluation import crossfit_normalised_metrics, half_metrics, json_groups
-from fashion_json_encoder.training import PairedData, Trainer, embed_rows
+from fashion_json_encoder.evaluation import json_groups
+from fashion_json_encoder.querybank import crossfit_normalised_metrics, half_metrics
+from fashion_json_encoder.paired import PairedData, embed_rows
+from fashion_json_encoder.training import Trainer
 from fashion_json_encoder.vocab import PAD, Vocab, collate_json
 
 D = 512

@@ -19,11 +19,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 
 from fashion_json_encoder.config import Config
-from fashion_json_encoder.data import CropDataset, build_index, collate_crops
+from fashion_json_encoder.data import CropDataset, collate_crops
+from fashion_json_encoder.dataset import build_index
 from fashion_json_encoder.synthetic import make_synthetic_kfashion
 from fashion_json_encoder.models.image_encoder import make_tower
 from fashion_json_encoder.system import train_run
-from fashion_json_encoder.training import Trainer, make_paired
+from fashion_json_encoder.paired import make_paired
+from fashion_json_encoder.training import Trainer
 from fashion_json_encoder.vocab import Vocab
 
 

@@ -4,7 +4,7 @@
 
 # %% ../nbs/01c_archives.ipynb #69a45deb
 from __future__ import annotations
-import hashlib, io, logging, multiprocessing as mp, os, stat, struct, unicodedata, zipfile, zlib
+import hashlib, logging, multiprocessing as mp, os, stat, struct, unicodedata, zipfile, zlib
 from collections import Counter
 from pathlib import Path
 
@@ -131,7 +131,7 @@ class Archive:
         if zi.compress_type == zipfile.ZIP_STORED: data = raw
         elif zi.compress_type == zipfile.ZIP_DEFLATED: data = zlib.decompressobj(-15).decompress(raw, max_bytes + 1)
         else: raise MemberError(f"compression method {zi.compress_type} not supported in a truncated archive")
-        if zlib.crc32(data) != zi.CRC: raise MemberError(f"Bad CRC-32")
+        if zlib.crc32(data) != zi.CRC: raise MemberError("Bad CRC-32")
         return data
 
     def close(self):

@@ -11,7 +11,8 @@ from .config import atomic_path
 from .checkpoints import encoder_digest, side_path, state_digest
 from .vocab import Vocab
 from .models.json_encoder import encode_json
-from .evaluation import bank_from_counts, calibrate, canonical_json, json_groups
+from .evaluation import canonical_json, json_groups
+from .querybank import bank_from_counts, calibrate
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,6 @@
 # %% ../nbs/06b_clip_text.ipynb #4d910d95
 from __future__ import annotations
 import copy, logging
-from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn

@@ -4,11 +4,11 @@
 
 # %% ../nbs/00_config.ipynb #93f87e4a
 from __future__ import annotations
-import dataclasses, difflib, errno, fcntl, json, logging, math, os, re, tempfile, time
+import difflib, errno, fcntl, json, logging, math, os, re, tempfile, time
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields, asdict
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import get_type_hints
 
 # %% auto #0
 __all__ = ['KFASHION_GROUPS', 'KFASHION_ATTRIBUTES', 'KFASHION_MULTI', 'STYLE_KEY', 'UserError', 'ConfigError', 'default_fields',

@@ -5,19 +5,14 @@
 # %% ../nbs/06_evaluation.ipynb #7da1f49c
 from __future__ import annotations
 import json, math
-from collections import Counter
-from pathlib import Path
 import numpy as np
 import torch
-import torch.nn.functional as F
 from .progress import progress
 from .vocab import field_values
 
 # %% auto #0
-__all__ = ['BETAS', 'canonical_json', 'json_groups', 'retrieval_ranks', 'paired_ranks', 'rank_metrics', 'querybank_biases',
-           'querybank_bias', 'make_hub_case', 'gallery_metrics', 'strict_ranks', 'calibrate', 'bank_from_counts',
-           'crossfit_folds', 'half_metrics', 'crossfit_normalised_metrics', 'save_embeddings', 'metrics_from_npz',
-           'format_metrics']
+__all__ = ['canonical_json', 'json_groups', 'retrieval_ranks', 'paired_ranks', 'rank_metrics', 'querybank_biases',
+           'querybank_bias', 'gallery_metrics', 'format_metrics']
 
 # %% ../nbs/06_evaluation.ipynb #8b372c0f
 def canonical_json(item_json: dict, fields=None) -> str:
@@ -38,7 +33,7 @@ def _chunk_rows(n_gallery: int, budget: int = 1 << 24) -> int:
 
 def _negative_means(q, g, pos, groups, sizes) -> tuple:
     "Mean cosine over all non-pairs and over pairs with different JSONs, in O(N·D) from per-JSON sums."
-    n, G, z = len(q), len(sizes), lambda: torch.zeros(len(sizes), q.shape[1], device=q.device)
+    n, z = len(q), lambda: torch.zeros(len(sizes), q.shape[1], device=q.device)
     total = q.sum(0) @ g.sum(0)                                                  # Σ_ij q_i·g_j
     same = (z().index_add_(0, groups, q) * z().index_add_(0, groups, g)).sum()
     n_diff = n * n - int((sizes.long() ** 2).sum())
@@ -210,17 +205,6 @@ def querybank_bias(image: torch.Tensor, bank: torch.Tensor, beta: float,
     return querybank_biases(image, bank, [beta], bank_logw, chunk)[beta]
 
 
-# %% ../nbs/06_evaluation.ipynb #ec466e63
-def make_hub_case(n: int = 300, d: int = 32, seed: int = 0, hub_fraction: float = 0.2, lean: float = 1.0, noise: float = 1.0) -> tuple:
-    "Synthetic (image, json, bank) unit embeddings where `hub_fraction` of the images lean towards every JSON."
-    g = torch.Generator().manual_seed(seed)
-    u = F.normalize(torch.randn(d, generator=g), dim=0)                       # the direction every JSON shares
-    def jsons(m): return F.normalize(torch.randn(m, d, generator=g) / d**.5 + u, dim=1)
-    txt, bank = jsons(n), jsons(4 * n)
-    hub = (torch.rand(n, 1, generator=g) < hub_fraction) * lean
-    img = F.normalize(txt + noise * torch.randn(n, d, generator=g) / d**.5 + hub * u, dim=1)
-    return img, txt, bank
-
 # %% ../nbs/06_evaluation.ipynb #0fff2182
 def _summarise(r: dict, prefix: str) -> dict:
     "top-k and MRR of both directions' strict and aware ranks, and their means over the two directions."
@@ -265,158 +249,6 @@ def gallery_metrics(image: torch.Tensor,   # (N, D) unit-norm image embeddings
                               {"scale": beta, "bias": querybank_bias(image, bank, beta, bank_logw, chunk)})
         out.update(norm, beta=beta, use_prior=bool(i2j_kw))
     return out
-
-# %% ../nbs/06_evaluation.ipynb #ca598f7c
-BETAS = (5., 10., 14.3, 20., 30., 50., 75., 100.)
-
-def strict_ranks(image: torch.Tensor, text: torch.Tensor,  # (N, D) unit-norm pairs: image i pairs with JSON i
-                 scorings: list,  # [(direction "i2j" | "j2i", scale, bias (N,) per gallery item or None)]
-                 tile: tuple | None = None) -> list:
-    "Strict ranks (N,) of each scoring `scale·cos + bias[gallery item]`, all from one pass over image @ text.T."
-    n, dev = len(image), image.device
-    img, txt = image.float(), text.float().to(dev)
-    pos, k = (img * txt).sum(1), torch.get_num_threads()
-    R, C = (min(x, n) for x in (tile or _TILE["cuda" if dev.type == "cuda" else "cpu"]))
-    plans = []
-    for d, sc, b in scorings:
-        b = None if b is None else b.float().to(dev)
-        tol = 4e-6 * (abs(sc) + (0 if b is None else float(b.abs().max())))
-        plans.append((d, sc, b, sc * pos + (0 if b is None else b) - tol, torch.zeros(n, dtype=torch.long, device=dev)))
-    buf, sbuf = torch.empty(R * C, device=dev), torch.empty(R * C, device=dev)
-    for r0, r, c0, c in _tiles(n, (R, C), dev):
-        s = torch.mm(img[r0:r0 + r], txt[c0:c0 + c].T, out=buf[:r * c].view(r, c))   # (r, c) cosines
-        for d, sc, b, thr, cnt in plans:
-            x = s
-            if b is not None:   # the bias belongs to the gallery item: image rows for j2i, JSON columns for i2j
-                x = torch.add(b[r0:r0 + r, None] if d == "j2i" else b[None, c0:c0 + c], s, alpha=sc, out=sbuf[:r * c].view(r, c))
-            elif sc != 1.0: x = torch.mul(s, sc, out=sbuf[:r * c].view(r, c))
-            if d == "i2j": cnt[r0:r0 + r] += _tile_counts(x, thr[r0:r0 + r], None)[0].to(dev)
-            else: cnt[c0:c0 + c] += _tile_counts(x, None, thr[c0:c0 + c])[1].to(dev)
-    return [_last_if_nan(p[4], p[3]) for p in plans]
-
-def calibrate(image, text, bank, bank_logw=None, prior=None, groups=None, betas=BETAS, chunk=None) -> dict:
-    "β maximising val JSON→image MRR under querybank normalisation, and whether the prior helps image→JSON."
-    qb = querybank_biases(image, bank, betas, bank_logw, chunk)
-    scorings = [("j2i", b, qb[b]) for b in betas]
-    if prior is not None: scorings += [("i2j", 1.0, None)] + [("i2j", b, prior) for b in betas]
-    mrr = [rank_metrics(r)["mrr"] for r in strict_ranks(image, text, scorings, chunk and (chunk, chunk))]
-    scores = dict(zip(betas, mrr))
-    best = max(scores.values())
-    beta = min(b for b in betas if scores[b] >= best - 1e-6)  # MRRs equal up to float summation order: the smallest beta
-    use_prior, gain = False, 0.0
-    if prior is not None:
-        gain = dict(zip(betas, mrr[len(betas) + 1:]))[beta] - mrr[len(betas)]
-        use_prior = gain > 1e-6
-    return {"beta": beta, "use_prior": use_prior, "prior_gain": gain, "beta_mrr": {str(k): v for k, v in scores.items()}}
-
-def bank_from_counts(counts: Counter) -> tuple:
-    "Distinct training JSON strings and their log counts, most frequent first."
-    strings = sorted(counts, key=lambda s: (-counts[s], s))
-    return strings, torch.tensor([math.log(counts[s]) for s in strings])
-
-# %% ../nbs/06_evaluation.ipynb #b3ff2e6b
-def _unit_ids(units) -> torch.Tensor:
-    "(N,) ids of the units, numbered in sorted order of their values (the item order does not matter)."
-    if isinstance(units, torch.Tensor): return torch.unique(units.cpu(), return_inverse=True)[1]
-    names = {u: i for i, u in enumerate(sorted(set(map(str, units))))}
-    return torch.tensor([names[str(u)] for u in units], dtype=torch.long)
-
-def crossfit_folds(split_by,       # (N,) tensor or list: items with the same value stay in one fold (JSON group, look)
-                   seed: int = 0) -> torch.Tensor:
-    "(N,) fold 0 or 1 of each item: whole units in a seeded random order, cut where the items halve."
-    ids = _unit_ids(split_by)
-    assert len(ids) >= 2, "a two-fold split needs at least 2 items"
-    if int(ids.max()) == 0: ids = torch.arange(len(ids))          # a single unit: split by item
-    sizes = torch.bincount(ids)
-    order = torch.randperm(len(sizes), generator=torch.Generator().manual_seed(seed))
-    mid = torch.cumsum(sizes[order], 0) - sizes[order] / 2       # each unit's middle item in that order
-    fold = torch.empty(len(sizes), dtype=torch.long)
-    fold[order] = (2 * mid >= len(ids)).long()                   # the first unit lands in fold 0, the last in fold 1
-    return fold[ids]
-
-
-# %% ../nbs/06_evaluation.ipynb #8e79bda5
-def _fold_ranks(image, text, groups, folds, chunk, kw) -> dict:
-    "Strict and aware ranks (N,) of both directions, each fold's queries ranked within that fold's gallery."
-    dev = image.device
-    r = {d: {v: torch.empty(len(image), dtype=torch.long, device=dev) for v in ("strict", "aware")} for d in ("i2j", "j2i")}
-    for f in (0, 1):
-        i = (folds == f).nonzero().flatten()
-        g = torch.unique(groups[i], return_inverse=True)[1]      # JSON ids within the half
-        i2j_kw, j2i_kw = kw(f, i)
-        for d, q, gal, k in (("i2j", image[i], text[i], i2j_kw), ("j2i", text[i], image[i], j2i_kw)):
-            rr = retrieval_ranks(q, gal, chunk, g, **k)
-            for v in ("strict", "aware"): r[d][v][i] = rr[v]
-    return r
-
-def _prepare(image, text, groups, split_by, seed) -> tuple:
-    if groups is None: groups = torch.unique(text.float(), dim=0, return_inverse=True)[1]
-    groups = groups.to(image.device)
-    return groups, crossfit_folds(groups if split_by is None else split_by, seed).to(image.device)
-
-def half_metrics(image: torch.Tensor, text: torch.Tensor,  # (N, D) unit-norm pairs
-                 groups: torch.Tensor | None = None, seed: int = 0, split_by=None, chunk: int | None = None) -> dict:
-    "Raw (plain cosine) top-k and MRR under `half_`, each half of the cross-fit split ranked within its own gallery."
-    groups, folds = _prepare(image, text, groups, split_by, seed)
-    return _summarise(_fold_ranks(image, text, groups, folds, chunk, lambda f, i: ({}, {})), "half_")
-
-def crossfit_normalised_metrics(image: torch.Tensor,  # (N, D) unit-norm gallery images
-                                text: torch.Tensor,   # (N, D) unit-norm JSON embeddings, row i pairs with image i
-                                bank: torch.Tensor, bank_logw: torch.Tensor | None = None,  # querybank (B, D), (B,)
-                                prior: torch.Tensor | None = None,  # (N,) log training count of each item's JSON
-                                groups: torch.Tensor | None = None,  # (N,) distinct-JSON ids; None: identical rows
-                                seed: int = 0,                # seed of the two-fold split
-                                split_by=None,                # (N,) units kept in one fold; None = the JSON groups
-                                betas=BETAS, chunk: int | None = None,
-                                split: str = "the evaluated split") -> dict:  # named in `beta_source`
-    "`norm_` metrics with each half scored by the β and prior switch chosen on the other half; `half_` raw alongside."
-    groups, folds = _prepare(image, text, groups, split_by, seed)
-    prior = None if prior is None else prior.float().to(image.device)
-    idx = [(folds == f).nonzero().flatten() for f in (0, 1)]
-    cal = [calibrate(image[i], text[i], bank, bank_logw, None if prior is None else prior[i], groups[i], betas, chunk) for i in idx]
-    def scored_by_other(f, i):
-        c = cal[1 - f]                                            # half f never sees its own choice
-        i2j = {"scale": c["beta"], "bias": prior[i]} if c["use_prior"] and prior is not None else {}
-        return i2j, {"scale": c["beta"], "bias": querybank_bias(image[i], bank, c["beta"], bank_logw, chunk)}
-    out = _summarise(_fold_ranks(image, text, groups, folds, chunk, scored_by_other), "norm_")
-    out.update(half_metrics(image, text, groups, seed, split_by, chunk))
-    n, b, u = [len(i) for i in idx], [c["beta"] for c in cal], [c["use_prior"] for c in cal]
-    on = lambda x: "kept" if x else "dropped"
-    out.update(fold_size=n, fold_beta=b, fold_use_prior=u, fold_prior_gain=[c["prior_gain"] for c in cal],
-               beta_source=f"two-fold cross-fit on {split}: split by {'JSON' if split_by is None else 'given unit'} "
-                           f"(seed {seed}) into halves of {n[0]} and {n[1]} items, each ranked within its own half; "
-                           f"half 0 scored with beta {b[1]:g} (JSON prior {on(u[1])}) chosen on half 1, "
-                           f"half 1 with beta {b[0]:g} (prior {on(u[0])}) chosen on half 0")
-    return out
-
-
-# %% ../nbs/06_evaluation.ipynb #be9f509c
-def save_embeddings(path, image, text, keys, json_strings, logit_scale: float, calibration: dict | None = None,
-                    split: str | None = None,  # the split's name, for `beta_source`
-                    seed: int = 0) -> Path:    # the cross-fit seed
-    "Write embeddings, keys, JSON strings and the normalisation inputs to an `.npz` file."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    arrs = {"image": image.float().cpu().numpy(), "json": text.float().cpu().numpy(), "keys": np.array(keys, dtype=str),
-            "json_strings": np.array(json_strings, dtype=str), "logit_scale": np.float64(logit_scale)}
-    if calibration:
-        arrs.update(bank=calibration["bank"].float().cpu().numpy(), bank_logw=calibration["bank_logw"].float().cpu().numpy(),
-                    beta=np.float64(calibration["beta"]), use_prior=np.bool_(calibration["use_prior"]),
-                    prior=calibration["prior"].float().cpu().numpy(), crossfit_seed=np.int64(seed))
-    if split: arrs["split"] = np.array(split, dtype=str)
-    with open(path, "wb") as f: np.savez(f, **arrs)
-    return path
-
-def metrics_from_npz(path, chunk: int | None = None) -> dict:
-    "Every reported metric from a file written by `save_embeddings`: raw on the whole gallery, normalised by cross-fit."
-    z = np.load(path, allow_pickle=False); t = lambda k: torch.from_numpy(z[k])
-    groups = json_groups(list(z["json_strings"]))
-    m = gallery_metrics(t("image"), t("json"), float(z["logit_scale"]), chunk, groups)
-    if "bank" in z:
-        seed, split = int(z["crossfit_seed"]) if "crossfit_seed" in z else 0, str(z["split"]) if "split" in z else "the evaluated split"
-        m.update(crossfit_normalised_metrics(t("image"), t("json"), t("bank"), t("bank_logw"), t("prior"), groups,
-                                             seed=seed, chunk=chunk, split=split))
-    return m
-
 
 # %% ../nbs/06_evaluation.ipynb #067e1ffb
 def format_metrics(res: dict) -> str:

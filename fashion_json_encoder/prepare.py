@@ -11,10 +11,10 @@ import torch
 from .config import Config
 from .checkpoints import RunDir
 from .vocab import Vocab
-from .data import build_index, data_report
+from .dataset import build_index, data_report
 from .models.image_encoder import CLIPImageEncoder, make_tower
 from .models.feature_cache import build_feature_cache
-from .training import PairedData, make_paired
+from .paired import PairedData, make_paired
 from .distributed import is_main, main_first
 
 log = logging.getLogger(__name__)

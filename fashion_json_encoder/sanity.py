@@ -11,7 +11,8 @@ import torch
 from .config import Config, update_config
 from .vocab import collate_json
 from .synthetic import make_synthetic_kfashion
-from .training import Trainer, crop_batches, embed_rows
+from .paired import crop_batches, embed_rows
+from .training import Trainer
 from .prepare import prepare_data
 
 log = logging.getLogger(__name__)

@@ -14,12 +14,13 @@ from .config import Config, UserError, atomic_path, update_config
 from .checkpoints import (RunDir, encoder_digest, load_checkpoint, load_encoder, side_path,  # noqa: F401
                                               state_digest)  # encoder_digest, side_path: re-exported for older imports
 from .vocab import Vocab, field_values, normalise_value, romanize
-from .data import clip_box, crop_box, index_fingerprint
+from .data import clip_box, crop_box
+from .dataset import index_fingerprint
 from .models.json_encoder import encode_json
 from .models.image_encoder import make_tower
 from .evaluation import canonical_json, querybank_bias
-from .calibration import calibrate_checkpoint, json_prior, load_calibration  # noqa: F401  json_prior: re-exported
-from .training import embed_rows
+from .calibration import calibrate_checkpoint, load_calibration
+from .paired import embed_rows
 from .prepare import prepare_data
 
 log = logging.getLogger(__name__)

@@ -13,11 +13,12 @@ from .config import (Config, UserError, atomic_write_text, check_writable, load_
 from .checkpoints import RunDir, claim_run_dir, load_checkpoint, load_encoder, side_path
 from .vocab import Vocab
 from .models.image_encoder import make_tower
-from .evaluation import (canonical_json, crossfit_normalised_metrics, format_metrics, gallery_metrics,
-                                             json_groups, save_embeddings as write_npz)
+from .evaluation import canonical_json, gallery_metrics, json_groups
+from .querybank import crossfit_normalised_metrics, save_embeddings as write_npz
 from .calibration import calibrate_checkpoint, json_prior, load_calibration
-from .training import Trainer, embed_rows, finished_run, tower_features
-from .prepare import Prepared, inspect_data, prepare_data, user_cache_dir  # noqa: F401  re-exported
+from .paired import embed_rows, tower_features
+from .training import Trainer, finished_run
+from .prepare import prepare_data
 from .search import Searcher
 from .distributed import cleanup_distributed, init_distributed, is_main
 

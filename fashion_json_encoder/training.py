@@ -4,19 +4,19 @@
 
 # %% ../nbs/05_training.ipynb #98f6f9ba
 from __future__ import annotations
-import copy, functools, json, logging, math, os, random, tempfile, time
-from dataclasses import asdict, dataclass
-from pathlib import Path
+import copy, functools, json, logging, math, random, time
+from dataclasses import asdict
 import numpy as np
 import torch
 import torch.nn.functional as F
 from fastcore.basics import patch
 from .config import Config, UserError, atomic_write_text, resolve_device
 from .progress import progress
-from .checkpoints import CKPT_FORMAT, RunDir, load_checkpoint, save_checkpoint  # re-exported: older imports keep working
-from .vocab import Vocab, collate_json
+from .checkpoints import CKPT_FORMAT, RunDir, load_checkpoint, save_checkpoint
+from .vocab import Vocab
+from .paired import PairedData, crop_batches, embed_rows, standalone_targets, tower_features, val_subset_rows
 from .evaluation import gallery_metrics
-from .models.json_encoder import JSONEncoder, encoder_from_config
+from .models.json_encoder import encoder_from_config
 from .models.contrastive_learner import ContrastiveLearner
 from .resident import RowsLoss, graph_rows_loss, resident, rows_step
 from .distributed import (all_gather_object, broadcast_object, gather_with_grad, get_rank,
@@ -25,87 +25,14 @@ from .distributed import (all_gather_object, broadcast_object, gather_with_grad,
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'seed_everything', 'PairedData', 'make_paired', 'standalone_targets', 'crop_batches', 'tower_features',
-           'embed_rows', 'val_subset_rows', 'make_adam', 'cosine_lr', 'finished_run', 'Trainer']
+__all__ = ['log', 'seed_everything', 'make_adam', 'cosine_lr', 'finished_run', 'Trainer']
 
 # %% ../nbs/05_training.ipynb #f9fd3cba
 def seed_everything(seed: int):
     "Seed Python, NumPy and torch (CPU and CUDA)."
     random.seed(seed); np.random.seed(seed % 2**32); torch.manual_seed(seed)
 
-# %% ../nbs/05_training.ipynb #a1db40e1
-@dataclass
-class PairedData:
-    "One split: collated JSON ids, cached image features (or items for the per-batch tower path)."
-    json: dict             # field -> (N, L_f) LongTensor of value ids, PAD-padded
-    features: torch.Tensor | None  # (N, D) cached image features, or None when the tower runs per batch
-    items: list            # the `data.Item`s, row-aligned
-    def __len__(self): return len(self.items)
-
-    def batch(self, idx: torch.Tensor) -> dict:
-        "JSON ids (and features) of rows `idx`."
-        return {k: v[idx] for k, v in self.json.items()}
-
-    def batches(self, batch_size: int, seed: int, epoch: int, shuffle: bool = True,
-                rank: int = 0, world_size: int = 1):  # this process's share of each global batch of world_size*batch_size rows
-        "Row-index batches of one epoch; a last batch smaller than 2 (or than world_size) is dropped (InfoNCE needs negatives)."
-        g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-        order = torch.randperm(len(self), generator=g) if shuffle else torch.arange(len(self))
-        return [b.tensor_split(world_size)[rank] for b in order.split(batch_size * world_size) if len(b) >= max(2, world_size)]
-
-def make_paired(items: list, vocab: Vocab, features: torch.Tensor | None = None) -> PairedData:
-    "Encode and collate every item's JSON once."
-    names = list(vocab.fields)
-    return PairedData(collate_json([vocab.encode(it.json) for it in items], names), features, list(items))
-
-# %% ../nbs/05_training.ipynb #161f8ca8
-def standalone_targets(json_ids: dict, dim: int = Config.output_dim, seed: int = 0) -> torch.Tensor:
-    "A fixed random unit vector per distinct JSON row: (N, dim)."
-    rows = torch.cat([v.sort(dim=1, descending=True).values for v in json_ids.values()], dim=1)  # (N, sum L_f) order-free
-    _, inverse = torch.unique(rows, dim=0, return_inverse=True)
-    g = torch.Generator().manual_seed(seed)
-    bank = F.normalize(torch.randn(int(inverse.max()) + 1, dim, generator=g), dim=1)
-    return bank[inverse]
-
-# %% ../nbs/05_training.ipynb #5643228c
-def crop_batches(items: list, tower, batches: list, num_workers: int = 0, on_skip=None):
-    "Yield (row idx, pixels (b, 3, S, S)) for each batch of row indices; undecodable rows go to `on_skip(item, reason)`."
-    from fashion_json_encoder.data import CropDataset, collate_crops
-    assert tower is not None, "no cached features and no tower to run"
-    ds = CropDataset(items, tower.preprocess, min_side=tower.image_size)
-    dl = torch.utils.data.DataLoader(ds, batch_sampler=[list(map(int, b)) for b in batches], num_workers=num_workers,
-                                     collate_fn=collate_crops)
-    for pixels, ok, bad in dl:
-        for j, reason in bad:
-            if on_skip: on_skip(items[j], reason)
-        if ok: yield torch.tensor(ok), pixels
-
-def tower_features(items: list, tower, batch_size: int = Config.tower_batch_size, num_workers: int = 0, on_skip=None) -> torch.Tensor:
-    "(N, D) frozen-tower features of every item's crop in one pass; rows whose JPEG fails stay zero."
-    out = torch.zeros(len(items), tower.output_dim)
-    for idx, pixels in crop_batches(items, tower, list(torch.arange(len(items)).split(batch_size)), num_workers, on_skip):
-        out[idx] = tower(pixels.to(tower.device)).float().cpu()
-    return out
-
 # %% ../nbs/05_training.ipynb #36a68545
-def embed_rows(encoder, data: PairedData, device, batch_size: int = 1024,
-               rows: torch.Tensor | None = None,  # (K,) rows to embed; None = all
-               keep: bool = False) -> torch.Tensor:  # keep the result on `device` (else on the CPU)
-    "JSON embeddings (N, D) of the rows of `data`, in eval mode without gradients."
-    was = encoder.training; encoder.eval(); out = []
-    rows = torch.arange(len(data)) if rows is None else rows
-    with torch.no_grad():
-        for idx in rows.split(batch_size):
-            e = encoder({k: v.to(device) for k, v in data.batch(idx).items()}).float()
-            out.append(e if keep else e.cpu())
-    encoder.train(was)
-    return torch.cat(out) if out else torch.empty(0, encoder.output_dim, device=device if keep else "cpu")
-
-def val_subset_rows(n: int, k: int, seed: int) -> torch.Tensor | None:
-    "Sorted rows of a seeded random subset of `k` of `n` val items; None (the whole split) when k is 0 or k >= n."
-    if not k or k >= n: return None
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k].sort().values
-
 def make_adam(params, lr: float, weight_decay: float) -> torch.optim.Adam:
     "Adam, fused into one kernel where torch supports it for these parameters (float32 on CPU and CUDA)."
     try: return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=True)

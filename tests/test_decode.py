@@ -9,7 +9,8 @@ from PIL import Image
 from fashion_json_encoder.decode import decode_jpegs
 
 from fashion_json_encoder.config import Config, UserError
-from fashion_json_encoder.data import Item, build_index, load_crop
+from fashion_json_encoder.data import Item, load_crop
+from fashion_json_encoder.dataset import build_index
 from fashion_json_encoder.decode import crop_tensor, decode_crops, draft_scales, gpu_refusal, resolve_decode
 from fashion_json_encoder.models.feature_cache import build_feature_cache
 from fashion_json_encoder.models.image_encoder import CLIPImageEncoder, tiny_clip_config

@@ -14,7 +14,7 @@ from fashion_json_encoder.models.feature_cache import build_feature_cache, cache
 from fashion_json_encoder.models.json_encoder import JSONEncoder
 from fashion_json_encoder.models.contrastive_learner import ContrastiveLearner
 from fashion_json_encoder.distributed import gather_with_grad, get_rank, get_world_size, is_distributed
-from fashion_json_encoder.training import PairedData
+from fashion_json_encoder.paired import PairedData
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # gloo talks over loopback only

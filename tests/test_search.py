@@ -7,7 +7,7 @@ import torch
 from fashion_json_encoder.config import UserError, update_config, Config
 from fashion_json_encoder.synthetic import make_synthetic_kfashion
 from fashion_json_encoder.system import evaluate_checkpoint
-from fashion_json_encoder.evaluation import metrics_from_npz
+from fashion_json_encoder.querybank import metrics_from_npz
 from fashion_json_encoder.search import Searcher, check_query, field_retrieval
 from fashion_json_encoder.checkpoints import side_path
 from fashion_json_encoder.clip_text import CLIPTextEncoder, tiny_text_config

@@ -7,7 +7,9 @@ from fashion_json_encoder.config import Config, UserError
 from fashion_json_encoder.synthetic import make_synthetic_kfashion
 from fashion_json_encoder.models.image_encoder import CLIPImageEncoder, tiny_clip_config
 from fashion_json_encoder.system import prepare_data, train_run, evaluate_checkpoint
-from fashion_json_encoder.training import Trainer, CKPT_FORMAT, load_checkpoint, save_checkpoint, standalone_targets
+from fashion_json_encoder.training import Trainer
+from fashion_json_encoder.checkpoints import CKPT_FORMAT, load_checkpoint, save_checkpoint
+from fashion_json_encoder.paired import standalone_targets
 
 CFG = Config(batch_size=8, learning_rate=3e-3, standalone_epochs=1, max_epochs=4, save_every=2, clip_pretrained="none",
              num_workers=0, dropout_rate=0.1)
@@ -132,7 +134,7 @@ def test_train_run_layout_and_evaluate(prepared, tmp_path):
     assert (tmp_path / "results/evaluation_results.json").is_file()
 
 def test_tower_pass_matches_the_cache_and_reports_bad_photos(prepared):
-    from fashion_json_encoder.training import tower_features
+    from fashion_json_encoder.paired import tower_features
     _, tower, p = prepared
     items, cached = p.train.items[:6], p.train.features[:6].float()
     skipped = []
@@ -142,7 +144,7 @@ def test_tower_pass_matches_the_cache_and_reports_bad_photos(prepared):
     assert torch.allclose(out[1:], cached, atol=2e-3)              # the same features the fp16 cache holds
 
 # -- resident steps, the val subset and the final whole-split evaluation -----------------------------------------------
-from fashion_json_encoder.training import val_subset_rows
+from fashion_json_encoder.paired import val_subset_rows
 
 def _legacy_epoch(t, epoch, stage):
     "The per-batch loop the trainer ran before device-resident steps: host-side indexing and a .item() per step."

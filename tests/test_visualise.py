@@ -13,7 +13,7 @@ from PIL import Image
 
 from fashion_json_encoder import visualise as V
 from fashion_json_encoder.config import Config
-from fashion_json_encoder.data import build_index
+from fashion_json_encoder.dataset import build_index
 from fashion_json_encoder.synthetic import make_synthetic_kfashion
 from fashion_json_encoder.vocab import romanize
 

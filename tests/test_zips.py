@@ -6,10 +6,10 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from fashion_json_encoder import archives as A
-from fashion_json_encoder import data as D
+from fashion_json_encoder import dataset as D
 from fashion_json_encoder.archives import MEMBER_SEP, member_name, read_bytes, split_member
 from fashion_json_encoder.config import Config
-from fashion_json_encoder.data import build_index, data_report
+from fashion_json_encoder.dataset import build_index, data_report
 from fashion_json_encoder.models.feature_cache import build_feature_cache, record_id
 from fashion_json_encoder.models.image_encoder import CLIPImageEncoder, tiny_clip_config
 from fashion_json_encoder.synthetic import damage_zip, expected_counts, make_synthetic_kfashion, synthetic_plan

@@ -4,18 +4,17 @@
 
 # %% ../../nbs/03a_feature_cache.ipynb #3341a04c
 from __future__ import annotations
-import hashlib, json, logging, os, re, sys, time
+import hashlib, json, logging, re, time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
-from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 from ..progress import progress as progress_bar
-from ..config import Config, UserError, atomic_path, atomic_write_text
+from ..config import Config, atomic_path, atomic_write_text
 from ..checkpoints import state_digest
 from .image_encoder import CLIPImageEncoder, check_precision
 from ..archives import member_stat
