@@ -26,7 +26,8 @@ import torch.nn.functional as F
 import fashion_json_encoder
 from fashion_json_encoder.config import Config
 from fashion_json_encoder.data import Item
-from fashion_json_encoder.search import build_search_index, search
+from fashion_json_encoder.search import search
+from fashion_json_encoder.search_index import build_search_index
 from fashion_json_encoder.paired import PairedData
 from fashion_json_encoder.training import Trainer
 from fashion_json_encoder.vocab import Vocab

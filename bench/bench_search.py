@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fashion_json_encoder import search as S
+from fashion_json_encoder import search_index as S
 from fashion_json_encoder.evaluation import querybank_bias
 
 D, BETA, CHUNK = 512, 20.0, 100_000

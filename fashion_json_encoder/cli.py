@@ -75,7 +75,7 @@ def config_from_args(a: argparse.Namespace, base: Config | None = None) -> Confi
                  "epoch(s) remain (--standalone_epochs %d --epochs %d trains the standalone stage alone)",
                  n, cfg.standalone_epochs, n // 2, n - n // 2, n, n)
     if over.get("clip_model") or over.get("clip_pretrained"):  # the tower decides the feature size and resolution
-        from fashion_json_encoder.models.image_encoder import tower_spec
+        from fashion_json_encoder.models.tower_weights import tower_spec
         spec = tower_spec(over.get("clip_model") or cfg.clip_model, over.get("clip_pretrained") or cfg.clip_pretrained)
         over.update(output_dim=spec["output_dim"], image_size=spec["image_size"])
     return update_config(cfg, **over)

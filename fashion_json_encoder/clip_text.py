@@ -12,7 +12,8 @@ import open_clip
 from open_clip.model import _build_text_tower
 from .config import Config, UserError
 from .vocab import KFASHION_VALUES, field_values, romanize
-from .models.image_encoder import clip_model_config, openai_weights, quiet_open_clip, read_clip_checkpoint, weights_fingerprint
+from .models.image_encoder import weights_fingerprint
+from .models.tower_weights import clip_model_config, openai_weights, quiet_open_clip, read_clip_checkpoint
 
 log = logging.getLogger(__name__)
 

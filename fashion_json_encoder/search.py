@@ -4,21 +4,19 @@
 
 # %% ../nbs/06a_search.ipynb #9488af4e
 from __future__ import annotations
-import difflib, functools, hashlib, json, logging, math, time, warnings
-from dataclasses import dataclass, fields as dc_fields, replace
+import difflib, json, logging, math, warnings
 from pathlib import Path
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from .config import Config, UserError, atomic_path, update_config
-from .checkpoints import (RunDir, encoder_digest, load_checkpoint, load_encoder, side_path,  # noqa: F401
-                                              state_digest)  # encoder_digest, side_path: re-exported for older imports
+from .config import Config, UserError, update_config
+from .checkpoints import RunDir, encoder_digest, load_checkpoint, load_encoder, side_path
 from .vocab import Vocab, field_values, normalise_value, romanize
 from .data import clip_box, crop_box
-from .dataset import index_fingerprint
+from .search_index import SearchIndex, build_search_index, dataset_fingerprint
 from .models.json_encoder import encode_json
 from .models.image_encoder import make_tower
-from .evaluation import canonical_json, querybank_bias
+from .evaluation import canonical_json
 from .calibration import calibrate_checkpoint, load_calibration
 from .paired import embed_rows
 from .prepare import prepare_data
@@ -26,10 +24,8 @@ from .prepare import prepare_data
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'INDEX_FORMAT', 'APPROX_THRESHOLD', 'IVF_NPROBE', 'EXACT_BEYOND', 'closest_values', 'check_query',
-           'value_queries', 'field_retrieval', 'dataset_fingerprint', 'SearchIndex', 'build_search_index',
-           'fold_gallery', 'fold_queries', 'build_ivf', 'serialize_ivf', 'search', 'tag', 'load_image_crop', 'Searcher',
-           'format_hits', 'format_tags']
+__all__ = ['log', 'closest_values', 'check_query', 'value_queries', 'field_retrieval', 'search', 'tag', 'load_image_crop',
+           'Searcher', 'format_hits', 'format_tags']
 
 # %% ../nbs/06a_search.ipynb #7f301e03
 def closest_values(value: str, values: list, n: int = 5) -> list:
@@ -85,141 +81,6 @@ def field_retrieval(image: torch.Tensor,   # (N, D) unit-norm gallery image feat
         vals.setdefault(f, {})[v] = sum(carry[i] for i in row) / min(len(row), sum(carry))
     return {"k": k, "per_field": {f: sum(d.values()) / len(d) for f, d in vals.items()},
             "weakest": {f: sorted(d.items(), key=lambda t: (t[1], t[0]))[:weakest] for f, d in vals.items()}, "values": vals}
-
-# %% ../nbs/06a_search.ipynb #acc2c97b
-def dataset_fingerprint(dataset_path, cfg) -> str:  # cfg: the checkpoint's config (which items a label gives)
-    "Short hash of the resolved folder and its content as `build_index` keys it (label bytes, zip directories, photos)."
-    root = Path(dataset_path).expanduser().resolve()
-    return hashlib.sha256(f"{root}\n{index_fingerprint(root, cfg)}".encode()).hexdigest()[:16]
-
-INDEX_FORMAT = "fashion-json-encoder/index-3"  # index-1 had no checksum and no data fingerprint, index-2 no IVF index
-_READABLE = (INDEX_FORMAT, "fashion-json-encoder/index-2")  # an index-2 file is an index-3 one without `ann`
-
-@dataclass
-class SearchIndex:
-    "Gallery image features and item metadata, with the optional querybank term."
-    features: torch.Tensor   # (N, D) fp16 unit-norm image features
-    keys: list; image_paths: list; boxes: list; jsons: list
-    encoder: str             # `encoder_digest` of the encoder it was built for
-    tower: str = ""          # fingerprint of the image tower
-    beta: float | None = None
-    qb_bias: torch.Tensor | None = None  # (N,) querybank term at `beta`
-    dataset: str = ""        # the resolved dataset folder it was built from
-    data: str = ""           # `dataset_fingerprint` of that folder at build time
-    ann: torch.Tensor | None = None  # uint8 `serialize_ivf` of `build_ivf(fold_gallery(...))`; None: searched exactly
-
-    def __len__(self): return len(self.keys)
-    @functools.cached_property
-    def features_f32(self) -> torch.Tensor: return self.features.float()  # (N, D), converted once rather than per query
-    @functools.cached_property
-    def ivf(self):
-        "The FAISS IVF index of a large gallery (deserialised once), or None."
-        if self.ann is None: return None
-        import faiss
-        return faiss.deserialize_index(self.ann.numpy())
-    def digest(self) -> str:
-        "`checkpoints.state_digest` of everything the index holds."
-        return state_digest(self._fields())
-    def _fields(self) -> dict: return {f.name: getattr(self, f.name) for f in dc_fields(self)}  # asdict would deep-copy the tensors
-    def save(self, path) -> Path:
-        "Write atomically, with its digest."
-        with atomic_path(path) as tmp: torch.save({"format": INDEX_FORMAT, **self._fields(), "sha256": self.digest()}, tmp)
-        return Path(path)
-
-    @classmethod
-    def load(cls, path) -> SearchIndex:
-        "Read an index written by `save`; `ValueError` saying what is wrong with a damaged, foreign or older file."
-        try: st = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e: raise ValueError(f"unreadable: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}") from None
-        fmt = st.pop("format", None) if isinstance(st, dict) else None
-        if fmt == "fashion-json-encoder/index-1": raise ValueError("an index of the previous format, without checksum or data fingerprint")
-        if fmt not in _READABLE: raise ValueError(f"not a {INDEX_FORMAT} file")
-        digest = st.pop("sha256", None)
-        try: ix = cls(**st); same = ix.digest() == digest
-        except (TypeError, AttributeError, ValueError, RuntimeError) as e: raise ValueError(f"malformed: {e}") from None
-        if not same: raise ValueError("checksum mismatch")
-        if not torch.isfinite(ix.features).all(): raise ValueError("non-finite features")
-        try: ok = ix.ann is None or ix.ann.dtype == torch.uint8 and (ix.ivf.ntotal, ix.ivf.d) == (len(ix), ix.features.shape[1] + 1)
-        except Exception as e: raise ValueError(f"malformed IVF index: {str(e).splitlines()[0][:200]}") from None
-        if not ok: raise ValueError("IVF index does not match the features")
-        return ix
-
-    def with_ann(self, threshold: int | None = None) -> SearchIndex:  # threshold: default `APPROX_THRESHOLD`
-        "This index with an IVF index of its folded features when it holds at least `threshold` items."
-        if self.ann is not None or len(self) < max(1, APPROX_THRESHOLD if threshold is None else threshold): return self
-        t = time.perf_counter(); ivf = build_ivf(fold_gallery(self.features, self.qb_bias, self.beta))
-        log.info("IVF index of %d items (%d lists) built in %.1fs", len(self), ivf.nlist, time.perf_counter() - t)
-        new = replace(self, ann=serialize_ivf(ivf)); new.__dict__["ivf"] = ivf   # the built index, not a deserialised copy
-        return new
-
-    def scores(self, q: torch.Tensor, rows: torch.Tensor | None = None, normalised: bool = True) -> tuple:  # rows: (Q, C) ids, None: all
-        "(cosine, score) of (Q, D) queries with every item or with `rows`, computed exactly as `search` ranks them."
-        if rows is not None:   # index_select: a (Q, C) advanced index took ~8 ms per query on the 2-core machine
-            cos = torch.einsum("qd,qcd->qc", q, self.features.index_select(0, rows.flatten()).view(*rows.shape, -1).float())  # (Q, C)
-        elif len(self) <= 65536: cos = q @ self.features_f32.T                                                   # (Q, N)
-        else: cos = torch.cat([q @ self.features[s:s + 65536].float().T for s in range(0, len(self), 65536)], 1)  # no f32 copy kept
-        if not normalised or self.qb_bias is None: return cos, cos
-        return cos, self.beta * cos + (self.qb_bias[None] if rows is None else self.qb_bias[rows])
-
-    def top(self, q: torch.Tensor, k: int, normalised: bool = True) -> tuple:  # q: (Q, D) unit-norm query embeddings
-        "(ids, scores, cosines), each (Q, min(k, N)) best first: IVF candidates re-scored exactly, or an exact search."
-        k, n_cand = min(k, len(self)), min(len(self), 2 * k + 16)   # spare candidates absorb the folded scores' rounding
-        if self.ivf is None or n_cand > EXACT_BEYOND: return self._exact_top(q, k, normalised)
-        import faiss
-        _, rows = self.ivf.search(fold_queries(q, normalised).numpy(), n_cand, params=faiss.SearchParametersIVF(nprobe=IVF_NPROBE))
-        rows = torch.from_numpy(rows)                                                           # (Q, C), -1 where lists ran short
-        cos, sc = self.scores(q, rows.clamp(min=0), normalised)
-        best = sc.masked_fill(rows < 0, -math.inf).topk(k, dim=1).indices                      # (Q, k)
-        ids, sc, cos = rows.gather(1, best), sc.gather(1, best), cos.gather(1, best)
-        if (short := (ids < 0).any(1)).any(): ids[short], sc[short], cos[short] = self._exact_top(q[short], k, normalised)
-        return ids, sc, cos
-
-    def _exact_top(self, q, k, normalised):
-        cos, sc = self.scores(q, None, normalised)
-        best = sc.topk(k, dim=1).indices
-        return best, sc.gather(1, best), cos.gather(1, best)
-
-def build_search_index(items, features, encoder, tower_fingerprint: str = "", calibration: dict | None = None,
-                       dataset: str = "", data: str = "",  # dataset, data: the folder and its `dataset_fingerprint`
-                       approx_threshold: int | None = None) -> SearchIndex:  # IVF index from this size on (`APPROX_THRESHOLD`)
-    "Index `items` (data.Item) with their (N, D) image features."
-    feats = F.normalize(features.float(), dim=1)
-    beta = bias = None
-    if calibration: beta, bias = calibration["beta"], querybank_bias(feats, calibration["bank"], calibration["beta"], calibration["bank_logw"])
-    return SearchIndex(feats.half(), [it.key for it in items], [str(it.image_path) for it in items], [list(it.box) for it in items],
-                       [it.json for it in items], encoder_digest(encoder), tower_fingerprint, beta, bias, dataset, data).with_ann(approx_threshold)
-
-# %% ../nbs/06a_search.ipynb #ea824364
-APPROX_THRESHOLD = 20_000  # galleries of at least this many items get an IVF index; smaller ones are searched exactly
-IVF_NPROBE = 8             # inverted lists an IVF search visits per query (bench, 1M: recall@10 0.9993, p95 7.0 ms; 16: 1.0, 10.8 ms)
-EXACT_BEYOND = 1000        # a query wanting more candidates than this is answered by exact search
-
-def fold_gallery(features: torch.Tensor,   # (N, D) unit-norm image features
-                 qb_bias: torch.Tensor | None = None, beta: float | None = None) -> torch.Tensor:
-    "(N, D+1) float32 [x_i, bias_i/β − c]: · [q, 1] ranks as β·cos + bias_i (the querybank score), · [q, 0] as the cosine."
-    b = torch.zeros(len(features)) if qb_bias is None else qb_bias.float() / beta
-    out = torch.empty(len(features), features.shape[1] + 1)   # filled in place: no float32 copy of the features on the side
-    out[:, :-1] = features; out[:, -1] = b - b.mean() if len(b) else b   # c = mean: the extra coordinate stays near 0
-    return out
-
-def fold_queries(q: torch.Tensor, normalised: bool) -> torch.Tensor:  # q: (Q, D) unit-norm query embeddings
-    "(Q, D+1) [q, 1] for the querybank score, [q, 0] for the raw cosine."
-    return torch.cat([q.float(), torch.full((len(q), 1), float(normalised))], 1)
-
-def build_ivf(folded: torch.Tensor, nlist: int | None = None):  # folded: (N, D+1) from `fold_gallery`
-    "A FAISS IVF-flat inner-product index of `folded`: ~4·√N lists, 10 k-means rounds on an even stride of ≥ 40 points a list."
-    import faiss
-    x = folded.float().contiguous().numpy()
-    nlist = nlist or max(1, min(round(4 * len(x) ** .5), len(x) // 40))
-    ix = faiss.IndexIVFFlat(faiss.IndexFlatIP(x.shape[1]), x.shape[1], nlist, faiss.METRIC_INNER_PRODUCT)
-    ix.cp.niter = 10   # FAISS's 25 rounds cost 2.5x the training time for lists that visit the same neighbours
-    ix.train(x[:: max(1, len(x) // (40 * nlist))]); ix.add(x)
-    return ix
-
-def serialize_ivf(ix) -> torch.Tensor:
-    "The index as a uint8 tensor, for `torch.save`."
-    import faiss
-    return torch.from_numpy(faiss.serialize_index(ix))
 
 # %% ../nbs/06a_search.ipynb #fecf82df
 def _check_count(name: str, n) -> int:
@@ -297,8 +158,8 @@ class Searcher:
         "The saved index when it is intact and current (given an IVF index if it grew past the threshold), else a new one."
         if self._index is None:
             ix = self.saved_index()
-            if ix is not None and ix.ann is None and len(ix) >= APPROX_THRESHOLD:   # an index-2 file: IVF from its features
-                ix = ix.with_ann(); ix.save(side_path(self.checkpoint_path, "index"))
+            if ix is not None and ix.ann is None and (up := ix.with_ann()) is not ix:   # an index-2 file past APPROX_THRESHOLD: IVF from its features
+                ix = up; ix.save(side_path(self.checkpoint_path, "index"))
             self._index = self.build_index() if ix is None else ix
         return self._index
 

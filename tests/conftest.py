@@ -2,6 +2,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import pytest
 from hypothesis import settings, HealthCheck
 
 settings.register_profile("ci", max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -19,3 +20,12 @@ def train_tiny_run(d):
     system = FashionEncoderSystem(output_dir=d / "run", batch_size=16, progress=False, clip_pretrained="none", num_workers=0)
     system.setup_data(ds, tower=tower).setup_trainer().train(standalone_epochs=1, contrastive_epochs=2)
     return system, d / "run/checkpoints/best_model.pt", ds, tower
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    "Tiny galleries: on shared cores OpenMP hand-offs cost more than the work (5x here); restored after the module."
+    import torch
+    n = torch.get_num_threads(); torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -6,12 +6,7 @@ import torch.nn.functional as F
 from hypothesis import given, strategies as st
 from fashion_json_encoder.evaluation import canonical_json, gallery_metrics, json_groups, querybank_bias, retrieval_ranks
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    "Tiny galleries: on shared cores OpenMP hand-offs cost more than the work (5x here); restored after this module."
-    n = torch.get_num_threads(); torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest: tiny galleries run on one thread
 
 def brute(img, txt, groups, scale=1.0, bias=None):
     "Reference: full score matrix in numpy float64, ranks by explicit loops."

@@ -1,4 +1,4 @@
-"Tests of the frozen CLIP image tower (fashion_json_encoder.models.image_encoder)."
+"Tests of the frozen CLIP image tower (fashion_json_encoder.models.image_encoder, weights via models.tower_weights)."
 import hashlib, os, time
 import pytest
 import torch
@@ -7,7 +7,7 @@ from hypothesis import given, strategies as st
 from safetensors.torch import save_file
 
 from fashion_json_encoder.config import UserError
-from fashion_json_encoder.models import image_encoder as ie
+from fashion_json_encoder.models import image_encoder as ie, tower_weights as tw
 from fashion_json_encoder.models.image_encoder import (CLIPImageEncoder, tiny_clip_config, check_bf16_agreement,
                                                        check_precision, weights_fingerprint, BF16_MIN_COSINE)
 
@@ -102,7 +102,7 @@ def test_torchscript_checkpoint(tower, tmp_path, monkeypatch):
     p = tmp_path / "ViT-tiny.pt"
     torch.jit.save(torch.jit.trace(Holder(tower.visual), torch.randn(1, 3, 64, 64)), str(p))
     with pytest.raises(UserError, match="not one of OpenAI's published"): CLIPImageEncoder(pretrained=str(p), model_cfg=TINY)
-    monkeypatch.setattr(ie, "OPENAI_SHA256", ie.OPENAI_SHA256 | {hashlib.sha256(p.read_bytes()).hexdigest()})
+    monkeypatch.setattr(tw, "OPENAI_SHA256", tw.OPENAI_SHA256 | {hashlib.sha256(p.read_bytes()).hexdigest()})
     loaded = CLIPImageEncoder(pretrained=str(p), model_cfg=TINY)  # a published hash needs no trust flag
     assert loaded.fingerprint == tower.fingerprint
 
@@ -128,7 +128,7 @@ def test_openai_unavailable_fails_fast_in_one_line(monkeypatch, tmp_path, offlin
     if offline: monkeypatch.setenv("HF_HUB_OFFLINE", offline)
     else:
         monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-        if ie._hub_reachable(timeout=1.0): pytest.skip("huggingface.co is reachable: this would download")
+        if tw._hub_reachable(timeout=1.0): pytest.skip("huggingface.co is reachable: this would download")
     t0 = time.perf_counter()
     with pytest.raises(UserError) as e: CLIPImageEncoder("ViT-B-32", pretrained="openai")
     assert time.perf_counter() - t0 < 5
@@ -143,7 +143,7 @@ def test_tag_chooses_quickgelu_as_open_clip_names_do(monkeypatch, tmp_path):
     src = CLIPImageEncoder(pretrained="none", model_cfg=gelu)
     torch.save(_full_clip_state(src), tmp_path / "w.pt")
     asked = []
-    monkeypatch.setattr(ie, "pretrained_weights", lambda name, tag: asked.append((name, tag)) or str(tmp_path / "w.pt"))
+    monkeypatch.setattr(tw, "pretrained_weights", lambda name, tag: asked.append((name, tag)) or str(tmp_path / "w.pt"))
     t = CLIPImageEncoder("ViT-B-32", pretrained="openai", model_cfg=gelu)
     assert t.cfg["quick_gelu"] is True and asked == [("ViT-B-32", "openai")]
     assert CLIPImageEncoder("ViT-B-32", pretrained="laion2b_s34b_b79k", model_cfg=gelu).cfg["quick_gelu"] is False

@@ -10,12 +10,7 @@ from fashion_json_encoder.querybank import (BETAS, calibrate, crossfit_folds, cr
                                             make_hub_case, strict_ranks)
 from test_evaluation import embeddings_with_ties
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    "Tiny galleries: on shared cores OpenMP hand-offs cost more than the work (5x here); restored after this module."
-    n = torch.get_num_threads(); torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest: tiny galleries run on one thread
 
 def test_querybank_normalisation_fixes_hubs():
     img, txt, bank = make_hub_case(n=300, seed=1)

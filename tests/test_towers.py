@@ -7,9 +7,9 @@ from safetensors.torch import save_file
 import open_clip
 
 from fashion_json_encoder.config import UserError
-from fashion_json_encoder.models import image_encoder as ie
-from fashion_json_encoder.models.image_encoder import (CLIPImageEncoder, tiny_clip_config, tower_spec, resolve_tower,
-                                                       weights_fingerprint, read_clip_checkpoint, quiet_open_clip)
+from fashion_json_encoder.models import tower_weights as tw
+from fashion_json_encoder.models.image_encoder import CLIPImageEncoder, tiny_clip_config, weights_fingerprint
+from fashion_json_encoder.models.tower_weights import tower_spec, resolve_tower, read_clip_checkpoint, quiet_open_clip
 
 REV = "0123456789abcdef0123456789abcdef01234567"  # a commit hash, as refs/main holds one
 
@@ -220,7 +220,7 @@ def test_trust_torchscript_lets_it_through(evil_archive, capfd, tmp_path):
 def test_openai_hashes_are_open_clips():
     urls = {open_clip.get_pretrained_cfg(m, t)["url"] for m, t in open_clip.list_pretrained()
             if "openaipublic" in open_clip.get_pretrained_cfg(m, t).get("url", "")}
-    assert {u.split("/")[-2] for u in urls} == ie.OPENAI_SHA256 and len(ie.OPENAI_SHA256) == 9
+    assert {u.split("/")[-2] for u in urls} == tw.OPENAI_SHA256 and len(tw.OPENAI_SHA256) == 9
 
 
 class _Payload:  # unpickling it would create a file

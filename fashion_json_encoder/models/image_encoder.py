@@ -4,25 +4,21 @@
 
 # %% ../../nbs/03_image_encoder.ipynb #661ee5d6
 from __future__ import annotations
-import contextlib, copy, hashlib, io, json, logging, os, socket, threading, warnings, zipfile
-from pathlib import Path
+import copy, hashlib, json, logging
 import torch
 import torch.nn.functional as F
 from torch import nn, Tensor
-import open_clip
-from open_clip.factory import load_state_dict
 from open_clip.model import _build_vision_tower, convert_weights_to_lp
-from open_clip.transform import PreprocessCfg, image_transform, merge_preprocess_dict
+from open_clip.transform import image_transform
 from ..config import Config, UserError, resolve_device
+from .tower_weights import _fetch_weights, _square, quiet_open_clip, resolve_tower
 
 log = logging.getLogger(__name__)
 
 
 # %% auto #0
-__all__ = ['log', 'OPENAI_FILES', 'HF_HUB_PREFIX', 'OPENAI_SHA256', 'BF16_MIN_COSINE', 'tiny_clip_config', 'clip_model_config',
-           'quiet_open_clip', 'hf_cache_dir', 'cached_hub_file', 'hub_file', 'pretrained_weights', 'openai_weights',
-           'resolve_tower', 'tower_spec', 'read_clip_checkpoint', 'load_visual_state_dict', 'weights_fingerprint',
-           'CLIPImageEncoder', 'make_tower', 'check_bf16_agreement', 'check_precision']
+__all__ = ['log', 'BF16_MIN_COSINE', 'tiny_clip_config', 'weights_fingerprint', 'CLIPImageEncoder', 'make_tower',
+           'check_bf16_agreement', 'check_precision']
 
 # %% ../../nbs/03_image_encoder.ipynb #2fdcc6c4
 def tiny_clip_config(image_size: int = 64,  # input resolution (a multiple of the patch size 32)
@@ -30,208 +26,6 @@ def tiny_clip_config(image_size: int = 64,  # input resolution (a multiple of th
     "A real but tiny open_clip ViT config with a 512-d output, for fast tests."
     return {"embed_dim": 512, "quick_gelu": True,
             "vision_cfg": {"image_size": image_size, "layers": layers, "width": width, "head_width": 32, "patch_size": 32}}
-
-def clip_model_config(model_name: str = Config.clip_model,  # an open_clip architecture name
-                      quick_gelu: bool | None = None,  # force QuickGELU on/off; None keeps the config's
-                     ) -> dict:
-    "open_clip's config for `model_name` (vision part only matters), with `quick_gelu` applied."
-    cfg = open_clip.get_model_config(model_name.replace("/", "-"))
-    if cfg is None: raise UserError(f"unknown CLIP model {model_name!r}; open_clip knows e.g. ViT-B-32, ViT-B-16, "
-                                    "ViT-L-14 (open_clip.list_models()), or pass an 'hf-hub:ORG/NAME' id")
-    cfg = copy.deepcopy(cfg)
-    if quick_gelu is not None: cfg["quick_gelu"] = quick_gelu
-    return cfg
-
-class _OpenClipChatter(logging.Filter):
-    "Drops the INFO/DEBUG records open_clip writes to the root logger (its warnings still pass)."
-    def filter(self, r): return not (r.name == "root" and r.levelno < logging.WARNING and r.pathname.startswith(_OPEN_CLIP_DIR))
-
-_OPEN_CLIP_DIR = str(Path(open_clip.__file__).parent)
-
-@contextlib.contextmanager
-def quiet_open_clip():
-    "Inside this block open_clip's root-logger chatter (`logging.info(...)` in its factory) is dropped."
-    root, f = logging.getLogger(), _OpenClipChatter()
-    root.addFilter(f)
-    try: yield
-    finally: root.removeFilter(f)
-
-
-# %% ../../nbs/03_image_encoder.ipynb #ca8a7d3a
-OPENAI_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")  # open_clip's file names in a hub repo
-
-def _hub_reachable(host="huggingface.co", port=443, timeout=3.0) -> bool:
-    "Whether a TCP connection to `host` (DNS included) opens within `timeout` seconds."
-    ok = []
-    def connect():
-        try: socket.create_connection((host, port), timeout=timeout).close(); ok.append(True)
-        except OSError: pass
-    t = threading.Thread(target=connect, daemon=True); t.start(); t.join(timeout)
-    return bool(ok)
-
-def _hf_offline() -> bool: return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-
-def _unavailable() -> str: return "HF_HUB_OFFLINE is set" if _hf_offline() else "huggingface.co is not reachable"
-
-def hf_cache_dir() -> str:
-    "The hub cache folder as huggingface_hub would pick it now: HF_HUB_CACHE, else HF_HOME/hub, else its default."
-    from huggingface_hub import constants
-    env = os.environ
-    if d := env.get("HF_HUB_CACHE") or env.get("HUGGINGFACE_HUB_CACHE"): return os.path.expanduser(d)
-    if d := env.get("HF_HOME"): return os.path.join(os.path.expanduser(d), "hub")
-    return constants.HF_HUB_CACHE
-
-def cached_hub_file(repo: str, name: str) -> str | None:
-    "Path of `name` from hub repo `repo` in the local HF cache (the `main` snapshot, else the newest holding it)."
-    from huggingface_hub import try_to_load_from_cache
-    cache = hf_cache_dir()
-    if isinstance(p := try_to_load_from_cache(repo, name, cache_dir=cache), str): return p
-    snaps = Path(cache) / f"models--{repo.replace('/', '--')}" / "snapshots"  # a copied cache may lack refs/main
-    hits = [q for q in snaps.glob(f"*/{name}") if q.is_file()] if snaps.is_dir() else []
-    return str(max(hits, key=lambda q: q.stat().st_mtime)) if hits else None
-
-def hub_file(repo: str, names=OPENAI_FILES) -> str | None:
-    "The first of `names` in hub repo `repo`: cached, else downloaded if the hub answers fast; None if neither."
-    for n in names:
-        if p := cached_hub_file(repo, n): return p
-    if _hf_offline() or not _hub_reachable(): return None
-    from huggingface_hub import hf_hub_download
-    for n in names:
-        try: return hf_hub_download(repo, n, cache_dir=hf_cache_dir())
-        except Exception as e: log.info("download of %s/%s failed: %s", repo, n, e)
-    return None
-
-def _hub_names(filename: str) -> tuple:
-    "The file names open_clip tries for `filename`: a .safetensors twin first."
-    if filename in ("", "open_clip_pytorch_model.bin"): return OPENAI_FILES
-    return (filename[:-4] + ".safetensors", filename) if filename.endswith((".bin", ".pth")) else (filename,)
-
-def pretrained_weights(model_name: str = Config.clip_model, tag: str = Config.clip_pretrained) -> str:
-    "Path of open_clip's `tag` weights for `model_name`: the HF cache (or ~/.cache/clip) first, a download if the hub answers."
-    pcfg = open_clip.get_pretrained_cfg(model_name, tag)
-    if not pcfg: raise UserError(f"open_clip has no '{tag}' weights for {model_name}; pass --clip_pretrained /path/to/checkpoint.pt")
-    repo, fname = os.path.split(pcfg.get("hf_hub", "")) if pcfg.get("hf_hub") else ("", "")
-    names = _hub_names(fname)
-    for n in names if repo else ():
-        if p := cached_hub_file(repo, n): return p
-    if pcfg.get("url") and (p := Path("~/.cache/clip").expanduser() / Path(pcfg["url"]).name).is_file(): return str(p)
-    if repo and (p := hub_file(repo, names)): return p
-    where = f"hf-hub:{repo} ({' or '.join(names)}) is not in the Hugging Face cache {hf_cache_dir()}" if repo else "are not cached"
-    raise UserError(f"CLIP '{tag}' weights for {model_name}: {where} and {_unavailable()}; pass a local file instead: "
-                    f"--clip_pretrained /path/to/{model_name}.pt (OpenAI's file, or open_clip's .bin/.safetensors)")
-
-def openai_weights(model_name: str = Config.clip_model) -> str:
-    "Path of OpenAI's CLIP weights for `model_name` (see `pretrained_weights`)."
-    return pretrained_weights(model_name, "openai")
-
-
-# %% ../../nbs/03_image_encoder.ipynb #523a4da1
-HF_HUB_PREFIX = "hf-hub:"
-_HUB_WEIGHTS = ("", "openai", "hf-hub")  # clip_pretrained values that mean "the hf-hub repo's own weights"
-
-def _square(size) -> int: return int(size[0] if isinstance(size, (tuple, list)) else size)
-
-def _hub_config(repo: str) -> dict:
-    "The `open_clip_config.json` of hub repo `repo`."
-    p = hub_file(repo, ("open_clip_config.json",))
-    if p is None: raise UserError(f"hf-hub:{repo}: open_clip_config.json is not in the Hugging Face cache {hf_cache_dir()} "
-                                  f"and {_unavailable()}; fetch it once where the hub is reachable (huggingface-cli download {repo})")
-    try: j = json.loads(Path(p).read_text(encoding="utf-8")); return {"model_cfg": j["model_cfg"], "preprocess_cfg": j.get("preprocess_cfg", {})}
-    except (ValueError, KeyError, TypeError) as e: raise UserError(f"{p}: not an open_clip config ({type(e).__name__}: {e})") from None
-
-def resolve_tower(clip_model: str = Config.clip_model,  # open_clip name (ViT-B-32, ViT-B-16-quickgelu, ...) or 'hf-hub:ORG/NAME'
-                  clip_pretrained: str = Config.clip_pretrained,  # open_clip tag, a local weights file, or 'none'; an hf-hub id brings its own
-                  model_cfg: dict | None = None,  # an open_clip config that replaces `clip_model`'s (e.g. `tiny_clip_config()`)
-                  quick_gelu: bool | None = None,  # force QuickGELU on/off; None: as the name, the tag or the file says
-                 ) -> dict:
-    "What a tower is built from, read from configs only: {'cfg', 'preprocess', 'weights', 'pretrained'}."
-    pre = str(clip_pretrained)
-    pp = merge_preprocess_dict(PreprocessCfg(), {})
-    if pre.startswith(HF_HUB_PREFIX): raise UserError(f"clip_pretrained {pre!r}: an hf-hub id is a model; pass it as --clip_model {pre}")
-    is_file = pre not in ("none", "") and (Path(pre).suffix in (".pt", ".pth", ".bin", ".safetensors") or "/" in pre or os.sep in pre
-                                           or Path(pre).expanduser().is_file())
-    if clip_model.startswith(HF_HUB_PREFIX):
-        repo = clip_model[len(HF_HUB_PREFIX):].strip("/")
-        hub = _hub_config(repo)
-        cfg, pp = copy.deepcopy(hub["model_cfg"]), merge_preprocess_dict(pp, hub["preprocess_cfg"])
-        if pre == "none": weights = None
-        elif is_file: weights = ("file", pre)
-        elif pre in _HUB_WEIGHTS: weights, pre = ("hub", repo), "hf-hub"
-        else: raise UserError(f"clip_pretrained {pre!r} with {clip_model}: use 'none', a local file, or leave it out (the repo's own weights)")
-    else:
-        name = clip_model.replace("/", "-")
-        cfg = copy.deepcopy(model_cfg) if model_cfg is not None else clip_model_config(name)
-        pcfg = {} if pre == "none" or is_file else open_clip.get_pretrained_cfg(name, pre)
-        if pre == "none": weights = None
-        elif pcfg:
-            weights, pp = ("tag", name, pre), merge_preprocess_dict(pp, pcfg)
-            if pcfg.get("quick_gelu"): cfg["quick_gelu"] = True
-        elif is_file:
-            weights = ("file", pre)
-            if model_cfg is None and open_clip.get_pretrained_cfg(name, "openai"): cfg["quick_gelu"] = True
-        else:
-            tags = open_clip.list_pretrained_tags_by_model(name)
-            raise UserError(f"clip_pretrained {pre!r}: not a file and not an open_clip tag of {name} "
-                            f"(its tags: {', '.join(tags) or 'none'}; or pass 'none' or a .pt/.bin/.safetensors file)")
-    if quick_gelu is not None: cfg["quick_gelu"] = quick_gelu
-    if "vision_cfg" not in cfg or "embed_dim" not in cfg: raise UserError(f"{clip_model}: its config has no vision tower")
-    pp["size"] = _square(cfg["vision_cfg"].get("image_size", 224))
-    return {"cfg": cfg, "preprocess": pp, "weights": weights, "pretrained": pre}
-
-def tower_spec(clip_model: str = Config.clip_model, clip_pretrained: str = Config.clip_pretrained, quick_gelu: bool | None = None) -> dict:
-    "output_dim, image_size, QuickGELU and the eval transform of a tower, from configs only (no weights are read)."
-    r = resolve_tower(clip_model, clip_pretrained, quick_gelu=quick_gelu)
-    pp = r["preprocess"]
-    return {"output_dim": int(r["cfg"]["embed_dim"]), "image_size": pp["size"], "mean": list(pp["mean"]), "std": list(pp["std"]),
-            "interpolation": pp["interpolation"], "resize_mode": pp["resize_mode"], "quick_gelu": bool(r["cfg"].get("quick_gelu", False))}
-
-
-# %% ../../nbs/03_image_encoder.ipynb #b69f97ab
-def _openai_sha256() -> frozenset:
-    "SHA-256 of every OpenAI CLIP file open_clip knows: its `openaipublic` URLs carry the hash."
-    urls = (open_clip.get_pretrained_cfg(m, t).get("url", "") for m, t in open_clip.list_pretrained())
-    return frozenset(u.split("/")[-2] for u in urls if "openaipublic" in u)
-
-OPENAI_SHA256 = _openai_sha256()
-
-def _is_torchscript(path: Path) -> bool:
-    "Whether `path` is a TorchScript archive (OpenAI's original .pt files are); reads the zip index only."
-    if not zipfile.is_zipfile(path): return False
-    with zipfile.ZipFile(path) as z: return any(n.endswith("constants.pkl") for n in z.namelist())
-
-def _load_torchscript(p: Path, trust_torchscript: bool) -> dict:
-    "State dict of TorchScript archive `p`, loaded only if its hash is OpenAI's or the caller trusts it."
-    data = p.read_bytes()  # hashed and loaded from the same bytes
-    digest = hashlib.sha256(data).hexdigest()
-    if digest not in OPENAI_SHA256 and not trust_torchscript:
-        raise UserError(f"{p}: a TorchScript archive that is not one of OpenAI's published CLIP files (sha256 {digest[:16]}...); "
-                        f"loading it would run the code it carries. Convert it once, where you trust it: python -c \"import torch; "
-                        f"torch.save(torch.jit.load('{p}', map_location='cpu').state_dict(), '{p.with_suffix('.state_dict.pt')}')\" "
-                        f"and pass the new file, or pass --trust_torchscript")
-    with warnings.catch_warnings():  # torch.jit is deprecated, but it is how OpenAI's file reads
-        warnings.simplefilter("ignore", FutureWarning)
-        return torch.jit.load(io.BytesIO(data), map_location="cpu").state_dict()
-
-def read_clip_checkpoint(path, trust_torchscript: bool = False  # load a TorchScript archive whose hash is not OpenAI's
-                        ) -> tuple:
-    "(path, full state dict) of a CLIP checkpoint file: OpenAI's TorchScript .pt, or an open_clip .pt/.bin/.safetensors."
-    p = Path(path).expanduser()
-    if not p.is_file(): raise UserError(f"{p}: CLIP checkpoint not found (--clip_pretrained takes an open_clip tag such as 'openai', 'none' "
-                                        "or a .pt/.bin/.safetensors file)")
-    try:
-        if p.suffix != ".safetensors" and _is_torchscript(p): return p, _load_torchscript(p, trust_torchscript)
-        return p, load_state_dict(str(p), device="cpu", weights_only=True)
-    except UserError: raise
-    except Exception as e:
-        raise UserError(f"{p}: not a readable CLIP checkpoint ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
-
-def load_visual_state_dict(path, trust_torchscript: bool = False) -> dict:
-    "The visual-tower weights of a CLIP checkpoint file, with the `visual.` prefix removed."
-    p, sd = read_clip_checkpoint(path, trust_torchscript)
-    vis = {k[len("visual."):]: v for k, v in sd.items() if k.startswith("visual.")}
-    if not vis and ("conv1.weight" in sd or any(k.startswith("trunk.") for k in sd)): vis = dict(sd)  # already a visual-tower state dict
-    if not vis: raise UserError(f"{p}: no CLIP visual-tower weights in this file (no 'visual.*' keys)")
-    return vis
 
 
 # %% ../../nbs/03_image_encoder.ipynb #6ffc4003
@@ -247,17 +41,6 @@ def weights_fingerprint(module: nn.Module, cfg: dict | None = None) -> str:
 # %% ../../nbs/03_image_encoder.ipynb #b5d98ce6
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _WARNED_RANDOM = set()  # towers whose random-weights warning this process already showed
-
-
-def _fetch_weights(weights: tuple, trust_torchscript: bool) -> dict:
-    "Visual-tower state dict for `resolve_tower`'s weights entry."
-    if weights[0] == "file": return load_visual_state_dict(weights[1], trust_torchscript)
-    if weights[0] == "tag": return load_visual_state_dict(pretrained_weights(weights[1], weights[2]), trust_torchscript)
-    if (p := hub_file(weights[1], OPENAI_FILES)) is None:
-        raise UserError(f"hf-hub:{weights[1]}: its weights ({' or '.join(OPENAI_FILES)}) are not in the Hugging Face cache "
-                        f"{hf_cache_dir()} and {_unavailable()}; fetch them once where the hub is reachable "
-                        f"(huggingface-cli download {weights[1]}) or pass --clip_pretrained /path/to/weights.safetensors")
-    return load_visual_state_dict(p, trust_torchscript)
 
 class CLIPImageEncoder(nn.Module):
     "open_clip's visual tower, frozen: images -> L2-normalised (B, output_dim) features, always eval, never a gradient."
