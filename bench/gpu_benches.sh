@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks of issues 10 and 11 in two device runs: PART=tests (the CUDA tests), then PART=bench (the benchmarks,
 # before = the previous release unpacked in .base/, after = this tree). Prepare on the CPU machine first:
-#   mkdir -p .whl && pip download --no-deps -d .whl open_clip_torch==3.3.0 ftfy wcwidth   # the GPU image lacks open_clip
+#   mkdir -p .whl && pip download --no-deps -d .whl open_clip_torch==3.3.0 ftfy wcwidth fastcore==1.14.5 faiss-cpu==1.15.1
+#     (the GPU image lacks open_clip; `training` needs fastcore's @patch; the search index of the scale bench needs faiss)
 #   mkdir -p .base && git archive <old commit> fashion_json_encoder | tar -x -C .base     # the "before" package
 # and run it there with .whl and .base carried; results land in $OUT (all.log and the benches' JSON).
 set -uo pipefail
@@ -13,6 +14,8 @@ NEW="$PWD:$PYTHONPATH"; OLD="$PWD/.base:$PYTHONPATH"
 step() { local name=$1 limit=$2; shift 2; echo "=== $name ($(date +%T))" | tee -a "$OUT/all.log"; timeout "$limit" "$@" 2>&1 | tee -a "$OUT/all.log"; echo "=== $name exit ${PIPESTATUS[0]} ($(date +%T))" | tee -a "$OUT/all.log"; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$OUT/all.log"
 python3 -c "import torch, torchvision, open_clip; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'open_clip', open_clip.__version__)" | tee -a "$OUT/all.log"
+# fail in seconds, not after a machine start and a long step, when a carried wheel is missing
+PYTHONPATH="$NEW" python3 -c "import faiss, fastcore, fashion_json_encoder.system" || { echo "missing a package: see the .whl line above" | tee -a "$OUT/all.log"; exit 3; }
 
 if [ "${PART:-tests}" = tests ]; then
   step tests ${LIMIT:-140} env PYTHONPATH="$NEW" python3 -m pytest -q -p no:cacheprovider -rs tests/test_training.py tests/test_evaluation.py \
