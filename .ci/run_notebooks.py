@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Execute every notebook top to bottom in a fresh Jupyter kernel (nbclient, the engine of `jupyter nbconvert --execute`).
 
-Cells flagged `#| slow`, `#| gpu` or `#| eval: false` are left out, as `nbdev_test` leaves them out; nothing is written
+Cells flagged with one of settings.ini's `tst_flags` (notest, slow, gpu) or `#| eval: false` are left out, as `nbdev_test` leaves them out; nothing is written
 back to the notebooks. Usage: python .ci/run_notebooks.py [NB ...]   (default: nbs/*.ipynb)"""
 import os, re, sys, time
 from pathlib import Path
@@ -9,7 +9,12 @@ import nbformat
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 
-SKIP = re.compile(r"^\s*#\|\s*(slow|gpu|eval:\s*false)\b", re.M)
+def _skip_flags() -> str:
+    "nbdev's `tst_flags` from settings.ini (cells flagged with one are left out of a plain `nbdev_test`)."
+    from nbdev.config import get_config
+    return "|".join(map(re.escape, str(get_config().tst_flags or "").split()))
+
+SKIP = re.compile(rf"^\s*#\|\s*({_skip_flags() or '(?!)'}|eval:\s*false)\b", re.M)
 
 def run(path: Path) -> float:
     nb = nbformat.read(path, as_version=4)
@@ -22,6 +27,7 @@ def run_one(p: Path):
     "(path, None) when the notebook ran, else (path, the error's tail)."
     try: print(f"jupyter: {p} ok ({run(p):.0f} s)", flush=True); return p, None
     except CellExecutionError as e: return p, str(e)[-3000:]
+    except Exception as e: return p, f"{type(e).__name__}: {e}"[-3000:]   # a timeout or a dead kernel fails this notebook only
 
 if __name__ == "__main__":
     from concurrent.futures import ThreadPoolExecutor

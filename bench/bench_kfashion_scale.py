@@ -27,8 +27,12 @@ import fashion_json_encoder
 from fashion_json_encoder.config import Config
 from fashion_json_encoder.data import Item
 from fashion_json_encoder.search import search
-from fashion_json_encoder.search_index import build_search_index
-from fashion_json_encoder.paired import PairedData
+try:   # this tree
+    from fashion_json_encoder.search_index import build_search_index
+    from fashion_json_encoder.paired import PairedData
+except ImportError:   # an older package (gpu_benches.sh's "before" run): the same names in their earlier homes
+    from fashion_json_encoder.search import build_search_index
+    from fashion_json_encoder.training import PairedData
 from fashion_json_encoder.training import Trainer
 from fashion_json_encoder.vocab import Vocab
 

@@ -149,7 +149,9 @@ def open_archive(path) -> Archive:
     st = os.stat(key)
     version = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)  # ctime: a rewrite shows even with its mtime put back
     a = _OPEN.get(key)
-    if a is None or a.version != version: a = _OPEN[key] = Archive(key); a.version = version
+    if a is None or a.version != version:
+        if a is not None: a.close()  # the handle on the old version is never read again
+        a = _OPEN[key] = Archive(key); a.version = version
     return a
 
 def read_bytes(path, max_bytes: int = IMAGE_MAX_BYTES) -> bytes:

@@ -4,14 +4,14 @@
 
 # %% ../nbs/06c_calibration.ipynb #9f37b279
 from __future__ import annotations
-import json, logging, math
+import json, logging, math, pickle
 from collections import Counter
 import torch
 from .config import atomic_path
 from .checkpoints import encoder_digest, side_path, state_digest
 from .vocab import Vocab
 from .models.json_encoder import encode_json
-from .evaluation import canonical_json, json_groups
+from .evaluation import canonical_json
 from .querybank import bank_from_counts, calibrate
 
 log = logging.getLogger(__name__)
@@ -25,24 +25,29 @@ def json_prior(strings: list, calib: dict) -> torch.Tensor:
     counts = {s: math.exp(w) for s, w in zip(calib["bank_strings"], calib["bank_logw"].tolist())}
     return torch.tensor([math.log(counts.get(s, 0) + 1) for s in strings])
 
-def _calib_digest(c: dict) -> str:
-    return state_digest({k: v for k, v in c.items() if k not in ("sha256", "digest")})
+def _calib_digest(c: dict) -> str: return state_digest({k: v for k, v in c.items() if k != "sha256"})
 
-def calibrate_checkpoint(checkpoint_path, encoder, vocab: Vocab, train_jsons: list, image, text, strings: list) -> dict:
+def calibrate_checkpoint(checkpoint_path, encoder, vocab: Vocab, train_jsons: list, image, text, strings: list,
+                         digest: str | None = None) -> dict:  # digest: `encoder_digest(encoder)` when the caller has it
     "Querybank from the training JSONs, β and the prior choice on val; saved as `<checkpoint>.calibration.pt`."
     fields = list(vocab.fields)
     bank_strings, bank_logw = bank_from_counts(Counter(canonical_json(j, fields) for j in train_jsons))
     bank = encode_json([json.loads(s) for s in bank_strings], vocab, encoder).float().cpu()
-    calib = {"bank_strings": bank_strings, "bank_logw": bank_logw, "bank": bank, "encoder": encoder_digest(encoder)}
-    calib.update(calibrate(image, text, bank, bank_logw, json_prior(strings, calib), json_groups(strings)))
+    calib = {"bank_strings": bank_strings, "bank_logw": bank_logw, "bank": bank, "encoder": digest or encoder_digest(encoder)}
+    calib.update(calibrate(image, text, bank, bank_logw, json_prior(strings, calib)))
     with atomic_path(side_path(checkpoint_path, "calibration")) as tmp: torch.save(calib | {"sha256": _calib_digest(calib)}, tmp)
     log.info("querybank of %d training JSONs: beta %.1f chosen on val, JSON prior %s (val image->json MRR %+.4f)",
              len(bank_strings), calib["beta"], "kept" if calib["use_prior"] else "dropped", calib["prior_gain"])
     return calib
 
 # %% ../nbs/06c_calibration.ipynb #7a66f9ba
-def load_calibration(checkpoint_path, encoder) -> dict | None:
-    "The saved calibration of this checkpoint's encoder, or None; a damaged file is removed with one warning."
+_DAMAGED = (pickle.UnpicklingError, RuntimeError, ValueError, KeyError, TypeError, AttributeError, EOFError)  # what bad bytes raise
+
+def _line(e) -> str: return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+
+def load_calibration(checkpoint_path, encoder,
+                     digest: str | None = None) -> dict | None:  # digest: `encoder_digest(encoder)` when the caller has it
+    "The saved calibration of this checkpoint's encoder, or None; a damaged file is removed, an unreadable one kept, with one warning."
     p = side_path(checkpoint_path, "calibration")
     if not p.is_file(): return None
     try:
@@ -51,8 +56,9 @@ def load_calibration(checkpoint_path, encoder) -> dict | None:
         if missing := {"bank_strings", "bank_logw", "bank", "beta", "use_prior", "encoder"} - set(c): raise KeyError(f"no {sorted(missing)}")
         if "sha256" in c and c.pop("sha256") != _calib_digest(c): raise ValueError("checksum mismatch")  # files before issue 15 have none
         if not torch.isfinite(c["bank"]).all(): raise ValueError("non-finite querybank")
-    except Exception as e:  # a cache: the next search-index build or `evaluate --split val` writes it again
-        log.warning("%s: damaged calibration removed, recomputed by the next search-index build or `evaluate --split val` (%s: %s)",
-                    p, type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
+    except _DAMAGED as e:  # a cache: the next search-index build or `evaluate --split val` writes it again
+        log.warning("%s: damaged calibration removed, recomputed by the next search-index build or `evaluate --split val` (%s)", p, _line(e))
         p.unlink(missing_ok=True); return None
-    return c if c.get("encoder") == encoder_digest(encoder) else None
+    except OSError as e:  # the file may be sound (a permission, a full or busy disk): kept for the next run
+        log.warning("%s: calibration not readable now, searching without it (%s)", p, _line(e)); return None
+    return c if c.get("encoder") == (digest or encoder_digest(encoder)) else None

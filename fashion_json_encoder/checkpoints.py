@@ -110,8 +110,7 @@ class RunDir:
 
 # %% ../nbs/05c_checkpoints.ipynb #506ae7d0
 RUN_FILES = ("checkpoints/*.pt", "results/training_results.json")  # what makes a folder hold a training run
-_OLD_RUN = RUN_FILES + ("logs/events.out.tfevents.*", "results/evaluation_results.json", "checkpoints/*.calibration.pt",
-                        "checkpoints/*.index.pt")
+_OLD_RUN = ("checkpoints/*.pt", "logs/events.out.tfevents.*", "results/*")  # what --overwrite removes (index, calibration, plots too)
 
 def run_files(out) -> list:
     "The files under `out` that belong to a training run (checkpoints, results)."
@@ -126,7 +125,7 @@ def claim_run_dir(out, resume: bool = False,     # continuing the run that is in
         if not overwrite:
             raise UserError(f"{out} already holds a training run ({found[0].relative_to(out)}); pass --resume "
                             f"{last} to continue it, --overwrite to replace it, or another --output_dir")
-        old = [p for pat in _OLD_RUN for p in out.glob(pat)]
+        old = sorted({p for pat in _OLD_RUN for p in out.glob(pat) if p.is_file()})
         for p in old: p.unlink(missing_ok=True)
         log.warning("--overwrite: removed the previous run's %d file(s) from %s (checkpoints, logs, results; the caches stay)", len(old), out)
     for sub in ("checkpoints", "results", "cache"): remove_stale_temps(out / sub)

@@ -95,7 +95,9 @@ def run_command(fn, *args, quiet: bool = False, **kwargs) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr); return 130
     except OSError as e:  # a full, read-only or forbidden output folder is the user's to fix, not a traceback
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM): raise
+        if e.errno in (errno.EACCES, errno.EPERM):   # reading a dataset file or writing the output: say which file, not which way
+            print(f"error: {e.filename or 'a file'}: permission denied", file=sys.stderr); return 2
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS): raise
         print(f"error: cannot write {e.filename or 'the output'}: {(e.strerror or str(e)).lower()}", file=sys.stderr); return 2
     return out if isinstance(out, int) else 0
 

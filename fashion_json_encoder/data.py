@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['log', 'SKIP_REASONS', 'DECODE_ERRORS', 'Item', 'clip_box', 'crop_box', 'read_label', 'look_of', 'item_json',
-           'parse_photo', 'ImageDecodeError', 'load_crop', 'CropDataset', 'collate_crops']
+           'parse_photo', 'ImageDecodeError', 'load_crop', 'item_thumbnail', 'CropDataset', 'collate_crops']
 
 # %% ../nbs/01_data.ipynb #6ba061c9
 @dataclass(frozen=True)
@@ -33,7 +33,7 @@ class Item:
     look: str        # split group: "shop:<PREFIX_NNN>" or "id:<image id>"
 
 SKIP_REASONS = {  # reason -> what was skipped (stable names: reports and tests use them)
-    "bad_feature": "crop whose tower feature came out non-finite (item skipped, never cached)",
+    "bad_feature": "crop whose tower feature came out non-finite (item skipped; the skip is kept in the feature cache until the photo changes)",
     "invalid_json": "label file is not valid JSON text (photo skipped)",
     "unreadable_label": "label that cannot be read, or with content of unexpected types (photo skipped, logged)",
     "bad_label_structure": "label JSON lacks 데이터셋 정보.데이터셋 상세설명 (photo skipped)",
@@ -178,6 +178,18 @@ def load_crop(item: Item, min_side: int | None = None) -> Image.Image:  # min_si
     except MemberError: raise  # the archive's fault, not the JPEG's: counted as bad_member
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise ImageDecodeError(f"{item.image_path}: cannot decode image ({e})") from None
+
+def item_thumbnail(image_path,  # a file or "<zip>::<member>"
+                   box,         # (x0, y0, x1, y1) of an item, as `Item.box` and `search` hits hold it
+                   pad: float = Config.crop_padding, size: int = 256) -> Image.Image:
+    "The item's crop padded as in training, shrunk to fit `size` (the app's gallery, figures); a grey tile and one warning when its photo cannot be read."
+    try:
+        with Image.open(io.BytesIO(read_bytes(image_path))) as im: im = im.convert("RGB")
+        im = im.crop(crop_box(box, im.size, pad))
+    except Exception as e:  # one unreadable photo does not cost the page or the figure
+        log.warning("%s: cannot show the crop (%s: %s)", image_path, type(e).__name__, e)
+        return Image.new("RGB", (size, size), (200, 200, 200))
+    im.thumbnail((size, size)); return im
 
 # %% ../nbs/01_data.ipynb #aec1df8d
 DECODE_ERRORS = (ImageDecodeError, OSError, ValueError, SyntaxError, Image.DecompressionBombError)  # a photo that won't decode

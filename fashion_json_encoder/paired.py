@@ -15,8 +15,8 @@ from .data import CropDataset, collate_crops
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'PairedData', 'make_paired', 'standalone_targets', 'crop_batches', 'tower_features', 'embed_rows',
-           'val_subset_rows']
+__all__ = ['log', 'PairedData', 'make_paired', 'standalone_targets', 'crop_batches', 'tower_features', 'with_tower_features',
+           'embed_rows', 'val_subset_rows']
 
 # %% ../nbs/04a_paired.ipynb #a1db40e1
 @dataclass
@@ -70,6 +70,17 @@ def tower_features(items: list, tower, batch_size: int = Config.tower_batch_size
     for idx, pixels in crop_batches(items, tower, list(torch.arange(len(items)).split(batch_size)), num_workers, on_skip):
         out[idx] = tower(pixels.to(tower.device)).float().cpu()
     return out
+
+def with_tower_features(data: PairedData, tower, batch_size: int = Config.tower_batch_size, num_workers: int = 0,
+                        on_skip=None) -> PairedData:
+    "`data` with the tower's feature of every crop, less the rows whose photo fails to decode (each sent to `on_skip`), as the cache drops them."
+    bad = set()
+    def skip(item, reason):
+        bad.add(id(item))
+        if on_skip: on_skip(item, reason)
+    feats = tower_features(data.items, tower, batch_size, num_workers, skip)
+    keep = torch.tensor([id(it) not in bad for it in data.items], dtype=torch.bool)
+    return PairedData({k: v[keep] for k, v in data.json.items()}, feats[keep], [it for it, k in zip(data.items, keep.tolist()) if k])
 
 # %% ../nbs/04a_paired.ipynb #9cf0ca19
 def embed_rows(encoder, data: PairedData, device, batch_size: int = 1024,

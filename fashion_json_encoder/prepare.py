@@ -14,7 +14,7 @@ from .vocab import Vocab
 from .dataset import build_index, data_report
 from .models.image_encoder import CLIPImageEncoder, make_tower
 from .models.feature_cache import build_feature_cache
-from .paired import PairedData, make_paired
+from .paired import PairedData, make_paired, val_subset_rows
 from .distributed import is_main, main_first
 
 log = logging.getLogger(__name__)
@@ -38,9 +38,8 @@ def _cached_split(items, tower, cache_dir, cfg, progress, skipped):
     return kept, feats, cache
 
 def _sample(items: list, k: int | None, seed: int) -> list:
-    if k is None or len(items) <= k: return items
-    keep = sorted(torch.randperm(len(items), generator=torch.Generator().manual_seed(seed))[:k].tolist())
-    return [items[i] for i in keep]
+    rows = val_subset_rows(len(items), k, seed)   # the same seeded, sorted subset the per-epoch validation uses
+    return items if rows is None else [items[i] for i in rows.tolist()]
 
 # %% ../nbs/05d_prepare.ipynb #dca7df83
 def prepare_data(cfg: Config, dataset_path, output_dir, vocab: Vocab | None = None, tower=None,

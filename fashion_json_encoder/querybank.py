@@ -56,7 +56,7 @@ def strict_ranks(image: torch.Tensor, text: torch.Tensor,  # (N, D) unit-norm pa
             else: cnt[c0:c0 + c] += _tile_counts(x, None, thr[c0:c0 + c])[1].to(dev)
     return [_last_if_nan(p[4], p[3]) for p in plans]
 
-def calibrate(image, text, bank, bank_logw=None, prior=None, groups=None, betas=BETAS, chunk=None) -> dict:
+def calibrate(image, text, bank, bank_logw=None, prior=None, betas=BETAS, chunk=None) -> dict:
     "β maximising val JSON→image MRR under querybank normalisation, and whether the prior helps image→JSON."
     qb = querybank_biases(image, bank, betas, bank_logw, chunk)
     scorings = [("j2i", b, qb[b]) for b in betas]
@@ -135,7 +135,7 @@ def crossfit_normalised_metrics(image: torch.Tensor,  # (N, D) unit-norm gallery
     groups, folds = _prepare(image, text, groups, split_by, seed)
     prior = None if prior is None else prior.float().to(image.device)
     idx = [(folds == f).nonzero().flatten() for f in (0, 1)]
-    cal = [calibrate(image[i], text[i], bank, bank_logw, None if prior is None else prior[i], groups[i], betas, chunk) for i in idx]
+    cal = [calibrate(image[i], text[i], bank, bank_logw, None if prior is None else prior[i], betas, chunk) for i in idx]
     def scored_by_other(f, i):
         c = cal[1 - f]                                            # half f never sees its own choice
         i2j = {"scale": c["beta"], "bias": prior[i]} if c["use_prior"] and prior is not None else {}

@@ -4,11 +4,12 @@
 
 # %% ../nbs/08a_sanity.ipynb #2f81fd4e
 from __future__ import annotations
-import hashlib, logging, tempfile, time
+import logging, tempfile, time
 from dataclasses import dataclass
 from pathlib import Path
 import torch
 from .config import Config, update_config
+from .checkpoints import state_digest
 from .vocab import collate_json
 from .synthetic import make_synthetic_kfashion
 from .paired import crop_batches, embed_rows
@@ -27,10 +28,6 @@ class Check:
     name: str; ok: bool; detail: str = ""
     def __str__(self): return f"[{'PASS' if self.ok else 'FAIL'}] {self.name}" + (f": {self.detail}" if self.detail else "")
 
-def _digest(module) -> str:
-    h = hashlib.sha256()
-    for k, v in sorted(module.state_dict().items()): h.update(k.encode()); h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 def _field_kinds(items, vocab) -> dict:
     "One example item JSON per field type: a single value, several values, a missing field."
@@ -63,9 +60,9 @@ def sanity_check(cfg: Config | None = None, dataset_path=None, progress: bool = 
                             ", ".join(f"{k}: {v}" for k, v in kinds.items())))
         emb = embed_rows(enc, va, trainer.device)
         norms = emb.norm(dim=1)
-        checks.append(Check("output is 512-d and unit-norm", emb.shape[1] == 512 and bool(torch.allclose(norms, torch.ones_like(norms), atol=1e-4)),
+        checks.append(Check(f"output is {cfg.output_dim}-d and unit-norm", emb.shape[1] == cfg.output_dim and bool(torch.allclose(norms, torch.ones_like(norms), atol=1e-4)),
                             f"shape {tuple(emb.shape)}, norm {norms.min():.5f}..{norms.max():.5f}"))
-        before = _digest(tower)
+        before = state_digest(tower.state_dict())
         idx, pixels = next(crop_batches(tr.items, tower, [torch.arange(min(8, len(tr)))]))  # decoded crops: the tower path
         trainer.learner.train(); enc.zero_grad()
         trainer.learner(pixels.to(trainer.device), {k: v.to(trainer.device) for k, v in tr.batch(idx).items()}).backward()
@@ -76,7 +73,7 @@ def sanity_check(cfg: Config | None = None, dataset_path=None, progress: bool = 
                             else f"encoder without gradient: {no_grad[:5]}, CLIP with gradient: {clip_grad[:5]}"))
         enc.zero_grad(set_to_none=True)
         t0 = time.perf_counter(); res = trainer.fit(); secs = time.perf_counter() - t0
-        checks.append(Check("CLIP weights unchanged", _digest(tower) == before, f"sha256 {before[:12]}"))
+        checks.append(Check("CLIP weights unchanged", state_digest(tower.state_dict()) == before, f"sha256 {before[:12]}"))
         for stage in ("standalone", "contrastive"):
             ls = [h["train_loss"] for h in res["history"] if h["stage"] == stage]
             checks.append(Check(f"{stage} loss decreases", len(ls) >= 2 and ls[-1] < ls[0],

@@ -4,7 +4,7 @@
 
 # %% ../nbs/06a_search.ipynb #9488af4e
 from __future__ import annotations
-import difflib, json, logging, math, warnings
+import difflib, functools, io, json, logging, math, warnings
 from pathlib import Path
 import torch
 import torch.nn.functional as F
@@ -12,6 +12,7 @@ from PIL import Image
 from .config import Config, UserError, update_config
 from .checkpoints import RunDir, encoder_digest, load_checkpoint, load_encoder, side_path
 from .vocab import Vocab, field_values, normalise_value, romanize
+from .archives import member_stat, read_bytes, split_member
 from .data import clip_box, crop_box
 from .search_index import SearchIndex, build_search_index, dataset_fingerprint
 from .models.json_encoder import encode_json
@@ -109,10 +110,14 @@ def tag(feature: torch.Tensor, encoder, vocab: Vocab, top: int = 5, fields=None)
 
 # %% ../nbs/06a_search.ipynb #f5155454
 def _xywh(b) -> str: return "(" + ", ".join(f"{v:g}" for v in b) + ")"
+def _line(e) -> str: return (str(e).splitlines() or [""])[0][:300]   # an error is one line of the message
 
-def load_image_crop(image_path, box=None, pad: float = Config.crop_padding):
+def load_image_crop(image_path,  # a file or "<zip>::<member>"
+                    box=None, pad: float = Config.crop_padding):
     "The RGB photo, or its (x, y, w, h) box grown by `pad` per side; `UserError` for a missing or unreadable file or a bad box."
-    if not Path(image_path).is_file(): raise UserError(f"{image_path}: no such image file")
+    member = split_member(image_path)[1]
+    if not (Path(image_path).is_file() if member is None else member_stat(image_path)):
+        raise UserError(f"{image_path}: no such image file" + ("" if member is None else " (no such member, or its zip cannot be opened)"))
     if box is not None:
         try: box = tuple(map(float, box))
         except (TypeError, ValueError): raise UserError(f"box {box!r} must be four numbers x, y, w, h") from None
@@ -120,10 +125,10 @@ def load_image_crop(image_path, box=None, pad: float = Config.crop_padding):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)   # a header claiming a huge image: refused before decoding
-            with Image.open(image_path) as im: im = im.convert("RGB")
+            with Image.open(image_path if member is None else io.BytesIO(read_bytes(image_path))) as im: im = im.convert("RGB")
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise UserError(f"{image_path}: image too large to open safely ({e})") from None
-    except (OSError, ValueError, SyntaxError) as e: raise UserError(f"{image_path}: cannot read image ({e})") from None
+        raise UserError(f"{image_path}: image too large to open safely ({_line(e)})") from None
+    except (OSError, ValueError, SyntaxError) as e: raise UserError(f"{image_path}: cannot read image ({_line(e)})") from None
     if box is None: return im
     x, y, w, h = box
     if (clipped := clip_box(x, y, w, h, im.size)) is None:
@@ -144,7 +149,13 @@ class Searcher:
         self.trust_torchscript = trust_torchscript
         self.encoder, self.vocab, self.cfg = load_encoder(st, "cpu")
         self.tower_rec, self.dataset_path, self._recorded_data = st.get("tower", {}), dataset_path or st.get("dataset_path"), dataset_path is None
-        self.calibration = load_calibration(checkpoint_path, self.encoder)
+
+    @functools.cached_property
+    def digest(self) -> str: return encoder_digest(self.encoder)  # what the index and the calibration are checked against
+    @functools.cached_property
+    def calibration(self) -> dict | None:
+        "The saved calibration of this encoder, or None (read when an index build needs it; `build_index` may set it)."
+        return load_calibration(self.checkpoint_path, self.encoder, self.digest)
 
     @property
     def tower(self):
@@ -155,11 +166,9 @@ class Searcher:
 
     @property
     def index(self) -> SearchIndex:
-        "The saved index when it is intact and current (given an IVF index if it grew past the threshold), else a new one."
+        "The saved index when it is intact and current, else a new one."
         if self._index is None:
             ix = self.saved_index()
-            if ix is not None and ix.ann is None and (up := ix.with_ann()) is not ix:   # an index-2 file past APPROX_THRESHOLD: IVF from its features
-                ix = up; ix.save(side_path(self.checkpoint_path, "index"))
             self._index = self.build_index() if ix is None else ix
         return self._index
 
@@ -169,7 +178,7 @@ class Searcher:
         if self._rebuild or not p.is_file(): return None
         try: ix = SearchIndex.load(p)
         except ValueError as e: log.warning("%s: cannot use the saved search index (%s), rebuilding it", p, e); return None
-        if ix.encoder != encoder_digest(self.encoder): log.info("%s: built for another encoder, rebuilding it", p); return None
+        if ix.encoder != self.digest: log.info("%s: built for another encoder, rebuilding it", p); return None
         if not self.dataset_path: return ix
         try: data = dataset_fingerprint(self.dataset_path, self.cfg)
         except (OSError, UserError) as e:
@@ -190,10 +199,12 @@ class Searcher:
         if self.calibration is None and len(prep.val) >= 2:
             vi, vt = F.normalize(prep.val.features.float(), dim=1), embed_rows(self.encoder, prep.val, "cpu")
             self.calibration = calibrate_checkpoint(self.checkpoint_path, self.encoder, self.vocab, [it.json for it in prep.train.items],
-                                                    vi, vt, [canonical_json(it.json, list(self.vocab.fields)) for it in prep.val.items])
+                                                    vi, vt, [canonical_json(it.json, list(self.vocab.fields)) for it in prep.val.items],
+                                                    self.digest)
+        data = dataset_fingerprint(self.dataset_path, self.cfg, prep.index.fingerprint)   # the walk `prepare_data` made, not another
         index = build_search_index(prep.train.items + prep.val.items, torch.cat([prep.train.features, prep.val.features]),
-                                   self.encoder, self.tower.fingerprint, self.calibration,
-                                   str(Path(self.dataset_path).expanduser().resolve()), dataset_fingerprint(self.dataset_path, self.cfg))
+                                   self.digest, self.tower.fingerprint, self.calibration,
+                                   str(Path(self.dataset_path).expanduser().resolve()), data)
         index.save(side_path(self.checkpoint_path, "index"))
         log.info("search index of %d items saved to %s", len(index), side_path(self.checkpoint_path, "index"))
         return index

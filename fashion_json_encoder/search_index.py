@@ -21,13 +21,15 @@ __all__ = ['log', 'INDEX_FORMAT', 'APPROX_THRESHOLD', 'IVF_NPROBE', 'EXACT_BEYON
            'build_search_index', 'fold_gallery', 'fold_queries', 'build_ivf', 'serialize_ivf']
 
 # %% ../nbs/06e_search_index.ipynb #acc2c97b
-def dataset_fingerprint(dataset_path, cfg) -> str:  # cfg: the checkpoint's config (which items a label gives)
+def dataset_fingerprint(dataset_path, cfg,                # cfg: the checkpoint's config (which items a label gives)
+                        fingerprint: str | None = None) -> str:  # the folder's `index_fingerprint` when already computed
     "Short hash of the resolved folder and its content as `build_index` keys it (label bytes, zip directories, photos)."
     root = Path(dataset_path).expanduser().resolve()
-    return hashlib.sha256(f"{root}\n{index_fingerprint(root, cfg)}".encode()).hexdigest()[:16]
+    return hashlib.sha256(f"{root}\n{fingerprint or index_fingerprint(root, cfg)}".encode()).hexdigest()[:16]
 
-INDEX_FORMAT = "fashion-json-encoder/index-3"  # index-1 had no checksum and no data fingerprint, index-2 no IVF index
-_READABLE = (INDEX_FORMAT, "fashion-json-encoder/index-2")  # an index-2 file is an index-3 one without `ann`
+INDEX_FORMAT = "fashion-json-encoder/index-3"  # index-1 had no checksum and no data fingerprint, index-2 a checksum of another kind
+_PREVIOUS = {"fashion-json-encoder/index-1": "without checksum or data fingerprint",
+             "fashion-json-encoder/index-2": "without an IVF index, its checksum of another kind"}
 
 @dataclass
 class SearchIndex:
@@ -66,8 +68,8 @@ class SearchIndex:
         try: st = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e: raise ValueError(f"unreadable: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}") from None
         fmt = st.pop("format", None) if isinstance(st, dict) else None
-        if fmt == "fashion-json-encoder/index-1": raise ValueError("an index of the previous format, without checksum or data fingerprint")
-        if fmt not in _READABLE: raise ValueError(f"not a {INDEX_FORMAT} file")
+        if fmt in _PREVIOUS: raise ValueError(f"an index of a previous format ({fmt.rsplit('/', 1)[1]}, {_PREVIOUS[fmt]})")
+        if fmt != INDEX_FORMAT: raise ValueError(f"not a {INDEX_FORMAT} file")
         digest = st.pop("sha256", None)
         try: ix = cls(**st); same = ix.digest() == digest
         except (TypeError, AttributeError, ValueError, RuntimeError) as e: raise ValueError(f"malformed: {e}") from None
@@ -113,7 +115,8 @@ class SearchIndex:
         best = sc.topk(k, dim=1).indices
         return best, sc.gather(1, best), cos.gather(1, best)
 
-def build_search_index(items, features, encoder, tower_fingerprint: str = "", calibration: dict | None = None,
+def build_search_index(items, features, encoder,  # encoder: the JSON encoder, or its `encoder_digest`
+                       tower_fingerprint: str = "", calibration: dict | None = None,
                        dataset: str = "", data: str = "",  # dataset, data: the folder and its `dataset_fingerprint`
                        approx_threshold: int | None = None) -> SearchIndex:  # IVF index from this size on (`APPROX_THRESHOLD`)
     "Index `items` (data.Item) with their (N, D) image features."
@@ -121,7 +124,8 @@ def build_search_index(items, features, encoder, tower_fingerprint: str = "", ca
     beta = bias = None
     if calibration: beta, bias = calibration["beta"], querybank_bias(feats, calibration["bank"], calibration["beta"], calibration["bank_logw"])
     return SearchIndex(feats.half(), [it.key for it in items], [str(it.image_path) for it in items], [list(it.box) for it in items],
-                       [it.json for it in items], encoder_digest(encoder), tower_fingerprint, beta, bias, dataset, data).with_ann(approx_threshold)
+                       [it.json for it in items], encoder if isinstance(encoder, str) else encoder_digest(encoder),
+                       tower_fingerprint, beta, bias, dataset, data).with_ann(approx_threshold)
 
 # %% ../nbs/06e_search_index.ipynb #ea824364
 APPROX_THRESHOLD = 20_000  # galleries of at least this many items get an IVF index; smaller ones are searched exactly

@@ -5,7 +5,7 @@
 # %% ../nbs/08_system.ipynb #ead306e8
 from __future__ import annotations
 import json, logging
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 import torch.nn.functional as F
 from .config import (Config, UserError, atomic_write_text, check_writable, load_config, log_config,
@@ -16,8 +16,8 @@ from .models.image_encoder import make_tower
 from .evaluation import canonical_json, gallery_metrics, json_groups
 from .querybank import crossfit_normalised_metrics, save_embeddings as write_npz
 from .calibration import calibrate_checkpoint, json_prior, load_calibration
-from .paired import embed_rows, tower_features
-from .training import Trainer, finished_run
+from .paired import embed_rows, with_tower_features
+from .training import Trainer, finished_run, stage_epochs
 from .prepare import prepare_data
 from .search import Searcher
 from .distributed import cleanup_distributed, init_distributed, is_main
@@ -25,26 +25,32 @@ from .distributed import cleanup_distributed, init_distributed, is_main
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'train_run', 'evaluate_checkpoint', 'FashionEncoderSystem']
+__all__ = ['log', 'claimed_run', 'train_run', 'evaluate_checkpoint', 'FashionEncoderSystem']
 
 # %% ../nbs/08_system.ipynb #67eb2f16
+@contextmanager
+def claimed_run(out, resume: bool = False,  # continuing the run already in `out`
+                overwrite: bool = False):   # replace the run already in `out`
+    "The writes of a training run into `out`: a full disk is one line, one run at a time (lock), the folder writable and claimed."
+    with user_io(out), (run_lock(out) if is_main() else nullcontext()):
+        if is_main(): claim_run_dir(check_writable(out), resume=resume, overwrite=overwrite)
+        yield Path(out)
+
 def train_run(cfg: Config, dataset_path, output_dir, resume=None, progress: bool = True, tower=None,
               standalone_epochs: int | None = None, contrastive_epochs: int | None = None,
               overwrite: bool = False,  # replace a run already in `output_dir` (else it is refused)
               trust_torchscript: bool = False,  # see `make_tower`
               resume_state: dict | None = None) -> dict:  # `load_checkpoint(resume)` when the caller has read it already
     "Train on `dataset_path`, writing checkpoints/, logs/ and results/ under `output_dir`; returns the results dict."
-    S = cfg.standalone_epochs if standalone_epochs is None else standalone_epochs
-    C = cfg.max_epochs - S if contrastive_epochs is None else contrastive_epochs
-    if S + C <= 0: raise UserError(f"nothing to train: {S} standalone + {C} contrastive epochs (set --epochs / max_epochs >= 1)")
+    S, C = stage_epochs(cfg, standalone_epochs, contrastive_epochs)   # before any indexing or caching
     st = (resume_state or load_checkpoint(resume)) if resume else None   # the one read of the checkpoint
     if st and (done := finished_run(st, resume, S + C)): return done  # before any indexing or caching
     out = Path(output_dir)
     device, owns_group = init_distributed(resolve_device(cfg.device))  # torchrun (WORLD_SIZE > 1): this process is one rank
     if not is_main(): logging.getLogger("fashion_json_encoder").setLevel(logging.WARNING)  # rank 0 tells the story
     else: log_config(cfg, log)
-    with user_io(out), (run_lock(out) if is_main() else nullcontext()):  # one run per folder; a full disk is one line
-        if is_main(): claim_run_dir(check_writable(out), resume=bool(resume), overwrite=overwrite)
+    same_run = bool(resume) and RunDir.of(resume).root == out.resolve()  # resuming from another folder is a new run here
+    with claimed_run(out, resume=same_run, overwrite=overwrite):
         prep = prepare_data(cfg, dataset_path, out, vocab=st and Vocab(st["vocab"]), tower=tower, progress=progress, device=device,
                             trust_torchscript=trust_torchscript)
         if is_main(): prep.vocab.save(RunDir(out).result("vocab.json"))
@@ -57,7 +63,7 @@ def train_run(cfg: Config, dataset_path, output_dir, resume=None, progress: bool
 def evaluate_checkpoint(checkpoint_path, dataset_path=None, split: str = "val", clip_pretrained: str | None = None,
                         output_dir=None, device=None, progress: bool = True, tower=None,
                         save_embeddings=None,          # .npz path: embeddings, keys and JSON strings to recompute every metric
-                        plot: bool = False,            # save the UMAP of both modalities as results/umap.png
+                        plot: bool = False,            # save the UMAP (results/umap.png) and a retrieval gallery (results/retrievals.png)
                         baseline: str | None = None,   # "clip_text": also score open_clip's text tower on captions of each JSON
                         text_tower=None,               # the baseline's CLIPTextEncoder (default: the image tower's model and weights)
                         trust_torchscript: bool = False) -> dict:  # the recorded tower may be a TorchScript file not from OpenAI
@@ -70,14 +76,22 @@ def evaluate_checkpoint(checkpoint_path, dataset_path=None, split: str = "val", 
     dataset_path = dataset_path or st.get("dataset_path")
     if not dataset_path: raise UserError(f"{checkpoint_path}: no dataset recorded in the checkpoint; pass --dataset_path")
     run = RunDir(output_dir) if output_dir else RunDir.of(checkpoint_path)
+    # the run's evaluation (best_model.pt on val, what the app shows) is results/evaluation_results.json; any other
+    # checkpoint or split gets its own name, so `evaluate --split train` or `last.pt` never replaces it
+    tag = "" if (Path(checkpoint_path).name, split) == ("best_model.pt", "val") else f"_{Path(checkpoint_path).stem}_{split}"
     tower = tower or make_tower(cfg, dev, trust_torchscript=trust_torchscript)
     if rec.get("fingerprint") and rec["fingerprint"] != tower.fingerprint:
         log.warning("the image tower differs from the one used in training (fingerprint %s, checkpoint %s)", tower.fingerprint, rec["fingerprint"])
     prep = prepare_data(cfg, dataset_path, run.root, vocab=vocab, tower=tower, progress=progress, splits=(split,))
     data = getattr(prep, split)
+    if data.features is None:   # a run without the cache: one tower pass; undecodable photos are counted and left out, as the cache does
+        skipped = prep.info["data"]["skipped"]
+        def skip(item, reason):
+            skipped[reason] = skipped.get(reason, 0) + 1; log.warning("%s: crop skipped (%s)", item.image_path, reason)
+        data = with_tower_features(data, prep.tower, cfg.tower_batch_size, cfg.num_workers, skip)
+        prep.info["data"]["items"][split] = len(data)
     if len(data) < 2: raise UserError(f"{dataset_path}: the {split} split has {len(data)} item(s); at least 2 are needed")
-    feats = data.features if data.features is not None else tower_features(data.items, prep.tower, cfg.tower_batch_size, cfg.num_workers)
-    img = F.normalize(feats.float(), dim=1)
+    img = F.normalize(data.features.float(), dim=1)
     txt = embed_rows(enc, data, dev)
     jsons, scale = [it.json for it in data.items], float(st["logit_scale"].exp())
     strings = [canonical_json(j, list(vocab.fields)) for j in jsons]; groups = json_groups(strings)
@@ -103,11 +117,11 @@ def evaluate_checkpoint(checkpoint_path, dataset_path=None, split: str = "val", 
                                           calib and {**calib, "prior": prior}, split=split, seed=cfg.seed))
     if plot:
         from fashion_json_encoder.visualise import plot_retrievals, plot_umap, retrieval_examples
-        out["umap"] = str(plot_umap(img, txt, jsons, path=run.result("umap.png")))
+        out["umap"] = str(plot_umap(img, txt, jsons, path=run.result(f"umap{tag}.png")))
         q, h, t = retrieval_examples(img, txt, data.items, n=4, k=5, seed=cfg.seed)    # a few val queries and their top 5
-        out["retrievals"] = str(plot_retrievals(q, h, path=run.result("retrievals.png"), truth=t))
-    atomic_write_text(run.result("evaluation_results.json"), json.dumps(out, ensure_ascii=False, indent=2) + "\n")
-    log.info("wrote %s%s", run.result("evaluation_results.json"),
+        out["retrievals"] = str(plot_retrievals(q, h, path=run.result(f"retrievals{tag}.png"), truth=t))
+    atomic_write_text(run.result(f"evaluation_results{tag}.json"), json.dumps(out, ensure_ascii=False, indent=2) + "\n")
+    log.info("wrote %s%s", run.result(f"evaluation_results{tag}.json"),
              f" and the querybank calibration {side_path(checkpoint_path, 'calibration')}" if split == "val" and calib else "")
     return out
 
@@ -141,8 +155,7 @@ class FashionEncoderSystem:
         "Run both stages; returns the results dict (also in results/training_results.json)."
         if self.trainer is None: self.setup_trainer()
         log_config(self.config, log)
-        with user_io(self.output_dir), run_lock(self.output_dir):  # one run per folder, as `train.py`
-            claim_run_dir(self.output_dir, overwrite=overwrite)
+        with claimed_run(self.output_dir, overwrite=overwrite):  # one run per folder, as `train.py`
             self.prepared.vocab.save(RunDir(self.output_dir).result("vocab.json"))
             return self.trainer.fit(standalone_epochs, contrastive_epochs)
 

@@ -14,7 +14,7 @@ from .config import Config, UserError, atomic_write_text, resolve_device
 from .progress import progress
 from .checkpoints import CKPT_FORMAT, RunDir, load_checkpoint, save_checkpoint
 from .vocab import Vocab
-from .paired import PairedData, crop_batches, embed_rows, standalone_targets, tower_features, val_subset_rows
+from .paired import PairedData, crop_batches, embed_rows, standalone_targets, val_subset_rows, with_tower_features
 from .evaluation import gallery_metrics
 from .models.json_encoder import encoder_from_config
 from .models.contrastive_learner import ContrastiveLearner
@@ -25,7 +25,7 @@ from .distributed import (all_gather_object, broadcast_object, gather_with_grad,
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'seed_everything', 'make_adam', 'cosine_lr', 'finished_run', 'Trainer']
+__all__ = ['log', 'seed_everything', 'make_adam', 'cosine_lr', 'stage_epochs', 'finished_run', 'Trainer']
 
 # %% ../nbs/05_training.ipynb #f9fd3cba
 def seed_everything(seed: int):
@@ -45,6 +45,14 @@ def cosine_lr(step: int,        # 0-based global step of the contrastive stage
     if step < warmup: return base_lr * (step + 1) / warmup
     e, es = step - warmup, total - warmup
     return 0.5 * (1 + math.cos(math.pi * min(e, es) / es)) * base_lr if es > 0 else base_lr
+
+def stage_epochs(cfg: Config, standalone: int | None = None,  # None: the config's standalone_epochs
+                 contrastive: int | None = None) -> tuple:     # None: the config's max_epochs - standalone
+    "(standalone, contrastive) epochs of a run; `UserError` when there is nothing to train."
+    S = cfg.standalone_epochs if standalone is None else standalone
+    C = cfg.max_epochs - S if contrastive is None else contrastive
+    if S + C <= 0: raise UserError(f"nothing to train: {S} standalone + {C} contrastive epochs (set --epochs / max_epochs >= 1)")
+    return S, C
 
 def finished_run(state: dict, path, total_epochs: int) -> dict | None:
     "The summary of resumed checkpoint `state` when its run already reached `total_epochs` (logged); None when epochs remain."
@@ -83,7 +91,10 @@ class Trainer:
         self.tower, self.history, self.best, self.stage, self.opt = tower, [], None, None, None
         self.undecodable, self._resume_opt, self._rank_rng = 0, None, None
         # frozen tower: val images embedded once, by the rank that validates; per epoch only a seeded subset is ranked
-        self.val_feats = self._features(val) if self.rank == 0 else None
+        if self.rank == 0 and val.features is None:  # no cache: one tower pass; undecodable photos leave the gallery, as in the cache
+            self.val_data = val = with_tower_features(val, tower, cfg.tower_batch_size, cfg.num_workers, self._skip)
+            if len(val) < 2: raise UserError(f"the val split has {len(val)} decodable item(s); at least 2 are needed to validate")
+        self.val_feats = val.features if self.rank == 0 else None
         self.val_rows = val_subset_rows(len(val), cfg.val_subset, cfg.seed)
         self.val_image = self._val_image(self.val_rows) if self.rank == 0 else None
         self._rows_loss, self._res, self.train_path, self.final = {}, None, None, None
@@ -112,10 +123,6 @@ class Trainer:
         else:
             for idx in batches: yield idx, data.features[idx]
 
-    def _features(self, data: PairedData) -> torch.Tensor:
-        "Image features (N, D) of every row: the cache, or one pass of the frozen tower."
-        if data.features is not None: return data.features
-        return tower_features(data.items, self.tower, self.cfg.tower_batch_size, self.cfg.num_workers, self._skip)
 
     def _batches(self, epoch: int) -> list:
         "This rank's row batches of `epoch` (per-rank batch_size; the global batch is world_size times larger)."
@@ -385,9 +392,7 @@ def fit(self: Trainer, standalone_epochs: int | None = None,  # None: the config
     "Train both stages (resuming from a `last.pt` when given); returns the results dict also written to disk."
     assert resume_state is None or resume, "resume_state needs resume, the path it was read from"
     from torch.utils.tensorboard import SummaryWriter
-    S = self.cfg.standalone_epochs if standalone_epochs is None else standalone_epochs
-    C = self.cfg.max_epochs - S if contrastive_epochs is None else contrastive_epochs
-    if S + C <= 0: raise UserError(f"nothing to train: {S} standalone + {C} contrastive epochs (set --epochs / max_epochs >= 1)")
+    S, C = stage_epochs(self.cfg, standalone_epochs, contrastive_epochs)
     if C <= 0: log.warning("standalone only: %d standalone epoch(s) and no contrastive epoch, so the encoder never sees an image; "
                            "best_model.pt is chosen on the standalone epochs", S)
     start = self._resume(resume, resume_state) + 1 if resume else 1

@@ -4,7 +4,7 @@
 
 # %% ../nbs/07_visualise.ipynb #028a8e3d
 from __future__ import annotations
-import io, json, logging, re, textwrap
+import json, logging, re, textwrap
 from collections import Counter
 from functools import lru_cache
 from pathlib import Path
@@ -13,7 +13,8 @@ import torch
 import matplotlib.pyplot as plt
 from matplotlib import font_manager
 from matplotlib.collections import LineCollection
-from .config import Config, default_fields
+from .config import default_fields
+from .data import item_thumbnail
 from .vocab import field_values
 
 log = logging.getLogger(__name__)
@@ -144,13 +145,6 @@ def plot_tags(tags: dict, path=None,     # tags: `tag` output, {field: [(value, 
     return _save(fig, path, dpi)
 
 # %% ../nbs/07_visualise.ipynb #dd41da6e
-def _crop(image_path, box, pad: float = Config.crop_padding, size: int = 192):  # box: (x0, y0, x1, y1) as in `search` hits; image_path: a file or "<zip>::<member>"
-    from PIL import Image
-    from fashion_json_encoder.archives import read_bytes
-    from fashion_json_encoder.data import crop_box
-    with Image.open(io.BytesIO(read_bytes(image_path))) as im: im = im.convert("RGB")
-    c = im.crop(crop_box(box, im.size, pad)); c.thumbnail((size, size)); return c
-
 def _square(im, size: int = 192):  # letterboxed onto a white square, so every gallery cell has the same shape
     from PIL import Image
     f = size / max(im.size); im = im.convert("RGB").resize((max(1, round(im.width * f)), max(1, round(im.height * f))))
@@ -177,10 +171,10 @@ def _frame(ax, color, lw):
 def plot_retrievals(queries: list,            # queries: one per row, a JSON dict (or JSON text)
                     hits: list,               # hits: per query, `search`-style dicts best first: rank, score, image_path, box (x0, y0, x1, y1), json, key
                     path=None, truth: list | None = None,  # truth: per query, the key of its own item (framed green), or None
-                    k: int | None = None, crop_fn=None,    # crop_fn: hit -> PIL image, default cuts `box` from `image_path`
+                    k: int | None = None, crop_fn=None,    # crop_fn: hit -> PIL image, default `data.item_thumbnail` of its box
                     dpi: int = 150):
     "A row per query: its JSON as text, then its top-k crops with rank and score; own item green, identical JSON amber."
-    k = k or max(1, max(map(len, hits), default=1)); crop_fn = crop_fn or (lambda h: _crop(h["image_path"], h["box"]))
+    k = k or max(1, max(map(len, hits), default=1)); crop_fn = crop_fn or (lambda h: item_thumbnail(h["image_path"], h["box"], size=192))
     truth = truth or [None] * len(queries)
     with plt.rc_context(figure_rc()):
         fig, axes = plt.subplots(len(queries), k + 1, figsize=(2.4 + 1.75 * k, 2.2 * len(queries)), squeeze=False,
@@ -193,9 +187,7 @@ def plot_retrievals(queries: list,            # queries: one per row, a JSON dic
                                                textcoords="offset points", va="top", fontsize=8, color="firebrick")
             for ax in row[1:]: ax.set_xticks([]); ax.set_yticks([]); _frame(ax, "0.85", .8)
             for ax, h in zip(row[1:], hs[:k]):
-                try: ax.imshow(_square(crop_fn(h)))
-                except Exception as e:  # one unreadable photo does not cost the figure
-                    log.warning("%s: cannot show the crop (%s)", h.get("image_path"), e); ax.imshow(np.full((8, 8, 3), .9))
+                ax.imshow(_square(crop_fn(h)))   # an unreadable photo: a grey tile and one warning (`item_thumbnail`)
                 ax.set_title(f"#{h['rank']}  {h['score']:.3f}", fontsize=8)
                 ax.set_xlabel(display_label(_first(h["json"], "category"), "category"), fontsize=7)
                 if t is not None and h.get("key") == t: _frame(ax, "tab:green", 3)

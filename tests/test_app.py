@@ -6,7 +6,8 @@ import pytest
 from fashion_json_encoder.config import UserError
 from fashion_json_encoder.search import Searcher
 from fashion_json_encoder import app as app_mod
-from fashion_json_encoder.app import Explorer, item_crop, read_upload, serve
+from fashion_json_encoder.app import Explorer, parse_box, read_upload, serve
+from fashion_json_encoder.data import item_thumbnail
 from conftest import train_tiny_run
 
 DOCS_IMG = Path(__file__).resolve().parent.parent / "docs" / "img"
@@ -34,7 +35,7 @@ def test_search_handler_returns_k_crops_and_the_hit_json(run):
     from PIL import Image
     from fashion_json_encoder.data import crop_box
     with Image.open(hits[0]["image_path"]) as photo: x0, y0, x1, y1 = crop_box(hits[0]["box"], photo.size, 0.1)
-    assert item_crop(hits[0]["image_path"], hits[0]["box"], 0.1, size=10_000).size == (x1 - x0, y1 - y0)
+    assert item_thumbnail(hits[0]["image_path"], hits[0]["box"], 0.1, size=10_000).size == (x1 - x0, y1 - y0)
 
 def test_more_like_this_uses_the_hit_json_and_drops_unknown_values(run):
     ex = run[0]
@@ -62,11 +63,33 @@ def test_tag_reads_a_gallery_photo_inside_a_zip(run, tmp_path):
     p = Path(ex.index.image_paths[0]); z = tmp_path / "photos.zip"
     with zipfile.ZipFile(z, "w") as zf: zf.write(p, "a/" + p.name)
     member = f"{z}::a/{p.name}"
-    assert item_crop(member, ex.index.boxes[0], 0.1).size == item_crop(p, ex.index.boxes[0], 0.1).size
+    assert item_thumbnail(member, ex.index.boxes[0], 0.1).size == item_thumbnail(p, ex.index.boxes[0], 0.1).size
     ix = ex.index; old = ix.image_paths[0]; ix.image_paths[0] = member
     try: rows, _ = ex.tag(("item", ix.keys[0]), None, 2)
     finally: ix.image_paths[0] = old
     assert len(rows) == 2 * len(ex.searcher.vocab.fields)
+
+def test_tagging_an_items_own_box_reads_its_indexed_feature(run, monkeypatch):
+    "Picking a gallery photo fills in its box: tagging it reran the tower on a crop the index holds; now the index's feature."
+    ex = run[0]
+    every = max(map(len, ex.searcher.vocab.fields.values()))   # every value of every field: both rankings hold the same values
+    for row in range(3):
+        key = ex.index.keys[row]; _, box = ex.photo(key)
+        want = ex.searcher.tag(ex.index.image_paths[row], parse_box(box), top=every)                # the tower path
+        def no_tower(self): raise AssertionError("the tower ran")
+        with monkeypatch.context() as m:
+            m.setattr(Searcher, "tower", property(no_tower))
+            rows, msg = ex.tag(("item", key), box, every)
+            assert "the box" in msg and len(rows) == sum(map(len, ex.searcher.vocab.fields.values()))
+            with pytest.raises(AssertionError, match="the tower ran"): ex.tag(("item", key), "1, 1, 20, 20", 4)   # another box: the tower
+        for f, vs in want.items():
+            got = [(label, c) for g, label, c in rows if g == f]
+            assert [l for l, _ in got] == [app_mod.value_label(v, f) for v, _ in vs] or all(   # the same order, or swaps only
+                (a[1] - b[1]) * (pos[a[0]] - pos[b[0]]) <= 0 or abs(a[1] - b[1]) < 5e-3      # between cosines within fp16 rounding
+                for pos in [{app_mod.value_label(v, f): i for i, (v, _) in enumerate(vs)}] for a in got for b in got), f
+            cos = dict(got)
+            assert [cos[app_mod.value_label(v, f)] for v, _ in vs] == pytest.approx([c for _, c in vs], abs=5e-3), f
+    assert ex.tag(("item", "no/such/key"), None, 3) == ([], "**error:** 'no/such/key' is not an item of the index")
 
 @pytest.mark.parametrize("content", [b"not an image at all", b"\xff\xd8\xff\xe0 truncated jpeg", b""])
 def test_bad_upload_gets_a_message_not_a_traceback(tmp_path, content):

@@ -49,6 +49,13 @@ def test_evaluate_prints_metrics(trained, dataset):
     ev = json.loads((out / "results/evaluation_results.json").read_text(encoding="utf-8"))
     best = json.loads((out / "results/training_results.json").read_text(encoding="utf-8"))["best_metrics"]
     assert ev["metrics"]["mrr"] == pytest.approx(best["mrr"], abs=1e-4)  # the tower was rebuilt identically from its seed
+    # another split does not replace the run's evaluation (what the app shows): it gets its own file
+    before = (out / "results/evaluation_results.json").read_bytes()
+    r = run("main.py", "evaluate", "--checkpoint_path", str(out / "checkpoints/best_model.pt"), "--dataset_path", str(dataset),
+            "--clip_pretrained", "none", "--split", "train", "--quiet")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (out / "results/evaluation_results.json").read_bytes() == before
+    assert json.loads((out / "results/evaluation_results_best_model_train.json").read_text(encoding="utf-8"))["split"] == "train"
 
 @pytest.mark.parametrize("args,needle", [
     (["train.py", "--dataset_path", "/no/such/kfashion"], "/no/such/kfashion"),
@@ -95,7 +102,8 @@ def test_help_lists_every_flag():
     assert r.returncode == 0
     for flag in ("--dataset_path", "--epochs", "--batch_size", "--lr", "--output_dir", "--config", "--no_standalone",
                  "--standalone_epochs", "--clip_pretrained", "--num_workers", "--device", "--seed", "--resume", "--no_cache",
-                 "--sanity_check", "--create_config", "--quiet"):
+                 "--sanity_check", "--create_config", "--quiet", "--overwrite", "--warmup_steps", "--clip_model",
+                 "--tower_batch_size", "--trust_torchscript", "--decode"):
         assert flag in r.stdout, flag
 
 def test_resume_from_cli_keeps_run_config_and_folder(trained, capsys, monkeypatch):
@@ -241,3 +249,16 @@ def test_resume_with_another_encoder_shape_is_one_line(trained, capsys, tmp_path
                                                   "--epochs", "9", "--quiet"])
     assert rc == 2 and len(lines) == 1 and "hidden_dim 256 but this run's config says hidden_dim 64" in lines[0], err
     assert "Traceback" not in err
+
+
+def test_resuming_into_a_folder_that_holds_another_run_is_refused(trained, capsys, tmp_path):
+    "--resume A/last.pt --output_dir B, where B holds its own run: refused (B is replaced only with --overwrite)."
+    import shutil
+    out, _ = trained
+    other = tmp_path / "other"; (other / "checkpoints").mkdir(parents=True)
+    shutil.copy(out / "checkpoints/best_model.pt", other / "checkpoints/best_model.pt")
+    before = (other / "checkpoints/best_model.pt").read_bytes()
+    rc, lines, err = _rc_err(capsys, train_main, ["--resume", str(out / "checkpoints/last.pt"), "--output_dir", str(other),
+                                                  "--epochs", "9", "--quiet"])
+    assert rc == 2 and len(lines) == 1 and "already holds a training run" in lines[0], err
+    assert (other / "checkpoints/best_model.pt").read_bytes() == before and not (other / "checkpoints/last.pt").exists()

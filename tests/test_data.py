@@ -97,3 +97,20 @@ def test_item_json_follows_schema(attrs, style):
         if CFG.fields[f]["multi"]: assert isinstance(v, list) and v and len(set(v)) == len(v) and all(x.strip() for x in v)
         else: assert isinstance(v, str) and v.strip()
     assert "노말" not in json.dumps(j, ensure_ascii=False)
+
+
+def test_item_thumbnail_cuts_the_padded_box_from_a_file_or_a_zip_member(tmp_path, caplog):
+    "One crop helper for the app's gallery and the retrieval figures: the training crop, shrunk; a grey tile when unreadable."
+    import zipfile
+    from PIL import Image
+    from fashion_json_encoder.data import item_thumbnail
+    p = tmp_path / "photo.jpg"; Image.new("RGB", (400, 300), "navy").save(p)
+    z = tmp_path / "photos.zip"
+    with zipfile.ZipFile(z, "w") as zf: zf.write(p, "a/photo.jpg")
+    for path in (p, f"{z}::a/photo.jpg"):
+        assert item_thumbnail(path, (100, 100, 200, 150), pad=0.1).size == (120, 60)   # 100x50 box + 10% a side
+        assert item_thumbnail(path, (0, 0, 400, 300), size=64).size == (64, 48)
+    with caplog.at_level("WARNING", logger="fashion_json_encoder"):
+        tile = item_thumbnail(f"{z}::a/gone.jpg", (0, 0, 10, 10), size=32)
+    assert tile.size == (32, 32) and tile.getpixel((0, 0)) == (200, 200, 200)
+    assert sum("cannot show the crop" in r.getMessage() for r in caplog.records) == 1

@@ -248,3 +248,86 @@ def test_non_finite_tower_output_is_never_cached(items, tower, tmp_path, monkeyp
     monkeypatch.setattr(tower, "forward", forward)
     fc = _build(items[:4], tower, tmp_path / "c", batch_size=4)
     assert list(fc.skipped.values()) == ["bad_feature"] and len(fc) == 3 and torch.isfinite(fc.features.float()).all()
+
+
+def _count_reads(monkeypatch):
+    "Count chunk reads by the build: load_chunk calls and every safe_open of the module (load_chunk's own included)."
+    from fashion_json_encoder.models import feature_cache as fcm
+    n = {"load_chunk": 0, "safe_open": 0}
+    real_load, real_open = fcm.load_chunk, fcm.safe_open
+    def load(p): n["load_chunk"] += 1; return real_load(p)
+    def sopen(*a, **k): n["safe_open"] += 1; return real_open(*a, **k)
+    monkeypatch.setattr(fcm, "load_chunk", load); monkeypatch.setattr(fcm, "safe_open", sopen)
+    return n
+
+
+def test_each_chunk_is_read_once_per_build(items, tower, tmp_path, monkeypatch):
+    "Review fix: a chunk was opened by load_chunk, again for its rows, and chunks just written were read back; now once."
+    reference = _build(items, tower, tmp_path / "ref", chunk_size=4)
+    n = _count_reads(monkeypatch)
+    cold = _build(items, tower, tmp_path / "c", chunk_size=4)  # 3 chunks written by this build: none read back
+    assert n == {"load_chunk": 0, "safe_open": 0} and torch.equal(cold.features, reference.features)
+    n.update(load_chunk=0, safe_open=0)
+    hit = _build(items, tower, tmp_path / "c", chunk_size=4)  # fully cached: each chunk read (and verified) once
+    assert n == {"load_chunk": 3, "safe_open": 3} and hit.n_computed == 0 and torch.equal(hit.features, reference.features)
+    sorted(hit.path.glob("chunk_*.safetensors"))[0].unlink()
+    n.update(load_chunk=0, safe_open=0)
+    resumed = _build(items, tower, tmp_path / "c", chunk_size=4)  # 2 chunks read once, the re-encoded one not read
+    assert n == {"load_chunk": 2, "safe_open": 2} and resumed.n_computed == 4 and torch.equal(resumed.features, reference.features)
+
+
+def test_chunk_that_cannot_be_read_is_kept(items, tower, tmp_path, monkeypatch, caplog):
+    "Review fix: an OSError (permissions, EIO) says nothing about the contents: one warning, the file stays, its crops are re-encoded."
+    from fashion_json_encoder.models import feature_cache as fcm
+    fc = _build(items, tower, tmp_path / "c", chunk_size=4)
+    victim = sorted(fc.path.glob("chunk_*.safetensors"))[1]
+    before = victim.read_bytes()
+    real = fcm.load_chunk
+    def load(p):
+        if Path(p) == victim: raise PermissionError(13, "Permission denied", str(p))
+        return real(p)
+    monkeypatch.setattr(fcm, "load_chunk", load)
+    extra = _jpegs(tmp_path / "more", 13)[12]  # one new crop, so the re-encoded chunk gets another name than the victim's
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="fashion_json_encoder"): again = _build(items + [extra], tower, tmp_path / "c", chunk_size=8)
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1 and victim.name in warned[0] and "left in place" in warned[0], warned
+    assert victim.exists() and victim.read_bytes() == before  # not deleted, not rewritten
+    assert again.n_computed == 5 and torch.equal(again.features[:12], fc.features) and len(again) == 13
+    monkeypatch.undo()
+    third = _build(items + [extra], tower, tmp_path / "c", chunk_size=8)  # readable again: a pure hit
+    assert third.n_computed == 0 and torch.equal(third.features, again.features)
+
+
+def test_chunk_without_read_permission_is_kept(items, tower, tmp_path):
+    "The same with a real chmod 000 (safetensors reports it as an OSError); skipped where the process reads it anyway (root)."
+    fc = _build(items, tower, tmp_path / "c", chunk_size=4)
+    victim = sorted(fc.path.glob("chunk_*.safetensors"))[1]
+    before, extra = victim.read_bytes(), _jpegs(tmp_path / "more", 13)[12]
+    victim.chmod(0)
+    try:
+        try: victim.open("rb").close()
+        except PermissionError: pass
+        else: pytest.skip("this process reads a chmod-000 file anyway (root with CAP_DAC_OVERRIDE)")
+        again = _build(items + [extra], tower, tmp_path / "c", chunk_size=8)
+    finally: victim.chmod(0o644)
+    assert victim.read_bytes() == before and again.n_computed == 5 and torch.equal(again.features[:12], fc.features)
+
+
+def test_damaged_metadata_chunk_is_removed(items, tower, tmp_path):
+    "A content error other than bytes (metadata of the wrong type) is still a damaged chunk: removed and re-encoded."
+    from safetensors.torch import save_file
+    fc = _build(items, tower, tmp_path / "c", chunk_size=4)
+    victim = sorted(fc.path.glob("chunk_*.safetensors"))[0]
+    with safe_open(str(victim), "pt") as f: feats = f.get_tensor("features")
+    save_file({"features": feats}, str(victim), metadata={"ids": "{}", "skipped": "[]"})
+    again = _build(items, tower, tmp_path / "c", chunk_size=4)
+    assert again.n_computed == 4 and torch.equal(again.features, fc.features)
+
+
+def test_non_finite_check_matches_the_fp16_exponent_test():
+    "load_chunk's torch.isfinite agrees with the fp16 'exponent all ones' bit test it replaced, on all 65536 fp16 values."
+    import numpy as np
+    bits = np.arange(65536, dtype=np.uint16)
+    t = torch.from_numpy(bits.view(np.float16).copy())
+    assert np.array_equal(~torch.isfinite(t).numpy(), (bits & 0x7C00) == 0x7C00)

@@ -43,7 +43,8 @@ def test_log_mode_whichever_first(log, caplog):
             clock.t += 20 if i < 5 else 0.01  # slow start: time lines first, then percent lines
             bar.update()
     lines = _msgs(caplog)
-    assert sum("elapsed" in l for l in lines) == 2 + 9  # at 40 s and 80 s, then 10 %, ..., 90 % and lines[-1].startswith("eval: done, 100 it in")
+    assert sum("elapsed" in l for l in lines) == 2 + 9  # at 40 s and 80 s, then 10 %, ..., 90 %
+    assert lines[-1].startswith("eval: done, 100 it in"), lines[-1]
 
 def test_log_mode_stopped_early_and_postfix(log, caplog):
     clock = Clock()

@@ -90,13 +90,13 @@ def test_field_retrieval_reports_each_field(run):
     assert set(r["per_field"]) <= set(system.config.fields) and "category" in r["per_field"]
     assert all(0 <= p <= 1 for p in r["per_field"].values()) and all(len(w) <= 3 for w in r["weakest"].values())
 
-def test_openai_text_weights_fail_fast_offline(monkeypatch):
+def test_openai_text_weights_fail_fast_offline(monkeypatch, tmp_path):
     import time
+    for var in ("HF_HUB_CACHE", "HF_HOME", "HOME", "XDG_CACHE_HOME"): monkeypatch.setenv(var, str(tmp_path))  # an empty cache, whatever this machine holds
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     t0 = time.perf_counter()
-    try: CLIPTextEncoder("ViT-B-32", "openai")
-    except UserError as e: assert "--clip_pretrained" in str(e) and "\n" not in str(e)
-    else: pytest.skip("openai weights are cached on this machine")
+    with pytest.raises(UserError) as e: CLIPTextEncoder("ViT-B-32", "openai")
+    assert "--clip_pretrained" in str(e.value) and "\n" not in str(e.value)
     assert time.perf_counter() - t0 < 10
 
 def test_cli_evaluate_plot_embeddings_and_baseline(run, tmp_path, capsys):
@@ -354,15 +354,79 @@ def test_damaged_ivf_index_is_rebuilt(own_run, monkeypatch, caplog):
     assert [h["key"] for h in hits] == [h["key"] for h in good] and SearchIndex.load(p).ivf is not None
 
 
-def test_previous_format_index_gets_an_ivf_index(own_run, monkeypatch, caplog):
-    "An index-2 file (no IVF index) of a gallery past the threshold is used, given an IVF index from its features, and saved."
+def test_previous_format_index_is_rebuilt_with_one_warning(own_run, caplog):
+    "An index-2 file (its sha256 from the removed content digest: never verifiable) is refused with one warning and rebuilt."
     ckpt, ds, tower = own_run
     ix = Searcher(ckpt, ds, tower=tower).index
-    assert ix.ann is None
     p = side_path(ckpt, "index"); fields = ix._fields(); fields.pop("ann")
-    torch.save({"format": "fashion-json-encoder/index-2", **fields, "sha256": ix.digest()}, p)   # as the previous version wrote it
-    monkeypatch.setattr(search_index, "APPROX_THRESHOLD", 10)
+    torch.save({"format": "fashion-json-encoder/index-2", **fields, "sha256": ix.digest()}, p)   # even with a digest this version accepts
+    with pytest.raises(ValueError, match="previous format"): SearchIndex.load(p)
     caplog.clear()
-    with caplog.at_level("INFO", logger="fashion_json_encoder"): up = Searcher(ckpt, ds, tower=tower).index
-    assert up.ivf is not None and "rebuilding" not in caplog.text and "IVF index of" in caplog.text
-    assert SearchIndex.load(p).ann is not None and torch.equal(SearchIndex.load(p).features, ix.features)
+    with caplog.at_level("INFO", logger="fashion_json_encoder"): again = Searcher(ckpt, ds, tower=tower).index
+    assert len(_warnings_naming(caplog, p)) == 1 and "previous format (index-2" in caplog.text, caplog.text
+    assert again.keys == ix.keys and torch.equal(again.features, ix.features)
+    assert torch.load(p, weights_only=True)["format"] == search_index.INDEX_FORMAT == "fashion-json-encoder/index-3"
+
+
+def test_a_rebuild_walks_the_dataset_once_beyond_the_staleness_check(own_run, monkeypatch):
+    "A stale index was rebuilt after three walks and hashes of the dataset (check, build, fingerprint again); now two, a fresh build one."
+    from fashion_json_encoder import dataset
+    from fashion_json_encoder.config import update_config
+    from fashion_json_encoder.dataset import index_fingerprint
+    ckpt, ds, tower = own_run
+    s = Searcher(ckpt, ds, tower=tower)
+    assert index_fingerprint(ds, update_config(s.cfg, feature_cache=True)) == index_fingerprint(ds, update_config(s.cfg, feature_cache=False))
+    real, calls = dataset._fingerprint, []
+    monkeypatch.setattr(dataset, "_fingerprint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    s.index
+    assert len(calls) == 1                                       # no saved index: the build's own walk only (was 2)
+    Path(s.index.image_paths[0]).unlink(); calls.clear()          # the data changed: the saved index is stale
+    again = Searcher(ckpt, ds, tower=tower).index
+    assert len(calls) == 2                                       # the staleness check, then the build (was 3)
+    calls.clear(); Searcher(ckpt, ds, tower=tower).index        # the fingerprint the build saved is the one a check computes:
+    assert len(calls) == 1 and again.data == search_index.dataset_fingerprint(ds, s.cfg)   # one walk, nothing rebuilt
+
+
+def test_calibration_read_only_for_a_build_and_the_encoder_hashed_once(run, monkeypatch):
+    "A search over a saved index never reads the calibration; the encoder digest is computed once per Searcher."
+    from fashion_json_encoder import search as search_mod
+    system, ckpt, _, tower = run
+    Searcher(ckpt, tower=tower).index                               # the index exists
+    reads, digests = [], []
+    real_load, real_digest = search_mod.load_calibration, search_mod.encoder_digest
+    monkeypatch.setattr(search_mod, "load_calibration", lambda *a, **k: reads.append(1) or real_load(*a, **k))
+    monkeypatch.setattr(search_mod, "encoder_digest", lambda e: digests.append(1) or real_digest(e))
+    s = Searcher(ckpt, tower=tower)
+    s.search({"category": system.prepared.vocab.fields["category"][0]}, k=2); s.index
+    assert reads == [] and len(digests) == 1
+    assert s.calibration is not None and s.calibration is s.calibration and len(reads) == 1 and len(digests) == 1
+
+
+def test_load_image_crop_reads_zip_members_with_one_line_errors(tmp_path):
+    p = tmp_path / "photo.jpg"; Image.new("RGB", (240, 320), (10, 120, 200)).save(p)
+    z = tmp_path / "photos.zip"
+    with zipfile.ZipFile(z, "w") as zf: zf.write(p, "a/photo.jpg"); zf.writestr("a/junk.jpg", b"not a jpeg"); zf.write(_bomb_jpeg(tmp_path / "b.jpg"), "a/bomb.jpg")
+    crop = load_image_crop(f"{z}::a/photo.jpg", (10, 20, 100, 50), pad=0)
+    assert crop.size == (100, 50) and crop.tobytes() == load_image_crop(p, (10, 20, 100, 50), pad=0).tobytes()
+    for path, needle in ((f"{z}::a/gone.jpg", "no such image file"), (f"{tmp_path}/none.zip::a/photo.jpg", "no such image file"),
+                         (f"{z}::a/junk.jpg", "cannot read image"), (f"{z}::a/bomb.jpg", "too large")):
+        with pytest.raises(UserError, match=needle) as e: load_image_crop(path)
+        assert path in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(UserError, match="outside"): load_image_crop(f"{z}::a/photo.jpg", (500, 500, 10, 10))
+
+
+@pytest.mark.parametrize("error", [PermissionError(13, "Permission denied"), OSError(5, "Input/output error")])
+def test_unreadable_calibration_is_kept_with_one_warning(own_run, monkeypatch, caplog, error):
+    "An OSError reading the calibration (a permission, a bad disk) is not damage: the file stays; a MemoryError is not swallowed."
+    ckpt, ds, tower = own_run
+    s = Searcher(ckpt, ds, tower=tower); s.index
+    p = side_path(ckpt, "calibration"); before = p.read_bytes()
+    def fail(*a, **k): raise error
+    monkeypatch.setattr(torch, "load", fail)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="fashion_json_encoder"): assert load_calibration(ckpt, s.encoder) is None
+    assert len(_warnings_naming(caplog, p)) == 1 and "not readable" in caplog.text and p.read_bytes() == before
+    def oom(*a, **k): raise MemoryError
+    monkeypatch.setattr(torch, "load", oom)
+    with pytest.raises(MemoryError): load_calibration(ckpt, s.encoder)
+    assert p.read_bytes() == before

@@ -6,7 +6,8 @@ import torch
 from fashion_json_encoder.config import Config, UserError
 from fashion_json_encoder.synthetic import make_synthetic_kfashion
 from fashion_json_encoder.models.image_encoder import CLIPImageEncoder, tiny_clip_config
-from fashion_json_encoder.system import prepare_data, train_run, evaluate_checkpoint
+from fashion_json_encoder.prepare import prepare_data
+from fashion_json_encoder.system import train_run, evaluate_checkpoint
 from fashion_json_encoder.training import Trainer
 from fashion_json_encoder.checkpoints import CKPT_FORMAT, load_checkpoint, save_checkpoint
 from fashion_json_encoder.paired import standalone_targets
@@ -75,10 +76,11 @@ def test_the_tower_embeds_val_in_tower_batches(prepared, tmp_path, monkeypatch):
     "Without cached features the val split goes through the tower `tower_batch_size` crops at a time, not `batch_size`."
     import fashion_json_encoder.training as training
     _, tower, p = prepared
-    sizes, orig = [], training.tower_features
+    import fashion_json_encoder.paired as paired
+    sizes, orig = [], paired.tower_features
     def spy(items, tower, batch_size, *a, **kw):
         sizes.append(batch_size); return orig(items, tower, batch_size, *a, **kw)
-    monkeypatch.setattr(training, "tower_features", spy)
+    monkeypatch.setattr(paired, "tower_features", spy)
     cfg = dataclasses.replace(CFG, tower_batch_size=3)
     t = Trainer(cfg, p.vocab, p.train, dataclasses.replace(p.val, features=None), tmp_path, tower=tower, progress=False)
     assert sizes == [3]
@@ -142,6 +144,18 @@ def test_tower_pass_matches_the_cache_and_reports_bad_photos(prepared):
     out = tower_features([bad] + items, tower, batch_size=4, on_skip=lambda it, why: skipped.append(it.key))
     assert skipped == [bad.key] and out[0].abs().sum() == 0       # the undecodable photo: reported, zero row
     assert torch.allclose(out[1:], cached, atol=2e-3)              # the same features the fp16 cache holds
+
+
+def test_without_the_cache_an_undecodable_val_photo_leaves_the_gallery(prepared, tmp_path):
+    "As with the cache: the photo is counted and dropped, not kept as a zero row that scores 0 against every query."
+    _, tower, p = prepared
+    bad = dataclasses.replace(p.val.items[0], image_path=p.val.items[0].image_path + ".missing")
+    val = dataclasses.replace(p.val, features=None, items=[bad] + p.val.items[1:])
+    t = Trainer(CFG, p.vocab, p.train, val, tmp_path, tower=tower, progress=False)
+    assert len(t.val_data) == len(val) - 1 and t.val_data.items[0] is val.items[1] and t.undecodable == 1
+    assert t.val_feats.shape[0] == len(t.val_data) and (t.val_feats.abs().sum(1) > 0).all()
+    assert torch.equal(t.val_data.json["category"], val.json["category"][1:])
+    assert t.validate()["gallery_size"] == len(val) - 1
 
 # -- resident steps, the val subset and the final whole-split evaluation -----------------------------------------------
 from fashion_json_encoder.paired import val_subset_rows

@@ -75,7 +75,7 @@ def test_umap_saved_at_150_dpi(tmp_path):
     g = torch.Generator().manual_seed(0)
     txt = F.normalize(torch.randn(N, 16, generator=g), dim=1); img = F.normalize(txt + .3 * torch.randn(N, 16, generator=g), dim=1)
     assert V.umap_2d(img, txt).shape == (2 * N, 2)
-    p = V.plot_umap(img, txt, JSONS, path=tmp_path / "results" / "umap.png")   # the positional call `evaluate --plot` makes
+    p = V.plot_umap(img, txt, JSONS, path=tmp_path / "results" / "umap.png")   # as `evaluate --plot` calls it: path= by keyword, default dpi
     (w, h), dpi = png_dpi(p)
     assert dpi[0] >= 149.5 and w >= 1500 and p.read_bytes()[:4] == b"\x89PNG"
 
@@ -96,7 +96,8 @@ def test_fallback_is_a_gloss_or_the_value_never_romanised(s):
         mp.setattr(V, "hangul_font", lambda: None)
         out = V.display_label(s)
     assert out == s or out in {e for t in KO_EN.values() for e in t.values()}
-    assert out != romanize(s) or out == s
+    hangul = any("\uac00" <= c <= "\ud7a3" for c in s)
+    assert out == (V.english_label(s) if hangul else s)   # Hangul with a gloss is written as the gloss; other text as it is
 
 
 def test_tags_sorted_with_scores_written_not_bars(tmp_path):
@@ -140,6 +141,18 @@ def test_gallery_rows_of_k_crops_with_the_own_photo_framed(val_items, tmp_path):
     assert cell.shape[:2] == (192, 192) and abs((np.ptp(xs) + 1) / (np.ptp(ys) + 1) - (x1 - x0) / (y1 - y0)) < .15  # the item's box, not the photo
     (w, h), dpi = png_dpi(V.plot_retrievals(queries, hits, tmp_path / "g.png", truth=truth))
     assert dpi[0] >= 149.5
+    plt.close(fig)
+
+
+def test_an_unreadable_photo_is_one_grey_cell_and_one_warning(val_items, caplog):
+    items = val_items[:4]
+    emb = F.normalize(torch.randn(len(items), 8, generator=torch.Generator().manual_seed(0)), dim=1)
+    queries, hits, truth = V.retrieval_examples(emb, emb, items, n=1, k=3, seed=0)
+    hits[0][1] = {**hits[0][1], "image_path": hits[0][1]["image_path"] + ".gone"}
+    with caplog.at_level(logging.WARNING, logger="fashion_json_encoder"): fig = V.plot_retrievals(queries, hits, truth=truth)
+    assert sum("cannot show the crop" in r.getMessage() for r in caplog.records) == 1
+    cells = [np.asarray(ax.images[0].get_array()) for ax in fig.axes[1:4]]
+    assert (cells[1] == 200).all() and not (cells[0] == 200).all()   # the grey tile in its cell, the other crops drawn
     plt.close(fig)
 
 

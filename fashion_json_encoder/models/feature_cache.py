@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from ..progress import progress as progress_bar
 from ..config import Config, atomic_path, atomic_write_text
@@ -78,37 +78,49 @@ def load_chunk(path) -> tuple:
     "(features (n, D) fp16, record ids, skipped, has a checksum) of one chunk; `ValueError` when it fails verification."
     with safe_open(str(path), "pt") as s: meta, feats = s.metadata() or {}, s.get_tensor("features")
     ids, skipped = json.loads(meta["ids"]), json.loads(meta["skipped"])
+    if not isinstance(ids, list) or not isinstance(skipped, dict): raise ValueError("metadata 'ids' is not a list or 'skipped' not a dict")
     if feats.dtype != torch.float16 or feats.ndim != 2 or len(feats) != len(ids):
         raise ValueError(f"{feats.dtype} features of shape {tuple(feats.shape)} for {len(ids)} record ids")
     if "sha256" in meta and chunk_digest(feats, meta) != meta["sha256"]: raise ValueError("checksum mismatch")
-    if ((feats.numpy().view("uint16") & 0x7C00) == 0x7C00).any(): raise ValueError("non-finite features")  # fp16 exponent all ones
+    if not torch.isfinite(feats).all(): raise ValueError("non-finite features")
     if "sha256" not in meta and len(feats) and ((feats.float().norm(dim=1) - 1).abs() > 0.02).any():  # written before checksums
         raise ValueError("features are not unit-norm")
     return feats, ids, skipped, "sha256" in meta
 
 def _sig(f: Path) -> tuple: st = f.stat(); return st.st_size, st.st_mtime_ns
 
-def read_chunks(root: Path, verified: dict | None = None,  # verified: {path: (size, mtime_ns)} of chunks already checked, updated here
-                upgrade: bool = False) -> tuple:  # upgrade: rewrite a chunk written before checksums with one
+_DAMAGED = (ValueError, KeyError, TypeError, RuntimeError, SafetensorError)  # a chunk whose contents fail verification raises one of these (JSON errors are ValueErrors)
+
+def read_chunks(root: Path, verified: dict | None = None,  # verified: {path: ((size, mtime_ns), features or None, ids, skipped)} of the chunks this build read or wrote; updated here
+                upgrade: bool = False,  # upgrade: rewrite a chunk written before checksums with one
+                keep: set | None = None) -> tuple:  # keep: record ids whose features are wanted; `verified` holds no tensor of a chunk without any (None: all)
     "Index of the chunks in `root` that pass `load_chunk`: ({record id: (chunk path, row)}, {record id: [item key, reason, detail]})."
     rows, skipped, verified = {}, {}, {} if verified is None else verified
     for f in sorted(Path(root).glob("chunk_*.safetensors")):
+        sig = None
         try:
-            if verified.get(f) == _sig(f):
-                with safe_open(str(f), "pt") as s: meta = s.metadata()
-                ids, sk, summed = json.loads(meta["ids"]), json.loads(meta["skipped"]), True
-            else: feats, ids, sk, summed = load_chunk(f)
-        except Exception as e:
+            sig, v = _sig(f), verified.get(f)
+            if v is not None and v[0] == sig:  # read or written by this build already: not read again
+                if v[2] is None: continue  # could not be read earlier in this build (warned then)
+                ids, sk = v[2], v[3]
+            else:
+                feats, ids, sk, summed = load_chunk(f)  # the one read (and verification) of this chunk in this build
+                if not summed and upgrade:  # same contents under the same name: an atomic replace that adds the checksum
+                    try:
+                        if (p := write_chunk(root, ids, feats, sk)) != f: f.unlink(); f = p
+                        sig = _sig(f)
+                    except OSError as e: log.warning("%s: cannot add a checksum (%s)", f, e)
+                verified[f] = (sig, feats if keep is None or not keep.isdisjoint(ids) else None, ids, sk)
+        except _DAMAGED as e:  # the contents are wrong: the file goes, its crops are encoded again
             log.warning("%s: damaged cache chunk removed, its crops will be re-encoded (%s: %s)", f, type(e).__name__, str(e)[:200])
             try: f.unlink(missing_ok=True)
             except OSError: pass
             continue
-        if not summed and upgrade:  # same contents under the same name: an atomic replace that adds the checksum
-            try:
-                if (p := write_chunk(root, ids, feats, sk)) != f: f.unlink(); f = p
-            except OSError as e: log.warning("%s: cannot add a checksum (%s)", f, e)
-        try: verified[f] = _sig(f)
-        except OSError: pass
+        except OSError as e:  # permissions, EIO: nothing says the contents are wrong, so the file stays
+            log.warning("%s: cache chunk cannot be read and is left in place; its crops will be re-encoded this run (%s: %s)",
+                        f, type(e).__name__, str(e)[:200])
+            verified[f] = (sig, None, None, None)
+            continue
         rows.update({r: (f, i) for i, r in enumerate(ids)}); skipped.update(sk)
     return rows, skipped
 
@@ -168,8 +180,8 @@ def _gpu_pixels(batch, tower, stats, bad):
     return rows, pix
 
 def _encode_missing(items, ids, todo, tower, root, batch_size, num_workers, progress, chunk_size, load_fn,
-                    rank=0, world_size=1, decode="cpu", per_photo=True, stats=None):
-    "Encode this rank's shard of the crops `items[i]` for i in `todo` and write them as chunks under `root`."
+                    rank=0, world_size=1, decode="cpu", per_photo=True, stats=None, verified=None):
+    "Encode this rank's shard of the crops `items[i]` for i in `todo` and write them as chunks under `root` (recorded in `verified`)."
     sub = [items[i] for i in todo]  # rows below are positions in `todo`
     groups = photo_groups(range(len(sub)), sub) if per_photo and load_fn is None else [[j] for j in range(len(sub))]
     chunks = plan_photo_chunks([len(g) for g in groups], chunk_size, rank, world_size)
@@ -208,7 +220,10 @@ def _encode_missing(items, ids, todo, tower, root, batch_size, num_workers, prog
         done += len(rows) + len(bad); bar.update(len(rows) + len(bad))
         if done == sizes[ci]:
             feats = torch.cat(got) if got else torch.zeros(0, tower.output_dim, dtype=torch.float16)
-            write_chunk(root, got_ids, feats, skipped)
+            p = write_chunk(root, got_ids, feats, skipped)
+            if verified is not None:  # what this process just wrote is not read back
+                try: verified[p] = (_sig(p), feats, got_ids, skipped)
+                except OSError: pass
             ci, done, got_ids, got, skipped = ci + 1, 0, [], [], {}
     bar.close()
 
@@ -232,8 +247,8 @@ def build_feature_cache(items: list,  # `Item`s (key, image_path, crop are read)
     root = cache_path(cache_dir, key); root.mkdir(parents=True, exist_ok=True)
     with main_first(): _write_manifest(root, key)
     ids = [record_id(it) for it in items]
-    verified = {}  # chunks checked by this build: not hashed twice
-    rows, skipped = read_chunks(root, verified, upgrade=rank == 0)
+    verified, want = {}, {r for r in ids if r is not None}  # chunks this build read (each once) or wrote, with their features
+    rows, skipped = read_chunks(root, verified, upgrade=rank == 0, keep=want)
     todo = [i for i, r in enumerate(ids) if r is not None and r not in rows and r not in skipped]
     n_cached = sum(r in rows for r in ids)
     if rank == 0: log.info("feature cache %s: %d of %d crops cached, %d to encode (%s decode)", root, n_cached, len(items), len(todo), decode)
@@ -241,9 +256,9 @@ def build_feature_cache(items: list,  # `Item`s (key, image_path, crop are read)
     stats = Counter()
     if todo:
         _encode_missing(items, ids, todo, tower, root, batch_size, num_workers, progress and rank == 0, chunk_size,
-                        load_fn, rank, world_size, decode, per_photo, stats)
+                        load_fn, rank, world_size, decode, per_photo, stats, verified)
         barrier()  # the union of the ranks' chunks is the whole cache
-        rows, skipped = read_chunks(root, verified)
+        rows, skipped = read_chunks(root, verified, keep=want)
         if stats.get("gpu_decode_fallback") or any(k.startswith("gpu_decode_fallback_") for k in stats):
             log.info("GPU decode: %d photos decoded on the CPU instead (%s)", sum(v for k, v in stats.items() if k.startswith("gpu_decode_fallback")),
                      {k: v for k, v in stats.items() if k.startswith("gpu_decode_fallback")})
@@ -251,8 +266,8 @@ def build_feature_cache(items: list,  # `Item`s (key, image_path, crop are read)
     by_file = {}
     for n, i in enumerate(keep): by_file.setdefault(rows[ids[i]][0], []).append((n, rows[ids[i]][1]))
     feats = torch.zeros(len(keep), tower.output_dim, dtype=torch.float16)  # (N, D)
-    for f, pairs in by_file.items():
-        with safe_open(str(f), "pt") as s: chunk = s.get_tensor("features")
+    for f, pairs in by_file.items():  # rows from the tensors read (and verified) above: no chunk is opened again
+        chunk = verified.pop(f)[1]
         feats[torch.tensor([n for n, _ in pairs])] = chunk[torch.tensor([r for _, r in pairs])]
     gone = [it.key for it, r in zip(items, ids) if r is None]
     skip = {it.key: skipped[r][1] for it, r in zip(items, ids) if r in skipped} | {k: "missing_image" for k in gone}
