@@ -86,13 +86,16 @@ def bare_epoch(train: PairedData, vocab: Vocab, cfg: Config, dev, seed: int) -> 
     enc = JSONEncoder(vocab.sizes, cfg.embedding_dim, cfg.hidden_dim, cfg.output_dim, cfg.dropout_rate).to(dev)
     lrn = ContrastiveLearner(enc, None, cfg.temperature).to(dev)
     opt = torch.optim.Adam(enc.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=True)
-    js, x = {k: v.to(dev) for k, v in train.json.items()}, train.features.to(dev)
+    x = train.features.to(dev)
+    packed = hasattr(enc, "pack")   # this tree: ids packed once, as the trainer does; an older package: per-field dicts
+    ids = enc.pack(train.json).to(dev) if packed else {k: v.to(dev) for k, v in train.json.items()}
     batches = train.batches(cfg.batch_size, seed, 1)
     order = torch.cat(batches).to(dev).split([len(b) for b in batches])
     if dev.type == "cuda": torch.cuda.synchronize(dev)
     t0 = time.perf_counter()
     for idx in order:
-        loss = lrn(x[idx], {k: v[idx] for k, v in js.items()})
+        if packed: loss = lrn.loss(F.normalize(x[idx].float(), dim=-1), enc.encode_packed(ids[idx]), lrn.logit_scale.exp())["contrastive_loss"]
+        else: loss = lrn(x[idx], {k: v[idx] for k, v in ids.items()})
         opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
     if dev.type == "cuda": torch.cuda.synchronize(dev)
     return time.perf_counter() - t0

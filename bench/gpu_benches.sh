@@ -19,9 +19,11 @@ PYTHONPATH="$NEW" python3 -c "import faiss, fastcore, fashion_json_encoder.syste
 
 if [ "${PART:-tests}" = tests ]; then
   step tests ${LIMIT:-140} env PYTHONPATH="$NEW" python3 -m pytest -q -p no:cacheprovider -rs tests/test_training.py tests/test_evaluation.py \
-      tests/test_decode.py tests/test_image_encoder.py -k "cuda or gpu or resident or resume or subset or pinned"
+      tests/test_decode.py tests/test_image_encoder.py tests/test_resident.py -k "cuda or gpu or graph or resident or resume or subset or pinned"
   exit 0
 fi
+# issue 11: one training step, per-field (previous encoder path) vs packed ids vs 16 whole steps per CUDA graph
+step step_kernels 60 env PYTHONPATH="$NEW" python3 bench/bench_step.py --device cuda --rows 1450000 --steps 2000
 # issue 10: the cache build's input pipeline (its rates feed the projections below)
 step decode 150 env PYTHONPATH="$NEW" python3 bench/bench_decode.py --photos ${PHOTOS:-3000} --device cuda --num-workers 12 --batch-size 256 --out-json "$OUT/decode.json"
 CACHE_RATE=$(python3 -c "import json; b = json.load(open('$OUT/decode.json'))['builds']; print(max(v['crops_per_s'] for v in b.values()))" 2>/dev/null)

@@ -68,7 +68,7 @@ class Config:
     num_workers: int = 2                # DataLoader / index-building workers
     tower_batch_size: int = 256         # crops per forward pass of the frozen tower when it embeds a split (cache build, val without cache)
     val_subset: int = 10_000            # items of the seeded per-epoch val subset (0 = the whole split); the whole split is evaluated at the end
-    cuda_graphs: bool = True            # on CUDA, capture each cached-feature training step as a CUDA graph (False = eager)
+    cuda_graphs: bool = True            # on CUDA, replay 16 whole cached-feature training steps (Adam included) per CUDA graph (False = eager)
     # image tower
     clip_model: str = "ViT-B-32"        # open_clip architecture
     clip_pretrained: str = "openai"     # "openai", a local .pt/.bin/.safetensors path, or "none" (random init)

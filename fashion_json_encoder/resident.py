@@ -5,37 +5,37 @@
 # %% ../nbs/05b_resident.ipynb #aa07b818
 from __future__ import annotations
 import logging
+from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 from torch import nn, Tensor
+from fastcore.basics import patch
 
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'RowsLoss', 'resident', 'graph_rows_loss', 'rows_step']
+__all__ = ['log', 'GRAPH_STEPS', 'RowsLoss', 'resident', 'ResidentSteps']
 
 # %% ../nbs/05b_resident.ipynb #b5f26942
 class RowsLoss(nn.Module):
     "Loss of the rows `idx` of resident data: InfoNCE against cached features, or stage 1's 1 − cos to fixed targets."
     def __init__(self, encoder: nn.Module,    # the trainable JSONEncoder
                  learner: nn.Module,          # its ContrastiveLearner (loss module and logit_scale)
-                 json: dict,                  # field -> (N, L_f) value ids, on the training device
+                 ids: Tensor,                 # (N, L) packed value ids (`encoder.pack`), on the training device
                  features: Tensor | None = None,  # (N, D) cached tower features (contrastive stage)
                  targets: Tensor | None = None):  # (N, D) unit targets (standalone stage)
         super().__init__()
         assert (features is None) != (targets is None), "give cached features (contrastive) or targets (standalone)"
-        self.encoder, self.json, self.features, self.targets = encoder, json, features, targets  # data: plain attributes
+        self.encoder, self.ids, self.features, self.targets = encoder, ids, features, targets  # data: plain attributes
         object.__setattr__(self, "learner", learner)  # not a submodule: the frozen tower stays out of any graph
-        if features is not None and isinstance(learner.logit_scale, nn.Parameter): self.logit_scale = learner.logit_scale
 
-    def forward(self, idx: Tensor) -> Tensor:  # (B,) row indices on the device of `json` -> scalar loss
-        js = {k: v.index_select(0, idx) for k, v in self.json.items()}             # {f: (B, L_f)}
-        if self.targets is not None:
-            return (1 - (self.encoder(js) * self.targets.index_select(0, idx)).sum(1)).mean()
+    def forward(self, idx: Tensor) -> Tensor:  # (B,) row indices on the device of `ids` -> scalar loss
+        out = self.encoder.encode_packed(self.ids.index_select(0, idx))             # (B, D) unit-norm
+        if self.targets is not None: return (1 - (out * self.targets.index_select(0, idx)).sum(1)).mean()
         f = self.features
         x = f.index_select(0, idx if f.device == idx.device else idx.to(f.device)).to(idx.device, non_blocking=True)
         img = F.normalize(x.float(), dim=-1)                                        # (B, D) as the learner does
-        return self.learner.loss(img, self.encoder(js), self.learner.logit_scale.exp())["contrastive_loss"]
+        return self.learner.loss(img, out, self.learner.logit_scale.exp())["contrastive_loss"]
 
 # %% ../nbs/05b_resident.ipynb #0e1bf554
 def resident(t: Tensor, device, budget: float = 0.5) -> Tensor:  # budget: share of the free GPU memory it may take
@@ -49,19 +49,116 @@ def resident(t: Tensor, device, budget: float = 0.5) -> Tensor:  # budget: share
     return t.pin_memory()
 
 # %% ../nbs/05b_resident.ipynb #4a391df5
-def graph_rows_loss(mod: RowsLoss, batch_size: int) -> bool:
-    "Capture `mod`'s forward and backward as CUDA graphs for `batch_size` rows, in place; False (eager) if that fails."
-    dev = next(mod.encoder.parameters()).device
-    if dev.type != "cuda": return False
+GRAPH_STEPS = 16  # consecutive training steps captured in one CUDA graph
+
+class ResidentSteps:
+    "An epoch's steps on resident rows: clamp, lr, loss, backward, Adam; on CUDA `k` steps per graph replay when `graph`."
+    def __init__(self, mod: RowsLoss,                   # the loss of a batch of rows
+                 opt: torch.optim.Optimizer,            # Adam over the encoder (and the learned logit scale)
+                 clamp,                                 # called before each step: the learner's `clamp_logit_scale_`
+                 batch_size: int, graph: bool = False,  # graph: capture on CUDA (False or no CUDA: eager)
+                 k: int = GRAPH_STEPS):
+        self.mod, self.opt, self.clamp, self.batch_size, self.k = mod, opt, clamp, batch_size, k
+        self.scale = mod.learner.logit_scale               # logged after each step (learned or fixed)
+        self.lr = self.graph = None
+        if graph and mod.ids.device.type == "cuda" and len(mod.ids) >= batch_size: self.graph = self._capture()
+
+    def _step(self, idx: Tensor, lr) -> Tensor:  # lr: a float (eager) or a device scalar (graph groups)
+        "One step, run eagerly or recorded into a graph: the detached loss."
+        self.clamp()
+        if isinstance(lr, Tensor): self.lr.copy_(lr)
+        else:
+            for g in self.opt.param_groups: g["lr"] = lr
+        loss = RowsLoss.forward(self.mod, idx)
+        self.opt.zero_grad(set_to_none=True); loss.backward(); self.opt.step()
+        return loss.detach()
+
+    @contextmanager
+    def _graph_groups(self, after: float):  # after: the float learning rate the groups hold afterwards
+        "While inside: Adam capturable, its lr read from the device scalar `self.lr`; after: plain values again."
+        for g in self.opt.param_groups: g["lr"], g["capturable"] = self.lr, True
+        self.opt._warned_capturable_if_run_uncaptured = True  # warm-up and the eager rest run capturable on purpose: no warning
+        try: yield
+        finally:
+            for g in self.opt.param_groups: g["lr"], g["capturable"] = after, False
+
+    @property
+    def mode(self) -> str:
+        "'cuda-graph' when steps replay a captured graph, else the device type the eager steps run on."
+        return "cuda-graph" if self.graph is not None else self.mod.ids.device.type
+
+# %% ../nbs/05b_resident.ipynb #c0de14b0
+@patch
+def _static(self: ResidentSteps, dev):
+    "The buffers a graph reads and writes at fixed addresses: the lr scalar, k steps' rows and lrs, their losses and scales."
+    self.lr = torch.zeros((), device=dev)
+    self.s_idx = torch.arange(self.batch_size, device=dev).repeat(self.k, 1)   # (k, B) rows of the next k steps
+    self.s_lr, self.s_loss, self.s_scale = (torch.zeros(self.k, device=dev) for _ in range(3))
+
+@patch
+def _capture(self: ResidentSteps) -> torch.cuda.CUDAGraph | None:
+    "Record `k` steps on static buffers as one graph; weights, Adam state and CUDA RNG as before. None (logged) on failure."
+    dev, k = self.mod.ids.device, self.k
+    self.mod.encoder.train()   # a graph keeps the dropout it was recorded with: record training steps
+    self._static(dev)
+    params = [p for g in self.opt.param_groups for p in g["params"]]
+    weights = [p.detach().clone() for p in params]
+    state = {p: {n: v.clone() for n, v in self.opt.state[p].items()} for p in params if p in self.opt.state}
     rng = torch.cuda.get_rng_state(dev)
     try:
-        torch.cuda.make_graphed_callables(mod, (torch.arange(batch_size, device=dev),))
-        return True
+        with self._graph_groups(after=self.opt.param_groups[0]["lr"]):
+            side = torch.cuda.Stream(dev); side.wait_stream(torch.cuda.current_stream(dev))
+            with torch.cuda.stream(side):        # warm-up: Adam's state and cuBLAS workspaces exist before capture
+                for _ in range(3): self._step(self.s_idx[0], self.s_lr[0])
+            torch.cuda.current_stream(dev).wait_stream(side)
+            self.opt.zero_grad(set_to_none=True)  # gradients are then allocated in the graph's own memory pool
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                for j in range(k):
+                    self.s_loss[j].copy_(self._step(self.s_idx[j], self.s_lr[j]))
+                    self.s_scale[j].copy_(self.scale.detach())
+        return graph
     except Exception as e:  # training must not stop because a graph could not be captured
         log.warning("CUDA graph capture failed, training eagerly instead (%s: %s)", type(e).__name__, e)
-        return False
-    finally: torch.cuda.set_rng_state(rng, dev)
+        return None
+    finally:                # the warm-up trained: put back what it changed
+        with torch.no_grad():
+            for p, w in zip(params, weights): p.copy_(w)
+            for p in params:
+                for n, v in self.opt.state.get(p, {}).items():
+                    if p in state: v.copy_(state[p][n])
+                    else: v.zero_()   # zeroed Adam state (step 0, zero moments) = fresh state
+        self.opt.zero_grad(set_to_none=True)
+        torch.cuda.set_rng_state(rng, dev)
 
-def rows_step(mod: RowsLoss, graphed: bool, idx: Tensor, batch_size: int) -> Tensor:
-    "The loss of rows `idx`: the captured graph for a full batch, the eager forward otherwise."
-    return mod(idx) if graphed and len(idx) == batch_size else RowsLoss.forward(mod, idx)
+@patch
+def run(self: ResidentSteps, rows: Tensor,   # (sum of sizes,) the epoch's row indices in order, on the device
+        sizes: list,                         # batch sizes: all `batch_size` but maybe the last
+        lrs: list,                           # the learning rate of each step
+        losses: Tensor,                      # (steps,) device tensor: each step's loss is written here
+        scales: Tensor | None = None,        # (steps,) device tensor for the logit scale after each step ...
+        keep=()):                            # ... eagerly only at these step numbers (graphs write every step)
+    "Train one epoch; yields the number of steps done after each graph replay or eager step."
+    full = len(sizes) - (sizes[-1] != self.batch_size) if sizes else 0
+    start = 0
+    if self.graph is not None and full >= self.k:
+        block = rows[:full * self.batch_size].view(full, self.batch_size)
+        lr_dev = torch.tensor(lrs, dtype=torch.float32).to(rows.device)  # one copy for the epoch's schedule
+        with self._graph_groups(after=lrs[-1]):
+            for start in range(0, full - full % self.k, self.k):
+                end = start + self.k
+                self.s_idx.copy_(block[start:end]); self.s_lr.copy_(lr_dev[start:end])
+                self.graph.replay()
+                losses[start:end].copy_(self.s_loss)
+                if scales is not None: scales[start:end].copy_(self.s_scale)
+                yield self.k
+            start = full - full % self.k
+            for i in range(start, len(sizes)):  # the rest eagerly, reading the same device learning rate
+                losses[i] = self._step(rows[i * self.batch_size:i * self.batch_size + sizes[i]], lr_dev[i])
+                if scales is not None: scales[i] = self.scale.detach()
+                yield 1
+        return
+    for i, idx in enumerate(rows.split(sizes)):
+        losses[i] = self._step(idx, lrs[i])
+        if i in keep and scales is not None: scales[i] = self.scale.detach()
+        yield 1

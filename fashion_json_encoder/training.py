@@ -18,7 +18,7 @@ from .paired import PairedData, crop_batches, embed_rows, standalone_targets, va
 from .evaluation import gallery_metrics
 from .models.json_encoder import encoder_from_config
 from .models.contrastive_learner import ContrastiveLearner
-from .resident import RowsLoss, graph_rows_loss, resident, rows_step
+from .resident import ResidentSteps, RowsLoss, resident
 from .distributed import (all_gather_object, broadcast_object, gather_with_grad, get_rank,
                                               get_world_size, reduce_sum)
 
@@ -97,7 +97,7 @@ class Trainer:
         self.val_feats = val.features if self.rank == 0 else None
         self.val_rows = val_subset_rows(len(val), cfg.val_subset, cfg.seed)
         self.val_image = self._val_image(self.val_rows) if self.rank == 0 else None
-        self._rows_loss, self._res, self.train_path, self.final = {}, None, None, None
+        self._stage_steps, self._res, self.train_path, self.final = {}, None, None, None
         self.steps_per_epoch = len(self._batches(1))  # the same every epoch: the last short batch is the only one dropped
         self._sched = (0, 0)  # (first global step of the contrastive stage, its steps in this run)
         self._steps = (0, torch.empty(0), {})  # the last epoch's (first global step, step losses, logit scales) for TensorBoard
@@ -161,48 +161,51 @@ def _set_lr(self: Trainer, step: int) -> float:
 # %% ../nbs/05_training.ipynb #3b803904
 @patch
 def _resident(self: Trainer) -> dict:
-    "The training data on the device (once): JSON ids and cached features (or pinned host memory)."
+    "The training data on the device (once): packed JSON ids (checked on the CPU) and cached features (or pinned host memory)."
     if self._res is None:
         d = self.train_data
-        self._res = {"json": {k: v.to(self.device) for k, v in d.json.items()},
+        self._res = {"ids": self.encoder.pack(d.json).to(self.device),
                      "features": None if d.features is None else resident(d.features, self.device)}
     return self._res
 
 @patch
-def _rows(self: Trainer, stage: str) -> tuple:
-    "(RowsLoss of `stage`, whether it runs as a CUDA graph), built on first use."
-    if stage not in self._rows_loss:
+def _resident_steps(self: Trainer, stage: str) -> ResidentSteps:
+    "The `ResidentSteps` of `stage` and the current optimiser, built (and on CUDA captured) on first use."
+    steps = self._stage_steps.get(stage)
+    if steps is None or steps.opt is not self.opt:
+        self._stage_steps.clear()   # another stage's graph, targets and buffers go
         r = self._resident()
-        mod = RowsLoss(self.encoder, self.learner, r["json"], **({"targets": self.targets.to(self.device)} if stage == "standalone"
-                                                                    else {"features": r["features"]}))
+        mod = RowsLoss(self.encoder, self.learner, r["ids"], **({"targets": self.targets.to(self.device)} if stage == "standalone"
+                                                                   else {"features": r["features"]}))
         on_gpu = stage == "standalone" or r["features"].device.type == self.device.type
-        graphed = self.cfg.cuda_graphs and on_gpu and graph_rows_loss(mod, self.cfg.batch_size)
-        self._rows_loss[stage] = (mod, graphed)
-        self.train_path = ("cuda-graph" if graphed else "device-resident") if self.device.type == "cuda" else "cpu"
+        steps = self._stage_steps[stage] = ResidentSteps(mod, self.opt, self.learner.clamp_logit_scale_, self.cfg.batch_size,
+                                                       graph=self.cfg.cuda_graphs and on_gpu)
+        self.train_path = ("cuda-graph" if steps.mode == "cuda-graph" else "device-resident") if self.device.type == "cuda" else "cpu"
         if stage == "contrastive" and not on_gpu: self.train_path = "pinned-host"
         log.info("%s stage: %s steps", stage, self.train_path)
-    return self._rows_loss[stage]
+    return steps
 
 @patch
 def _resident_epoch(self: Trainer, epoch: int, stage: str) -> float:
     "One epoch of either stage on resident data: batches drawn on the device, the loss summed there, one sync."
-    mod, graphed = self._rows(stage)
+    self.learner.train()                  # before a capture too: a graph keeps the dropout it was recorded with
+    steps = self._resident_steps(stage)
     batches = self._batches(epoch)
     if not batches: return 0.0
     sizes = [len(b) for b in batches]
-    rows = torch.cat(batches).to(self.device).split(sizes)  # one host->device copy per epoch
-    losses = torch.empty(len(rows), device=self.device)     # (steps,) each step's loss, read back once
-    every, first, scales = self.cfg.log_every_n_steps, self._step0(epoch), {}
-    self.learner.train()
-    for i, idx in enumerate(self._bar(rows, epoch)):
-        self.learner.clamp_logit_scale_(); self._set_lr(first + i)
-        loss = rows_step(mod, graphed, idx, self.cfg.batch_size)
-        self.opt.zero_grad(set_to_none=True); loss.backward(); self.opt.step()
-        losses[i] = loss.detach()
-        if every and (first + i) % every == 0: scales[first + i] = self.learner.logit_scale.detach().clone()
+    rows = torch.cat(batches).to(self.device)               # one host->device copy per epoch
+    losses = torch.empty(len(sizes), device=self.device)    # (steps,) each step's loss, read back once
+    scales = torch.empty(len(sizes), device=self.device)    # (steps,) the logit scale after each logged step
+    every, first = self.cfg.log_every_n_steps, self._step0(epoch)
+    logged = [i for i in range(len(sizes)) if every and (first + i) % every == 0]
+    bar = self._bar(None, epoch, total=len(sizes))
+    for n in steps.run(rows, sizes, [self.lr_at(first + i) for i in range(len(sizes))], losses, scales, keep=set(logged)):
+        bar.update(n)
+    bar.close()
     host = losses.cpu()   # the epoch's only host-device synchronisation
     self._check_finite(host, epoch)
-    self._steps = (first, host, {k: v.item() for k, v in scales.items()})
+    kept = scales[logged].tolist() if logged else []
+    self._steps = (first, host, {first + i: v for i, v in zip(logged, kept)})
     return float((host * torch.tensor(sizes, dtype=host.dtype)).sum()) / sum(sizes)
 
 @patch

@@ -164,3 +164,49 @@ def test_masked_mean_is_a_mean():  # the pooling itself, against a hand computat
     out = masked_mean(emb, ids, torch.full((4,), -1.))
     assert torch.equal(out, (emb[0, 0] + emb[0, 2])[None] / 2)
     assert torch.equal(masked_mean(emb, torch.tensor([[PAD, UNK, PAD]]), torch.full((4,), -1.)), torch.full((1, 4), -1.))
+
+
+# --- packed ids: every field pooled at once equals the per-field masked mean ------------------------------------------
+def _per_field(enc, batch):
+    "The per-field definition: for each field its own lookup and `masked_mean` (the encoder's path before packing)."
+    B = next(iter(batch.values())).shape[0]
+    vecs = []
+    for i, f in enumerate(enc.field_names):
+        ids = batch.get(f, torch.full((B, 1), PAD))
+        ids = ids.unsqueeze(1) if ids.dim() == 1 else ids
+        vecs.append(masked_mean(enc.embeddings[f](ids), ids, enc.missing[i]))
+    return torch.stack(vecs, 1)
+
+
+@settings(max_examples=40, deadline=None)
+@given(sizes=st.lists(st.integers(2, 9), min_size=1, max_size=5), B=st.integers(1, 6), data=st.data())
+def test_packed_pooling_equals_the_per_field_masked_mean(sizes, B, data):
+    "Any vocab sizes (PAD/UNK-only fields too), list lengths, absent and 1-D fields: same vectors and same gradients."
+    names = [f"f{i}" for i in range(len(sizes))]
+    torch.manual_seed(data.draw(st.integers(0, 2**16)))
+    enc = JSONEncoder(dict(zip(names, sizes)), embedding_dim=4, hidden_dim=8, output_dim=6, dropout_rate=0.0)
+    kinds = data.draw(st.lists(st.sampled_from(["absent", "1d", "2d"]), min_size=len(names), max_size=len(names)))
+    if all(k == "absent" for k in kinds): kinds[-1] = "2d"   # a batch needs one field to take its size from
+    batch = {}
+    for f, n, kind in zip(names, sizes, kinds):
+        if kind == "absent": continue
+        L = data.draw(st.integers(1, 4))
+        ids = torch.tensor(data.draw(st.lists(st.integers(0, n - 1), min_size=B * L, max_size=B * L))).view(B, L)
+        batch[f] = ids[:, 0] if kind == "1d" else ids
+    got, want = enc.field_vectors(batch), _per_field(enc, batch)
+    assert torch.allclose(got, want, atol=1e-6)
+    w = torch.randn_like(want)
+    g1 = torch.autograd.grad((got * w).sum(), list(enc.parameters()), allow_unused=True)
+    g2 = torch.autograd.grad((want * w).sum(), list(enc.parameters()), allow_unused=True)
+    for a, b in zip(g1, g2):
+        assert (a is None) == (b is None) and (a is None or torch.allclose(a, b, atol=1e-6))
+
+
+def test_packing_keeps_the_checkpoint_format_and_refuses_ids_past_a_field():
+    enc = JSONEncoder({"category": 5, "style": 4}, embedding_dim=4, hidden_dim=8)
+    assert set(enc.state_dict()) == {"missing", "embeddings.category.weight", "embeddings.style.weight",
+                                     "mlp.0.weight", "mlp.0.bias", "mlp.3.weight", "mlp.3.bias"}   # no new keys: old checkpoints load
+    assert torch.equal(enc.pack({"category": torch.tensor([[2], [4]]), "style": torch.tensor([[3, 0], [2, 2]])}),
+                       torch.tensor([[2, 8, 5], [4, 7, 7]]))       # style's ids shifted by category's 5 rows
+    with pytest.raises(AssertionError, match="field 'category': ids outside 0..4"):
+        enc.pack({"category": torch.tensor([[5]])})               # would read style's first row

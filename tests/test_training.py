@@ -230,6 +230,23 @@ def test_cuda_graph_steps_match_eager_steps(prepared, tmp_path):
     assert losses[True] == pytest.approx(losses[False], abs=1e-4)
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_whole_step_graphs_match_eager_steps(prepared, tmp_path):
+    "Batches of 2: enough steps per epoch for graph replays of 16 whole steps (Adam included) and an eager rest."
+    ds, tower, p = prepared
+    runs = {}
+    for graphs in (True, False):
+        cfg = dataclasses.replace(CFG, batch_size=2, dropout_rate=0.0, learn_temperature=True, cuda_graphs=graphs, device="cuda")
+        t = Trainer(cfg, p.vocab, p.train, p.val, tmp_path / str(graphs), tower=tower, device="cuda", progress=False, info=p.info)
+        res = t.fit(1, 2)
+        assert t.steps_per_epoch >= 16, "the fixture is too small for one graph replay"
+        assert t.train_path == ("cuda-graph" if graphs else "device-resident")
+        runs[graphs] = ([h["train_loss"] for h in res["history"]], [h["lr"] for h in res["history"]],
+                        t.learner.logit_scale.item(), {k: v.cpu() for k, v in t.encoder.state_dict().items()})
+    (lg, rg, sg, wg), (le, re, se, we) = runs[True], runs[False]
+    assert lg == pytest.approx(le, abs=1e-4) and rg == re and sg == pytest.approx(se, abs=1e-5)
+    for k in wg: assert torch.allclose(wg[k], we[k], atol=1e-4), k
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_features_streamed_from_pinned_host_memory_give_the_same_loss():
     from fashion_json_encoder.resident import RowsLoss, resident
     from fashion_json_encoder.models.json_encoder import JSONEncoder

@@ -138,7 +138,7 @@ class FeatureCache:
     images_per_s: float = 0.  # n_computed / build_seconds
     skip_details: dict = field(default_factory=dict)  # item key -> the decoder's message
     decode: str = "cpu"  # where this build decoded JPEGs: "cpu" or "gpu"
-    decode_stats: dict = field(default_factory=dict)  # photos, decodes (CPU), gpu_decoded, gpu_decode_fallback[_<why>]
+    decode_stats: dict = field(default_factory=dict)  # photos, decodes (CPU), gpu_decoded, gpu_decode_fallback[_<why>]; main-process seconds: wait_loader_s, main_s (of it gpu_decode_s), wait_tower_s
 
     def __post_init__(self): self._rows = {k: i for i, k in enumerate(self.keys)}
     def __len__(self): return len(self.keys)
@@ -200,16 +200,14 @@ def _encode_missing(items, ids, todo, tower, root, batch_size, num_workers, prog
     bar = progress_bar(total=sum(sizes), unit="img", desc="CLIP features", enable=progress, logger=log)  # a bar, or log lines
     checked, ci, done, got_ids, got, skipped = tower.precision == "fp32", 0, 0, [], [], {}
     stats = Counter() if stats is None else stats
-    for b in dl:
-        rows, pix, bad = list(b["rows"]), [b["pixels"]] if b["pixels"] is not None else [], list(b["bad"])
-        stats.update(photos=b["photos"], decodes=b["decodes"]); stats.update(f"gpu_decode_fallback_{w}" for w in b["fallbacks"])
-        if b["jpegs"]:
-            r2, p2 = _gpu_pixels(b, tower, stats, bad)
-            rows += r2; pix += p2
-        if pix:
-            pixels = torch.cat([p.to(tower.device, non_blocking=True) for p in pix])  # (n, 3, S, S)
-            if not checked: check_precision(tower, pixels[:16]); checked = True
-            f = tower(pixels).to(torch.float16).cpu()  # (n, D)
+    cuda = tower.device.type == "cuda"
+
+    def collect(rows, bad, f, ready):  # a batch's features reached the host: keep the finite rows, write full chunks
+        nonlocal ci, done, got_ids, got, skipped
+        t = time.perf_counter()
+        if ready is not None: ready.synchronize()  # the copy to the host is done (the batch after it may still run)
+        stats["wait_tower_s"] += time.perf_counter() - t
+        if f is not None:
             ok = torch.isfinite(f).all(1).tolist()  # a non-finite row is never written: it would poison every epoch
             bad += [(j, "bad_feature", "the tower returned non-finite features") for j, k in zip(rows, ok) if not k]
             got.append(f[torch.tensor(ok, dtype=torch.bool)]); got_ids += [ids[todo[j]] for j, k in zip(rows, ok) if k]
@@ -225,6 +223,36 @@ def _encode_missing(items, ids, todo, tower, root, batch_size, num_workers, prog
                 try: verified[p] = (_sig(p), feats, got_ids, skipped)
                 except OSError: pass
             ci, done, got_ids, got, skipped = ci + 1, 0, [], [], {}
+
+    pending, finished, t = None, False, time.perf_counter()
+    try:
+        for b in dl:
+            stats["wait_loader_s"] += time.perf_counter() - t; t = time.perf_counter()
+            rows, pix, bad = list(b["rows"]), [b["pixels"]] if b["pixels"] is not None else [], list(b["bad"])
+            stats.update(photos=b["photos"], decodes=b["decodes"]); stats.update(f"gpu_decode_fallback_{w}" for w in b["fallbacks"])
+            if b["jpegs"]:
+                t_gpu = time.perf_counter()
+                r2, p2 = _gpu_pixels(b, tower, stats, bad)
+                rows += r2; pix += p2; stats["gpu_decode_s"] += time.perf_counter() - t_gpu
+            f = ready = None
+            if pix:
+                pixels = torch.cat([p.to(tower.device, non_blocking=True) for p in pix])  # (n, 3, S, S)
+                if not checked: check_precision(tower, pixels[:16]); checked = True
+                f = tower(pixels).to(torch.float16)  # (n, D), on the tower's device
+                if cuda:  # to the host without waiting: the next batch is decoded while this one runs
+                    f = f.to("cpu", non_blocking=True); ready = torch.cuda.Event(); ready.record()
+            stats["main_s"] += time.perf_counter() - t
+            last, pending = pending, (rows, bad, f, ready)
+            if last: collect(*last)
+            t = time.perf_counter()
+        finished = True
+    finally:   # interrupted too: the batch before the failing one is done, so its chunk is still written
+        if pending is not None:
+            last, pending = pending, None
+            try: collect(*last)
+            except Exception as e:
+                if finished: raise
+                log.warning("feature cache: the last finished batch could not be saved (%s: %s)", type(e).__name__, e)
     bar.close()
 
 def build_feature_cache(items: list,  # `Item`s (key, image_path, crop are read)

@@ -46,27 +46,52 @@ class JSONEncoder(nn.Module):
         self.missing = nn.Parameter(torch.randn(len(vocab_sizes), embedding_dim))  # (F, E) one per field
         self.mlp = nn.Sequential(nn.Linear(len(vocab_sizes) * embedding_dim, hidden_dim), nn.ReLU(),
                                  nn.Dropout(dropout_rate), nn.Linear(hidden_dim, output_dim))
+        # packed ids: field f's value i is row offsets[f] + i of the fields' stacked tables (buffers, not in the state dict)
+        sizes = torch.tensor(list(vocab_sizes.values()))
+        self.offsets = (torch.cumsum(sizes, 0) - sizes).tolist()                                  # F ints
+        field = torch.repeat_interleave(torch.arange(len(sizes)), sizes)                           # (V,) field of each row
+        known = torch.cat([torch.arange(n) > UNK for n in vocab_sizes.values()])                   # (V,) PAD and UNK rows: False
+        self.register_buffer("value_field", F.one_hot(field, len(sizes)).float() * known.unsqueeze(1), persistent=False)  # (V, F)
 
-    def field_vectors(self, json_batch: dict[str, Tensor]) -> Tensor:  # (B, F, E)
-        "The per-field vectors: masked mean of the value embeddings, or the missing vector."
+    def pack(self, json_batch: dict[str, Tensor]) -> Tensor:  # (B, L) ids into the stacked tables, L = sum of the L_f
+        "One id matrix for all fields: each field's ids shifted by its offset, side by side (an absent field: one PAD column)."
         extra = set(json_batch) - set(self.field_names)
         assert not extra, f"unknown fields {sorted(extra)}; the encoder has {self.field_names}"
         assert json_batch, "empty json_batch: no field to take the batch size from"
         first = next(iter(json_batch.values()))
         B, dev = first.shape[0], first.device
         empty = torch.full((B, 1), PAD, dtype=torch.long, device=dev)  # (B, 1) a field absent from the batch
-        vecs = []
+        cols = []
         for i, f in enumerate(self.field_names):
             ids = json_batch.get(f, empty)
             ids = ids.unsqueeze(1) if ids.dim() == 1 else ids  # (B,) scalar field -> (B, 1)
             assert ids.dim() == 2 and ids.shape[0] == B, f"field {f!r}: expected ({B}, L) ids, got {tuple(ids.shape)}"
-            vecs.append(masked_mean(self.embeddings[f](ids), ids, self.missing[i]))  # (B, E)
-        return torch.stack(vecs, 1)  # (B, F, E)
+            if not ids.is_cuda and ids.numel():  # an id past its field's table would read the next field's (no check on CUDA: a sync)
+                assert 0 <= ids.min() and ids.max() < self.vocab_sizes[f], f"field {f!r}: ids outside 0..{self.vocab_sizes[f] - 1}"
+            cols.append(ids + self.offsets[i])
+        return torch.cat(cols, 1)
+
+    def pooled(self, ids: Tensor) -> Tensor:  # (B, L) packed ids -> (B, F, E)
+        "Every field's masked mean at once: one lookup in the stacked tables, one (F x L) @ (L x E) product per row."
+        table = torch.cat([self.embeddings[f].weight for f in self.field_names])  # (V, E)
+        emb = F.embedding(ids, table)                                             # (B, L, E)
+        m = self.value_field[ids].to(emb.dtype)                                   # (B, L, F): known value of field f
+        n = m.sum(1).unsqueeze(-1)                                                # (B, F, 1) known values per field
+        mean = (m.transpose(1, 2) @ emb) / n.clamp(min=1)                         # (B, F, E)
+        return torch.where(n > 0, mean, self.missing.to(mean.dtype))
+
+    def field_vectors(self, json_batch: dict[str, Tensor]) -> Tensor:  # (B, F, E)
+        "The per-field vectors: masked mean of the value embeddings, or the missing vector."
+        return self.pooled(self.pack(json_batch))
+
+    def encode_packed(self, ids: Tensor, normalize: bool = True) -> Tensor:  # (B, L) packed ids -> (B, output_dim)
+        "Embed packed ids (`pack`): what the trainer calls on ids packed once for the whole training set."
+        x = self.mlp(self.pooled(ids).flatten(1))  # (B, output_dim)
+        return F.normalize(x, dim=-1) if normalize else x
 
     def encode_json(self, json_batch: dict[str, Tensor], normalize: bool = True) -> Tensor:  # (B, output_dim)
         "Embed a collated batch; unit L2 norm when `normalize` (mirrors open_clip's `encode_image`)."
-        x = self.mlp(self.field_vectors(json_batch).flatten(1))  # (B, output_dim)
-        return F.normalize(x, dim=-1) if normalize else x
+        return self.encode_packed(self.pack(json_batch), normalize)
 
     def forward(self, json_batch: dict[str, Tensor]) -> Tensor:  # (B, output_dim) unit-norm
         "The L2-normalised embeddings of a collated batch."
