@@ -155,9 +155,12 @@ def open_archive(path) -> Archive:
     return a
 
 def read_bytes(path, max_bytes: int = IMAGE_MAX_BYTES) -> bytes:
-    "The bytes of a file or of an archive member path; a member raises `MemberError` when damaged."
+    "The bytes of a file or of an archive member path, at most `max_bytes` (else `OSError`); a member raises `MemberError` when damaged."
     archive, name = split_member(path)
-    if name is None: return Path(path).read_bytes()
+    if name is None:
+        with open(path, "rb") as f: data = f.read(max_bytes + 1)   # a huge file is refused, not read into memory
+        if len(data) > max_bytes: raise OSError(f"{path}: over the {max_bytes}-byte limit for one file (not read)")
+        return data
     try: return open_archive(archive).read(name, max_bytes)
     except KeyError: raise FileNotFoundError(f"{path}: no such member") from None
 

@@ -5,7 +5,7 @@
 # %% ../nbs/05b_resident.ipynb #aa07b818
 from __future__ import annotations
 import logging
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 import torch
 import torch.nn.functional as F
 from torch import nn, Tensor
@@ -57,11 +57,13 @@ class ResidentSteps:
                  opt: torch.optim.Optimizer,            # Adam over the encoder (and the learned logit scale)
                  clamp,                                 # called before each step: the learner's `clamp_logit_scale_`
                  batch_size: int, graph: bool = False,  # graph: capture on CUDA (False or no CUDA: eager)
-                 k: int = GRAPH_STEPS):
+                 k: int = GRAPH_STEPS,
+                 full_batches: int | None = None):      # full batches per epoch: no capture when fewer than k (None: from the rows)
         self.mod, self.opt, self.clamp, self.batch_size, self.k = mod, opt, clamp, batch_size, k
         self.scale = mod.learner.logit_scale               # logged after each step (learned or fixed)
         self.lr = self.graph = None
-        if graph and mod.ids.device.type == "cuda" and len(mod.ids) >= batch_size: self.graph = self._capture()
+        full = len(mod.ids) // batch_size if full_batches is None else full_batches
+        if graph and mod.ids.device.type == "cuda" and full >= k: self.graph = self._capture()
 
     def _step(self, idx: Tensor, lr) -> Tensor:  # lr: a float (eager) or a device scalar (graph groups)
         "One step, run eagerly or recorded into a graph: the detached loss."
@@ -104,24 +106,27 @@ def _capture(self: ResidentSteps) -> torch.cuda.CUDAGraph | None:
     params = [p for g in self.opt.param_groups for p in g["params"]]
     weights = [p.detach().clone() for p in params]
     state = {p: {n: v.clone() for n, v in self.opt.state[p].items()} for p in params if p in self.opt.state}
-    rng = torch.cuda.get_rng_state(dev)
-    try:
-        with self._graph_groups(after=self.opt.param_groups[0]["lr"]):
-            side = torch.cuda.Stream(dev); side.wait_stream(torch.cuda.current_stream(dev))
+    rng, home = torch.cuda.get_rng_state(dev), torch.cuda.current_stream(dev)
+    try:   # on `dev` even when another GPU is current: a capture records only the kernels of its own device's stream
+        with torch.cuda.device(dev), self._graph_groups(after=self.opt.param_groups[0]["lr"]):
+            side = torch.cuda.Stream(dev); side.wait_stream(home)
             with torch.cuda.stream(side):        # warm-up: Adam's state and cuBLAS workspaces exist before capture
                 for _ in range(3): self._step(self.s_idx[0], self.s_lr[0])
-            torch.cuda.current_stream(dev).wait_stream(side)
+            home.wait_stream(side)
             self.opt.zero_grad(set_to_none=True)  # gradients are then allocated in the graph's own memory pool
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            with torch.cuda.graph(graph, stream=side):
                 for j in range(k):
                     self.s_loss[j].copy_(self._step(self.s_idx[j], self.s_lr[j]))
                     self.s_scale[j].copy_(self.scale.detach())
         return graph
     except Exception as e:  # training must not stop because a graph could not be captured
-        log.warning("CUDA graph capture failed, training eagerly instead (%s: %s)", type(e).__name__, e)
+        c = e.__context__   # a capture's closing error hides what broke it: log both
+        log.warning("CUDA graph capture failed, training eagerly instead (%s: %s%s)", type(e).__name__, e,
+                    f"; raised while handling {type(c).__name__}: {c}" if c else "")
         return None
     finally:                # the warm-up trained: put back what it changed
+        torch.cuda.set_stream(home)   # a capture that raised can leave its stream current
         with torch.no_grad():
             for p, w in zip(params, weights): p.copy_(w)
             for p in params:
@@ -144,7 +149,7 @@ def run(self: ResidentSteps, rows: Tensor,   # (sum of sizes,) the epoch's row i
     if self.graph is not None and full >= self.k:
         block = rows[:full * self.batch_size].view(full, self.batch_size)
         lr_dev = torch.tensor(lrs, dtype=torch.float32).to(rows.device)  # one copy for the epoch's schedule
-        with self._graph_groups(after=lrs[-1]):
+        with torch.cuda.device(rows.device) if rows.is_cuda else nullcontext(), self._graph_groups(after=lrs[-1]):
             for start in range(0, full - full % self.k, self.k):
                 end = start + self.k
                 self.s_idx.copy_(block[start:end]); self.s_lr.copy_(lr_dev[start:end])

@@ -178,8 +178,9 @@ def _resident_steps(self: Trainer, stage: str) -> ResidentSteps:
         mod = RowsLoss(self.encoder, self.learner, r["ids"], **({"targets": self.targets.to(self.device)} if stage == "standalone"
                                                                    else {"features": r["features"]}))
         on_gpu = stage == "standalone" or r["features"].device.type == self.device.type
+        full = sum(len(b) == self.cfg.batch_size for b in self._batches(1))  # no graph for epochs shorter than one replay
         steps = self._stage_steps[stage] = ResidentSteps(mod, self.opt, self.learner.clamp_logit_scale_, self.cfg.batch_size,
-                                                       graph=self.cfg.cuda_graphs and on_gpu)
+                                                       graph=self.cfg.cuda_graphs and on_gpu, full_batches=full)
         self.train_path = ("cuda-graph" if steps.mode == "cuda-graph" else "device-resident") if self.device.type == "cuda" else "cpu"
         if stage == "contrastive" and not on_gpu: self.train_path = "pinned-host"
         log.info("%s stage: %s steps", stage, self.train_path)

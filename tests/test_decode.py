@@ -113,3 +113,17 @@ def test_gpu_build_agrees_with_cpu_build_and_falls_back(release, tmp_path):
     assert g.decode_stats["gpu_decode_fallback_cmyk"] == 1 and g.decode_stats["gpu_decoded"] == len({it.image_path for it in items}) - 1
     cos = F.cosine_similarity(g.features.float(), c.features.float())
     assert cos.min() >= 0.999, (cos.min().item(), cos.mean().item())
+
+
+def test_a_loose_photo_over_the_size_limit_is_skipped_unread(photo, tower, tmp_path, monkeypatch):
+    "Zip members were capped; a loose file now is too: the cache build counts it as a skip naming the file, reads no more."
+    from fashion_json_encoder import decode
+    from fashion_json_encoder.archives import read_bytes
+    size = photo.stat().st_size
+    with pytest.raises(OSError, match=f"over the {size - 1}-byte limit"): read_bytes(photo, max_bytes=size - 1)
+    assert read_bytes(photo, max_bytes=size) == photo.read_bytes()
+    monkeypatch.setattr(decode, "IMAGE_MAX_BYTES", size - 1)   # the photo is one byte too big
+    items = [Item(f"k{i}", str(photo), "상의", c, c, {}, "l") for i, c in enumerate([(0, 0, 300, 400), (100, 200, 500, 700)])]
+    fc = build_feature_cache(items, tower, tmp_path / "c", batch_size=4, num_workers=0, progress=False)
+    assert len(fc) == 0 and fc.skipped == {"k0": "bad_image", "k1": "bad_image"}
+    assert all(str(photo) in why and "byte limit" in why for why in fc.skip_details.values())

@@ -219,15 +219,13 @@ def test_per_epoch_subset_and_final_whole_split(prepared, tmp_path):
     assert res["best_metrics"]["gallery_size"] == k
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_graph_steps_match_eager_steps(prepared, tmp_path):
+def test_epochs_shorter_than_one_graph_run_eagerly(prepared, tmp_path):
+    "Batches of 8: fewer full batches per epoch than one replay holds, so nothing is captured and the path says so."
     ds, tower, p = prepared
-    losses = {}
-    for graphs in (True, False):
-        cfg = dataclasses.replace(CFG, dropout_rate=0.0, cuda_graphs=graphs, device="cuda")
-        t = Trainer(cfg, p.vocab, p.train, p.val, tmp_path / str(graphs), tower=tower, device="cuda", progress=False, info=p.info)
-        losses[graphs] = [h["train_loss"] for h in t.fit(1, 2)["history"]]
-        assert t.train_path == ("cuda-graph" if graphs else "device-resident")
-    assert losses[True] == pytest.approx(losses[False], abs=1e-4)
+    cfg = dataclasses.replace(CFG, dropout_rate=0.0, cuda_graphs=True, device="cuda")
+    t = Trainer(cfg, p.vocab, p.train, p.val, tmp_path, tower=tower, device="cuda", progress=False, info=p.info)
+    t.fit(1, 1)
+    assert t.steps_per_epoch < 16 and t.train_path == "device-resident"
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_whole_step_graphs_match_eager_steps(prepared, tmp_path):
