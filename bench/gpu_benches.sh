@@ -1,6 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks of issues 10 and 11 in two device runs: PART=tests (the CUDA tests), then PART=bench (the benchmarks,
-# before = the previous release unpacked in .base/, after = this tree). Prepare on the CPU machine first:
+# The GPU checks of issues 10 and 11 (before = the previous release unpacked in .base/, after = this tree). Prepare on the CPU machine first:
 #   mkdir -p .whl && pip download --no-deps -d .whl open_clip_torch==3.3.0 ftfy wcwidth fastcore==1.14.5 faiss-cpu==1.15.1
 #     (the GPU image lacks open_clip; `training` needs fastcore's @patch; the search index of the scale bench needs faiss)
 #   mkdir -p .base && git archive <old commit> fashion_json_encoder | tar -x -C .base     # the "before" package
@@ -17,21 +16,29 @@ python3 -c "import torch, torchvision, open_clip; print('torch', torch.__version
 # fail in seconds, not after a machine start and a long step, when a carried wheel is missing
 PYTHONPATH="$NEW" python3 -c "import faiss, fastcore, fashion_json_encoder.system" || { echo "missing a package: see the .whl line above" | tee -a "$OUT/all.log"; exit 3; }
 
-if [ "${PART:-tests}" = tests ]; then
-  step tests ${LIMIT:-140} env PYTHONPATH="$NEW" python3 -m pytest -q -p no:cacheprovider -rs tests/test_training.py tests/test_evaluation.py \
+# PART=first (default, about 9 min: what decides issues 10 and 11 and fits one device call with room for a rerun):
+#   the CUDA tests, one training step before/after (bench_step: same run), the cache build (bench_decode), the full-size run.
+# PART=more: the previous release at scale 0.1 (the "before" trainer rate), the GPU evaluation at 180k, graphs vs eager.
+PART=${PART:-first}
+if [ "$PART" = first ]; then
+  step tests ${LIMIT:-120} env PYTHONPATH="$NEW" python3 -m pytest -q -p no:cacheprovider -rs tests/test_training.py tests/test_evaluation.py \
       tests/test_decode.py tests/test_image_encoder.py tests/test_resident.py -k "cuda or gpu or graph or resident or resume or subset or pinned"
-  exit 0
+  # issue 11: one training step, per-field (previous encoder path) vs packed ids vs 16 whole steps per CUDA graph
+  step step_kernels 60 env PYTHONPATH="$NEW" python3 bench/bench_step.py --device cuda --rows 1450000 --steps 2000
 fi
-# issue 11: one training step, per-field (previous encoder path) vs packed ids vs 16 whole steps per CUDA graph
-step step_kernels 60 env PYTHONPATH="$NEW" python3 bench/bench_step.py --device cuda --rows 1450000 --steps 2000
 # issue 10: the cache build's input pipeline (its rates feed the projections below)
-step decode 150 env PYTHONPATH="$NEW" python3 bench/bench_decode.py --photos ${PHOTOS:-3000} --device cuda --num-workers 12 --batch-size 256 --out-json "$OUT/decode.json"
+if [ "$PART" = first ]; then
+  step decode 150 env PYTHONPATH="$NEW" python3 bench/bench_decode.py --photos ${PHOTOS:-3000} --device cuda --num-workers 12 --batch-size 256 --out-json "$OUT/decode.json"
+fi
 CACHE_RATE=$(python3 -c "import json; b = json.load(open('$OUT/decode.json'))['builds']; print(max(v['crops_per_s'] for v in b.values()))" 2>/dev/null)
 INDEX_RATE=$(python3 -c "import json; print(json.load(open('$OUT/decode.json'))['index_labels_per_s']['zips'])" 2>/dev/null)
 echo "measured: cache build ${CACHE_RATE:-?} crops/s, index ${INDEX_RATE:-?} labels/s (used in the projections)" | tee -a "$OUT/all.log"
 RATES="${CACHE_RATE:+--cache-rate $CACHE_RATE} ${INDEX_RATE:+--index-rate $INDEX_RATE}"
-# issue 11: training and evaluation at K-Fashion's size; before and after side by side at scale 0.1
-step scale_after_full 200 env PYTHONPATH="$NEW" python3 bench/bench_kfashion_scale.py --scale 1 --epochs 2 --standalone 1 --bare 0 $RATES --json "$OUT/scale_after_full.json"
+# issue 11: training and evaluation at K-Fashion's size
+if [ "$PART" = first ]; then
+  step scale_after_full 200 env PYTHONPATH="$NEW" python3 bench/bench_kfashion_scale.py --scale 1 --epochs 2 --standalone 1 --bare 0 $RATES --json "$OUT/scale_after_full.json"
+  exit 0
+fi
 step scale_before_0.1 120 env PYTHONPATH="$OLD" python3 bench/bench_kfashion_scale.py --scale 0.1 --epochs 1 --standalone 1 --bare 0 $RATES --json "$OUT/scale_before.json"
 step eval_gpu_180k 45 env PYTHONPATH="$NEW" python3 bench/bench_scale.py --n 180000 --queries 50 --device cuda
 step scale_after_0.1 60 env PYTHONPATH="$NEW" python3 bench/bench_kfashion_scale.py --scale 0.1 --epochs 2 --standalone 1 $RATES --json "$OUT/scale_after.json"
