@@ -8,7 +8,8 @@ batch order:
   per-field  : the previous encoder path: one gather, one embedding lookup and one masked mean per field (5 of each)
   packed     : `JSONEncoder.pack` once for the whole set, then one gather and one lookup for all fields (this release)
   graph      : packed, with 16 whole steps (Adam included) per CUDA graph replay (`ResidentSteps`; CUDA only)
-Prints, per variant, the operator calls per step (torch.profiler, one eager step) and, on CUDA, the kernels per step,
+Prints, per variant, the operator calls per step (torch.profiler, one eager step) and, on CUDA, the kernels per step
+and the GPU kernel time per step (one profiled block: close to the wall time means GPU-bound, far below it host-bound),
 then ms per step and samples/s: the median over blocks of 32 steps, the variants' blocks interleaved so that a shared
 machine's drift hits them alike (`--steps` steps per variant, after a warm-up block), and the ratios to per-field.
 """
@@ -93,8 +94,9 @@ def runner(kind, js, feats, order, dev, cfg, seed):
     lrn.train()
     B = cfg.batch_size
     losses = torch.empty(len(order) // B, device=dev)
-    rs = ResidentSteps(mod, opt, lrn.clamp_logit_scale_, B, graph=kind == "graph")
-    if kind == "graph": assert rs.mode == "cuda-graph", "capture failed (see the warning above)"
+    if kind == "graph":
+        rs = ResidentSteps(mod, opt, lrn.clamp_logit_scale_, B, graph=True)
+        assert rs.mode == "cuda-graph", "capture failed (see the warning above)"
 
     def block(i0: int, n: int) -> float:
         if dev.type == "cuda": torch.cuda.synchronize(dev)
@@ -121,7 +123,8 @@ def main():
     dev = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available() else "cpu" if a.device == "auto" else a.device)
     cfg = Config(batch_size=a.batch_size)
     js, feats = data(a.rows, a.seed)
-    order = torch.randperm(a.rows, generator=torch.Generator().manual_seed(a.seed)).repeat(1 + (a.steps + 64) * a.batch_size // a.rows)[:(a.steps + 64) * a.batch_size].to(dev)
+    need = (a.steps + 96) * a.batch_size   # warm-up, timed and profiled blocks
+    order = torch.randperm(a.rows, generator=torch.Generator().manual_seed(a.seed)).repeat(1 + need // a.rows)[:need].to(dev)
     print(f"device {dev} ({torch.cuda.get_device_name(dev) if dev.type == 'cuda' else f'{torch.get_num_threads()} threads'}), "
           f"torch {torch.__version__}, {a.rows:,} rows, batch {a.batch_size}, {a.steps} timed steps; encoder "
           f"{cfg.embedding_dim}/{cfg.hidden_dim}/{cfg.output_dim}, dropout {cfg.dropout_rate}")
@@ -136,6 +139,11 @@ def main():
     for k in kinds: run[k][3](0, n)        # warm-up block
     for r in range(rounds):
         for k in kinds: times[k].append(run[k][3](n * (r + 1), n) / n)
+    busy = {}
+    if dev.type == "cuda":   # GPU kernel time per step (graph kernels included): GPU-bound when it is close to the wall time
+        for k in kinds:
+            with profile(activities=[ProfilerActivity.CUDA]) as prof: run[k][3](n * (rounds + 1), n)
+            busy[k] = sum(e.time_range.elapsed_us() for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA) / n / 1e6
     res = {}
     for k in kinds:
         assert torch.isfinite(run[k][4][:n * (rounds + 1)]).all(), k
@@ -143,7 +151,8 @@ def main():
         ops, kernels = counts.get(k, (None, None))
         c = "" if ops is None else f"{ops} operator calls" + (f", {kernels} kernels" if kernels is not None else "") + " per step; "
         print(f"{k:>9}: {c}{1e3 * sec:.3f} ms/step = {a.batch_size / sec:,.0f} samples/s (median of {rounds} blocks of {n})"
-              + (f", {res['per-field'] / sec:.2f}x per-field" if k != "per-field" else ""))
+              + (f", {res['per-field'] / sec:.2f}x per-field" if k != "per-field" else "")
+              + (f"; GPU kernels {1e3 * busy[k]:.3f} ms/step = {100 * busy[k] / sec:.0f}% of the wall time" if k in busy else ""))
 
 if __name__ == "__main__":
     main()

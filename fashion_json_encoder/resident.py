@@ -62,8 +62,8 @@ class ResidentSteps:
         self.mod, self.opt, self.clamp, self.batch_size, self.k = mod, opt, clamp, batch_size, k
         self.scale = mod.learner.logit_scale               # logged after each step (learned or fixed)
         self.lr = self.graph = None
-        full = len(mod.ids) // batch_size if full_batches is None else full_batches
-        if graph and mod.ids.device.type == "cuda" and full >= k: self.graph = self._capture()
+        if graph and mod.ids.device.type == "cuda":
+            if (len(mod.ids) // batch_size if full_batches is None else full_batches) >= k: self.graph = self._capture()
 
     def _step(self, idx: Tensor, lr) -> Tensor:  # lr: a float (eager) or a device scalar (graph groups)
         "One step, run eagerly or recorded into a graph: the detached loss."
