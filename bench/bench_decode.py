@@ -41,12 +41,11 @@ def main(argv=None):
     ap.add_argument("--keep", help="generate into (or reuse) this folder instead of a temporary one")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from fashion_json_encoder.config import Config
+    from fashion_json_encoder.config import Config, resolve_device
     from fashion_json_encoder.dataset import build_index
     from fashion_json_encoder.decode import decode_crops
     from fashion_json_encoder.models import feature_cache as fcm
     from fashion_json_encoder.models.image_encoder import CLIPImageEncoder, check_precision
-    from fashion_json_encoder.config import resolve_device
     from fashion_json_encoder.synthetic import make_synthetic_kfashion
 
     dev = resolve_device(a.device)
@@ -106,11 +105,10 @@ def main(argv=None):
         print(f"build {name}: {rate:8.1f} crops/s ({fc.build_seconds:5.1f}s) | x{rate / tower_rate:.2f} of tower alone | "
               f"1.63 M crops in {RELEASE_CROPS / rate / 60:6.1f} min | decodes/photo {fc.decode_stats.get('decodes', 0) / max(1, fc.decode_stats.get('photos', 1)):.2f}"
               + (f" | GPU-decoded {fc.decode_stats.get('gpu_decoded', 0)}, CPU fallback {sum(v for k2, v in fc.decode_stats.items() if k2.startswith('gpu_decode_fallback'))}" if dec == "gpu" else ""))
-        st = fc.decode_stats
-        if "main_s" in st:   # where the main process spent the build (an older package does not record it)
-            print(f"    main process: waiting for decoded photos {st['wait_loader_s']:.2f}s, preparing and launching the tower {st['main_s']:.2f}s"
-                  + (f" (GPU decode and crops {st.get('gpu_decode_s', 0):.2f}s)" if dec == "gpu" else "")
-                  + f", waiting for the tower {st['wait_tower_s']:.2f}s")
+        st = fc.decode_stats   # where the main process spent the build
+        print(f"    main process: waiting for decoded photos {st.get('wait_loader_s', 0):.2f}s, preparing and launching the tower {st.get('main_s', 0):.2f}s"
+              + (f" (GPU decode and crops {st.get('gpu_decode_s', 0):.2f}s)" if dec == "gpu" else "")
+              + f", waiting for the tower {st.get('wait_tower_s', 0):.2f}s")
     fcm.check_precision = real_check
     a_, b_ = feats[("tree", "per-photo", "cpu")], feats[("zips", "per-photo", "cpu")]
     same = all(torch.equal(a_[k2], b_[k2]) for k2 in a_) and a_.keys() == b_.keys()

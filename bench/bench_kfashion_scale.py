@@ -89,13 +89,15 @@ def bare_epoch(train: PairedData, vocab: Vocab, cfg: Config, dev, seed: int) -> 
     x = train.features.to(dev)
     packed = hasattr(enc, "pack")   # this tree: ids packed once, as the trainer does; an older package: per-field dicts
     ids = enc.pack(train.json).to(dev) if packed else {k: v.to(dev) for k, v in train.json.items()}
+    if packed:
+        from fashion_json_encoder.resident import RowsLoss
+        rows_loss = RowsLoss(enc, lrn, ids, features=x)
     batches = train.batches(cfg.batch_size, seed, 1)
     order = torch.cat(batches).to(dev).split([len(b) for b in batches])
     if dev.type == "cuda": torch.cuda.synchronize(dev)
     t0 = time.perf_counter()
     for idx in order:
-        if packed: loss = lrn.loss(F.normalize(x[idx].float(), dim=-1), enc.encode_packed(ids[idx]), lrn.logit_scale.exp())["contrastive_loss"]
-        else: loss = lrn(x[idx], {k: v[idx] for k, v in ids.items()})
+        loss = rows_loss(idx) if packed else lrn(x[idx], {k: v[idx] for k, v in ids.items()})
         opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
     if dev.type == "cuda": torch.cuda.synchronize(dev)
     return time.perf_counter() - t0

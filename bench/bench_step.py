@@ -24,8 +24,9 @@ from torch.profiler import ProfilerActivity, profile
 
 from fashion_json_encoder.config import Config
 from fashion_json_encoder.models.contrastive_learner import ContrastiveLearner
-from fashion_json_encoder.models.json_encoder import JSONEncoder, masked_mean
+from fashion_json_encoder.models.json_encoder import encoder_from_config, masked_mean
 from fashion_json_encoder.resident import ResidentSteps, RowsLoss
+from fashion_json_encoder.training import make_adam
 from fashion_json_encoder.vocab import PAD
 
 # K-Fashion-like fields: (values incl. PAD/UNK, ids per row) as in bench_kfashion_scale
@@ -57,30 +58,24 @@ def data(n: int, seed: int):
     return js, F.normalize(torch.randn(n, 512, generator=g), dim=1).half()
 
 
-def make(kind: str, js, feats, dev, cfg: Config, seed: int):
+def make(kind: str, js, feats, dev, cfg: Config, seed: int) -> ResidentSteps:
+    "The trainer's step runner (`ResidentSteps`: its optimiser and encoder recipe) over `kind`'s loss."
     torch.manual_seed(seed)
-    enc = JSONEncoder({f: s for f, (s, _) in FIELDS.items()}, cfg.embedding_dim, cfg.hidden_dim, cfg.output_dim,
-                      cfg.dropout_rate).to(dev)
-    lrn = ContrastiveLearner(enc, None, cfg.temperature, cfg.learn_temperature).to(dev)
-    opt = torch.optim.Adam([p for p in lrn.parameters() if p.requires_grad], lr=cfg.learning_rate, fused=True)
+    enc = encoder_from_config(cfg, {f: s for f, (s, _) in FIELDS.items()}).to(dev)
+    lrn = ContrastiveLearner(enc, None, cfg.temperature, cfg.learn_temperature).to(dev).train()
+    opt = make_adam([p for p in lrn.parameters() if p.requires_grad], cfg.learning_rate, cfg.weight_decay)
     if kind == "per-field": mod = PerFieldLoss(enc, lrn, {k: v.to(dev) for k, v in js.items()}, feats.to(dev))
     else: mod = RowsLoss(enc, lrn, enc.pack(js).to(dev), features=feats.to(dev))
-    return mod, opt, lrn
+    rs = ResidentSteps(mod, opt, lrn.clamp_logit_scale_, cfg.batch_size, graph=kind == "graph")
+    assert kind != "graph" or rs.mode == "cuda-graph", "capture failed (see the warning above)"
+    return rs
 
 
-def eager_step(mod, opt, lrn, idx, lr):
-    lrn.clamp_logit_scale_()
-    for g in opt.param_groups: g["lr"] = lr
-    loss = mod(idx)
-    opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
-    return loss.detach()
-
-
-def count_ops(mod, opt, lrn, idx, dev) -> tuple:
+def count_ops(rs: ResidentSteps, idx, dev) -> tuple:
     "(operator calls, device kernels) of one eager step."
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
     with profile(activities=acts) as prof:
-        eager_step(mod, opt, lrn, idx, 1e-4)
+        rs._step(idx, 1e-4)
         if dev.type == "cuda": torch.cuda.synchronize(dev)
     evs = prof.events()
     ops = sum(1 for e in evs if e.name.startswith("aten::") and e.cpu_parent is None)   # top-level operator calls
@@ -89,25 +84,17 @@ def count_ops(mod, opt, lrn, idx, dev) -> tuple:
 
 
 def runner(kind, js, feats, order, dev, cfg, seed):
-    "A function (first step, steps) -> seconds that trains `kind` on those batches of `order`."
-    mod, opt, lrn = make(kind, js, feats, dev, cfg, seed)
-    lrn.train()
-    B = cfg.batch_size
+    "(its ResidentSteps, a function (first step, steps) -> seconds that trains `kind` on those batches of `order`, the losses)."
+    rs, B = make(kind, js, feats, dev, cfg, seed), cfg.batch_size
     losses = torch.empty(len(order) // B, device=dev)
-    if kind == "graph":
-        rs = ResidentSteps(mod, opt, lrn.clamp_logit_scale_, B, graph=True)
-        assert rs.mode == "cuda-graph", "capture failed (see the warning above)"
 
     def block(i0: int, n: int) -> float:
         if dev.type == "cuda": torch.cuda.synchronize(dev)
         t0 = time.perf_counter()
-        if kind == "graph":
-            for _ in rs.run(order[i0 * B:(i0 + n) * B], [B] * n, [1e-4] * n, losses[i0:i0 + n]): pass
-        else:
-            for i in range(i0, i0 + n): losses[i] = eager_step(mod, opt, lrn, order[i * B:(i + 1) * B], 1e-4)
+        for _ in rs.run(order[i0 * B:(i0 + n) * B], [B] * n, [1e-4] * n, losses[i0:i0 + n]): pass
         if dev.type == "cuda": torch.cuda.synchronize(dev)
         return time.perf_counter() - t0
-    return mod, opt, lrn, block, losses
+    return rs, block, losses
 
 
 def main():
@@ -131,22 +118,20 @@ def main():
     kinds = ["per-field", "packed"] + (["graph"] if dev.type == "cuda" else [])
     run = {k: runner(k, js, feats, order, dev, cfg, a.seed) for k in kinds}
     counts = {}
-    for k in ("per-field", "packed"):
-        mod, opt, lrn, _, _ = run[k]
-        counts[k] = count_ops(mod, opt, lrn, order[:a.batch_size], dev)
+    for k in ("per-field", "packed"): counts[k] = count_ops(run[k][0], order[:a.batch_size], dev)
     n, rounds = 32, max(1, a.steps // 32)   # interleaved blocks of 32 steps: drift of a shared machine hits every variant alike
     times = {k: [] for k in kinds}
-    for k in kinds: run[k][3](0, n)        # warm-up block
+    for k in kinds: run[k][1](0, n)        # warm-up block
     for r in range(rounds):
-        for k in kinds: times[k].append(run[k][3](n * (r + 1), n) / n)
+        for k in kinds: times[k].append(run[k][1](n * (r + 1), n) / n)
     busy = {}
     if dev.type == "cuda":   # GPU kernel time per step (graph kernels included): GPU-bound when it is close to the wall time
         for k in kinds:
-            with profile(activities=[ProfilerActivity.CUDA]) as prof: run[k][3](n * (rounds + 1), n)
+            with profile(activities=[ProfilerActivity.CUDA]) as prof: run[k][1](n * (rounds + 1), n)
             busy[k] = sum(e.time_range.elapsed_us() for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA) / n / 1e6
     res = {}
     for k in kinds:
-        assert torch.isfinite(run[k][4][:n * (rounds + 1)]).all(), k
+        assert torch.isfinite(run[k][2][:n * (rounds + 1)]).all(), k
         sec = res[k] = statistics.median(times[k])
         ops, kernels = counts.get(k, (None, None))
         c = "" if ops is None else f"{ops} operator calls" + (f", {kernels} kernels" if kernels is not None else "") + " per step; "

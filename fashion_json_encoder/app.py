@@ -13,7 +13,7 @@ from .config import UserError
 from .checkpoints import RunDir
 from .data import item_thumbnail
 from .evaluation import format_metrics
-from .search import Searcher, tag as tag_feature
+from .search import Searcher, load_image_crop, tag as tag_feature
 from .visualise import english_label
 from .vocab import field_values
 
@@ -81,13 +81,10 @@ class Explorer:
         return {f: vs for f, vs in q.items() if vs}
 
     def photo(self, key: str) -> tuple:
-        "(whole photo, 'x, y, w, h' of the item's box) of an indexed item; `UserError` for a key not in the index."
-        from PIL import Image
-        from fashion_json_encoder.archives import read_bytes
+        "(whole photo, 'x, y, w, h' of the item's box) of an indexed item; `UserError` for a key not in the index or a photo gone or damaged."
         if key not in self.pos: raise UserError(f"{key!r} is not an item of the index")
         i = self.pos[key]
-        with Image.open(io.BytesIO(read_bytes(self.index.image_paths[i]))) as im: im = im.convert("RGB")
-        return im, box_text(self.index.boxes[i])
+        return load_image_crop(self.index.image_paths[i]), box_text(self.index.boxes[i])
 
     def tag(self, source: tuple | None, box: str | None = None, top: int = 5) -> tuple:  # source: ("upload", path) or ("item", key)
         "(rows [field, value, cosine], message) for the photo in `source` and an optional 'x, y, w, h' box."
@@ -109,7 +106,6 @@ class Explorer:
 # %% ../nbs/08b_app.ipynb #e5b55148
 def read_upload(path) -> tuple:
     "(RGB photo, message) of an uploaded file, or (None, message) when it is not a readable image: a message, never a traceback."
-    from fashion_json_encoder.search import load_image_crop
     if not path: return None, "no file"
     name = Path(path).name
     try: im = load_image_crop(path)

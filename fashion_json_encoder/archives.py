@@ -6,7 +6,7 @@
 from __future__ import annotations
 import hashlib, logging, multiprocessing as mp, os, stat, struct, unicodedata, zipfile, zlib
 from collections import Counter
-from pathlib import Path
+
 
 log = logging.getLogger(__name__)
 
@@ -158,8 +158,11 @@ def read_bytes(path, max_bytes: int = IMAGE_MAX_BYTES) -> bytes:
     "The bytes of a file or of an archive member path, at most `max_bytes` (else `OSError`); a member raises `MemberError` when damaged."
     archive, name = split_member(path)
     if name is None:
-        with open(path, "rb") as f: data = f.read(max_bytes + 1)   # a huge file is refused, not read into memory
-        if len(data) > max_bytes: raise OSError(f"{path}: over the {max_bytes}-byte limit for one file (not read)")
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size   # a huge file is refused unread; read(size + 1) sizes the buffer to the file
+            if size > max_bytes: raise OSError(f"{path}: over the {max_bytes}-byte limit for one file (not read)")
+            data = f.read(size + 1)
+        if len(data) > max_bytes: raise OSError(f"{path}: over the {max_bytes}-byte limit for one file (it grew while read)")
         return data
     try: return open_archive(archive).read(name, max_bytes)
     except KeyError: raise FileNotFoundError(f"{path}: no such member") from None

@@ -8,7 +8,7 @@ import json, logging, math, pickle
 from collections import Counter
 import torch
 from .config import atomic_path
-from .checkpoints import encoder_digest, side_path, state_digest
+from .checkpoints import encoder_digest, first_line, side_path, state_digest
 from .vocab import Vocab
 from .models.json_encoder import encode_json
 from .evaluation import canonical_json
@@ -43,7 +43,6 @@ def calibrate_checkpoint(checkpoint_path, encoder, vocab: Vocab, train_jsons: li
 # %% ../nbs/06c_calibration.ipynb #7a66f9ba
 _DAMAGED = (pickle.UnpicklingError, RuntimeError, ValueError, KeyError, TypeError, AttributeError, EOFError)  # what bad bytes raise
 
-def _line(e) -> str: return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
 
 def load_calibration(checkpoint_path, encoder,
                      digest: str | None = None) -> dict | None:  # digest: `encoder_digest(encoder)` when the caller has it
@@ -57,8 +56,8 @@ def load_calibration(checkpoint_path, encoder,
         if "sha256" in c and c.pop("sha256") != _calib_digest(c): raise ValueError("checksum mismatch")  # files before issue 15 have none
         if not torch.isfinite(c["bank"]).all(): raise ValueError("non-finite querybank")
     except _DAMAGED as e:  # a cache: the next search-index build or `evaluate --split val` writes it again
-        log.warning("%s: damaged calibration removed, recomputed by the next search-index build or `evaluate --split val` (%s)", p, _line(e))
+        log.warning("%s: damaged calibration removed, recomputed by the next search-index build or `evaluate --split val` (%s)", p, first_line(e))
         p.unlink(missing_ok=True); return None
     except OSError as e:  # the file may be sound (a permission, a full or busy disk): kept for the next run
-        log.warning("%s: calibration not readable now, searching without it (%s)", p, _line(e)); return None
+        log.warning("%s: calibration not readable now, searching without it (%s)", p, first_line(e)); return None
     return c if c.get("encoder") == (digest or encoder_digest(encoder)) else None

@@ -15,8 +15,8 @@ from .models.json_encoder import JSONEncoder, encoder_from_config
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'CKPT_FORMAT', 'RUN_FILES', 'state_digest', 'save_checkpoint', 'check_finite', 'load_checkpoint', 'RunDir',
-           'run_files', 'claim_run_dir', 'load_encoder', 'encoder_digest', 'side_path']
+__all__ = ['log', 'CKPT_FORMAT', 'RUN_FILES', 'state_digest', 'save_checkpoint', 'first_line', 'check_finite', 'load_checkpoint',
+           'RunDir', 'run_files', 'claim_run_dir', 'load_encoder', 'encoder_digest', 'side_path']
 
 # %% ../nbs/05c_checkpoints.ipynb #906df40d
 CKPT_FORMAT = "fashion-json-encoder/1"
@@ -50,7 +50,9 @@ def save_checkpoint(state: dict, path) -> Path:
     with atomic_path(path) as tmp: torch.save(state, tmp)
     return Path(path)
 
-def _first_line(e: Exception) -> str: return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+def first_line(e: Exception) -> str:
+    "'Type: first line of the message' of an error (at most 200 characters of it): one line for a user message or a log."
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
 
 def check_finite(state: dict, path) -> dict:
     "Raise `UserError` when the encoder weights (or the logit scale) of `state` hold NaN or infinity."
@@ -66,7 +68,7 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     if not path.is_file(): raise UserError(f"{path}: checkpoint file not found")
     try: state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
-        raise UserError(f"{path}: not a loadable fashion-json-encoder checkpoint, damaged or foreign ({_first_line(e)})") from None
+        raise UserError(f"{path}: not a loadable fashion-json-encoder checkpoint, damaged or foreign ({first_line(e)})") from None
     if not isinstance(state, dict) or state.get("format") != CKPT_FORMAT:
         raise UserError(f"{path}: not a fashion-json-encoder checkpoint (format {CKPT_FORMAT} expected)")
     if "digest" not in state:

@@ -8,7 +8,8 @@ import difflib, errno, fcntl, json, logging, math, os, re, tempfile, time
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields, asdict
 from pathlib import Path
-from typing import get_type_hints
+from typing import TYPE_CHECKING, get_type_hints
+if TYPE_CHECKING: import torch   # for annotations only: torch is imported where it is used, so `--help` stays fast
 
 # %% auto #0
 __all__ = ['KFASHION_GROUPS', 'KFASHION_ATTRIBUTES', 'KFASHION_MULTI', 'STYLE_KEY', 'UserError', 'ConfigError', 'default_fields',

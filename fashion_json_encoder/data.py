@@ -167,8 +167,7 @@ def load_crop(item: Item, min_side: int | None = None) -> Image.Image:  # min_si
     "The RGB crop of `item` (raw pixels, no EXIF rotation); raises `ImageDecodeError` if the JPEG does not decode."
     x0, y0, x1, y1 = item.crop
     try:
-        _, member = split_member(item.image_path)
-        with Image.open(io.BytesIO(read_bytes(item.image_path)) if member else item.image_path) as im:
+        with Image.open(io.BytesIO(read_bytes(item.image_path, IMAGE_MAX_BYTES))) as im:   # a file or a zip member, size-capped
             W, H = im.size
             f = min_side / max(1, min(x1 - x0, y1 - y0)) if min_side else 1
             if f < 1: im.draft("RGB", (max(1, math.ceil(W * f)), max(1, math.ceil(H * f))))  # JPEG DCT scaling

@@ -64,23 +64,18 @@ def crop_batches(items: list, tower, batches: list, num_workers: int = 0, on_ski
             if on_skip: on_skip(items[j], reason)
         if ok: yield torch.tensor(ok), pixels
 
-def tower_features(items: list, tower, batch_size: int = Config.tower_batch_size, num_workers: int = 0, on_skip=None) -> torch.Tensor:
-    "(N, D) frozen-tower features of every item's crop in one pass; rows whose JPEG fails stay zero."
-    out = torch.zeros(len(items), tower.output_dim)
+def tower_features(items: list, tower, batch_size: int = Config.tower_batch_size, num_workers: int = 0, on_skip=None) -> tuple:
+    "One tower pass: ((K, D) features of the K items whose crop decodes, in order; (N,) mask of those items). The others go to `on_skip`."
+    out, keep = torch.zeros(len(items), tower.output_dim), torch.zeros(len(items), dtype=torch.bool)
     for idx, pixels in crop_batches(items, tower, list(torch.arange(len(items)).split(batch_size)), num_workers, on_skip):
-        out[idx] = tower(pixels.to(tower.device)).float().cpu()
-    return out
+        out[idx] = tower(pixels.to(tower.device)).float().cpu(); keep[idx] = True
+    return out[keep], keep
 
 def with_tower_features(data: PairedData, tower, batch_size: int = Config.tower_batch_size, num_workers: int = 0,
                         on_skip=None) -> PairedData:
     "`data` with the tower's feature of every crop, less the rows whose photo fails to decode (each sent to `on_skip`), as the cache drops them."
-    bad = set()
-    def skip(item, reason):
-        bad.add(id(item))
-        if on_skip: on_skip(item, reason)
-    feats = tower_features(data.items, tower, batch_size, num_workers, skip)
-    keep = torch.tensor([id(it) not in bad for it in data.items], dtype=torch.bool)
-    return PairedData({k: v[keep] for k, v in data.json.items()}, feats[keep], [it for it, k in zip(data.items, keep.tolist()) if k])
+    feats, keep = tower_features(data.items, tower, batch_size, num_workers, on_skip)
+    return PairedData({k: v[keep] for k, v in data.json.items()}, feats, [it for it, k in zip(data.items, keep.tolist()) if k])
 
 # %% ../nbs/04a_paired.ipynb #9cf0ca19
 def embed_rows(encoder, data: PairedData, device, batch_size: int = 1024,

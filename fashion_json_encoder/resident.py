@@ -27,7 +27,7 @@ class RowsLoss(nn.Module):
         super().__init__()
         assert (features is None) != (targets is None), "give cached features (contrastive) or targets (standalone)"
         self.encoder, self.ids, self.features, self.targets = encoder, ids, features, targets  # data: plain attributes
-        object.__setattr__(self, "learner", learner)  # not a submodule: the frozen tower stays out of any graph
+        object.__setattr__(self, "learner", learner)  # not a submodule: the frozen tower is not part of this module
 
     def forward(self, idx: Tensor) -> Tensor:  # (B,) row indices on the device of `ids` -> scalar loss
         out = self.encoder.encode_packed(self.ids.index_select(0, idx))             # (B, D) unit-norm
@@ -57,13 +57,11 @@ class ResidentSteps:
                  opt: torch.optim.Optimizer,            # Adam over the encoder (and the learned logit scale)
                  clamp,                                 # called before each step: the learner's `clamp_logit_scale_`
                  batch_size: int, graph: bool = False,  # graph: capture on CUDA (False or no CUDA: eager)
-                 k: int = GRAPH_STEPS,
-                 full_batches: int | None = None):      # full batches per epoch: no capture when fewer than k (None: from the rows)
+                 k: int = GRAPH_STEPS):                 # steps per graph; no capture when an epoch has fewer full batches
         self.mod, self.opt, self.clamp, self.batch_size, self.k = mod, opt, clamp, batch_size, k
         self.scale = mod.learner.logit_scale               # logged after each step (learned or fixed)
         self.lr = self.graph = None
-        if graph and mod.ids.device.type == "cuda":
-            if (len(mod.ids) // batch_size if full_batches is None else full_batches) >= k: self.graph = self._capture()
+        if graph and mod.ids.device.type == "cuda" and len(mod.ids) // batch_size >= k: self.graph = self._capture()
 
     def _step(self, idx: Tensor, lr) -> Tensor:  # lr: a float (eager) or a device scalar (graph groups)
         "One step, run eagerly or recorded into a graph: the detached loss."
@@ -71,7 +69,7 @@ class ResidentSteps:
         if isinstance(lr, Tensor): self.lr.copy_(lr)
         else:
             for g in self.opt.param_groups: g["lr"] = lr
-        loss = RowsLoss.forward(self.mod, idx)
+        loss = self.mod(idx)
         self.opt.zero_grad(set_to_none=True); loss.backward(); self.opt.step()
         return loss.detach()
 
@@ -98,9 +96,16 @@ def _static(self: ResidentSteps, dev):
     self.s_lr, self.s_loss, self.s_scale = (torch.zeros(self.k, device=dev) for _ in range(3))
 
 @patch
+def _block(self: ResidentSteps):
+    "The k steps a graph records: rows and lrs read from, losses and logit scales written to the static buffers."
+    for j in range(self.k):
+        self.s_loss[j].copy_(self._step(self.s_idx[j], self.s_lr[j]))
+        self.s_scale[j].copy_(self.scale.detach())
+
+@patch
 def _capture(self: ResidentSteps) -> torch.cuda.CUDAGraph | None:
     "Record `k` steps on static buffers as one graph; weights, Adam state and CUDA RNG as before. None (logged) on failure."
-    dev, k = self.mod.ids.device, self.k
+    dev = self.mod.ids.device
     self.mod.encoder.train()   # a graph keeps the dropout it was recorded with: record training steps
     self._static(dev)
     params = [p for g in self.opt.param_groups for p in g["params"]]
@@ -115,10 +120,7 @@ def _capture(self: ResidentSteps) -> torch.cuda.CUDAGraph | None:
             home.wait_stream(side)
             self.opt.zero_grad(set_to_none=True)  # gradients are then allocated in the graph's own memory pool
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, stream=side):
-                for j in range(k):
-                    self.s_loss[j].copy_(self._step(self.s_idx[j], self.s_lr[j]))
-                    self.s_scale[j].copy_(self.scale.detach())
+            with torch.cuda.graph(graph, stream=side): self._block()
         return graph
     except Exception as e:  # training must not stop because a graph could not be captured
         c = e.__context__   # a capture's closing error hides what broke it: log both
@@ -141,8 +143,7 @@ def run(self: ResidentSteps, rows: Tensor,   # (sum of sizes,) the epoch's row i
         sizes: list,                         # batch sizes: all `batch_size` but maybe the last
         lrs: list,                           # the learning rate of each step
         losses: Tensor,                      # (steps,) device tensor: each step's loss is written here
-        scales: Tensor | None = None,        # (steps,) device tensor for the logit scale after each step ...
-        keep=()):                            # ... eagerly only at these step numbers (graphs write every step)
+        scales: Tensor | None = None):       # (steps,) device tensor: the logit scale after each step
     "Train one epoch; yields the number of steps done after each graph replay or eager step."
     full = len(sizes) - (sizes[-1] != self.batch_size) if sizes else 0
     start = 0
@@ -165,5 +166,5 @@ def run(self: ResidentSteps, rows: Tensor,   # (sum of sizes,) the epoch's row i
         return
     for i, idx in enumerate(rows.split(sizes)):
         losses[i] = self._step(idx, lrs[i])
-        if i in keep and scales is not None: scales[i] = self.scale.detach()
+        if scales is not None: scales[i] = self.scale.detach()
         yield 1

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from .config import Config, UserError, update_config
-from .checkpoints import RunDir, encoder_digest, load_checkpoint, load_encoder, side_path
+from .checkpoints import RunDir, encoder_digest, first_line, load_checkpoint, load_encoder, side_path
 from .vocab import Vocab, field_values, normalise_value, romanize
 from .archives import member_stat, read_bytes, split_member
 from .data import clip_box, crop_box
@@ -110,7 +110,6 @@ def tag(feature: torch.Tensor, encoder, vocab: Vocab, top: int = 5, fields=None)
 
 # %% ../nbs/06a_search.ipynb #f5155454
 def _xywh(b) -> str: return "(" + ", ".join(f"{v:g}" for v in b) + ")"
-def _line(e) -> str: return (str(e).splitlines() or [""])[0][:300]   # an error is one line of the message
 
 def load_image_crop(image_path,  # a file or "<zip>::<member>"
                     box=None, pad: float = Config.crop_padding):
@@ -127,8 +126,8 @@ def load_image_crop(image_path,  # a file or "<zip>::<member>"
             warnings.simplefilter("error", Image.DecompressionBombWarning)   # a header claiming a huge image: refused before decoding
             with Image.open(image_path if member is None else io.BytesIO(read_bytes(image_path))) as im: im = im.convert("RGB")
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise UserError(f"{image_path}: image too large to open safely ({_line(e)})") from None
-    except (OSError, ValueError, SyntaxError) as e: raise UserError(f"{image_path}: cannot read image ({_line(e)})") from None
+        raise UserError(f"{image_path}: image too large to open safely ({first_line(e)})") from None
+    except (OSError, ValueError, SyntaxError) as e: raise UserError(f"{image_path}: cannot read image ({first_line(e)})") from None
     if box is None: return im
     x, y, w, h = box
     if (clipped := clip_box(x, y, w, h, im.size)) is None:
@@ -152,10 +151,6 @@ class Searcher:
 
     @functools.cached_property
     def digest(self) -> str: return encoder_digest(self.encoder)  # what the index and the calibration are checked against
-    @functools.cached_property
-    def calibration(self) -> dict | None:
-        "The saved calibration of this encoder, or None (read when an index build needs it; `build_index` may set it)."
-        return load_calibration(self.checkpoint_path, self.encoder, self.digest)
 
     @property
     def tower(self):
@@ -196,14 +191,15 @@ class Searcher:
         cfg = update_config(self.cfg, feature_cache=True)
         prep = prepare_data(cfg, self.dataset_path, RunDir.of(self.checkpoint_path).root, vocab=self.vocab,
                             tower=self.tower, progress=self.progress)
-        if self.calibration is None and len(prep.val) >= 2:
+        calibration = load_calibration(self.checkpoint_path, self.encoder, self.digest)   # read only when an index is built
+        if calibration is None and len(prep.val) >= 2:
             vi, vt = F.normalize(prep.val.features.float(), dim=1), embed_rows(self.encoder, prep.val, "cpu")
-            self.calibration = calibrate_checkpoint(self.checkpoint_path, self.encoder, self.vocab, [it.json for it in prep.train.items],
+            calibration = calibrate_checkpoint(self.checkpoint_path, self.encoder, self.vocab, [it.json for it in prep.train.items],
                                                     vi, vt, [canonical_json(it.json, list(self.vocab.fields)) for it in prep.val.items],
                                                     self.digest)
         data = dataset_fingerprint(self.dataset_path, self.cfg, prep.index.fingerprint)   # the walk `prepare_data` made, not another
         index = build_search_index(prep.train.items + prep.val.items, torch.cat([prep.train.features, prep.val.features]),
-                                   self.digest, self.tower.fingerprint, self.calibration,
+                                   self.digest, self.tower.fingerprint, calibration,
                                    str(Path(self.dataset_path).expanduser().resolve()), data)
         index.save(side_path(self.checkpoint_path, "index"))
         log.info("search index of %d items saved to %s", len(index), side_path(self.checkpoint_path, "index"))

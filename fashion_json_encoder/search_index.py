@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from .config import atomic_path
-from .checkpoints import encoder_digest, state_digest
+from .checkpoints import encoder_digest, first_line, state_digest
 from .dataset import index_fingerprint
 from .evaluation import querybank_bias
 
@@ -66,7 +66,7 @@ class SearchIndex:
     def load(cls, path) -> SearchIndex:
         "Read an index written by `save`; `ValueError` saying what is wrong with a damaged, foreign or older file."
         try: st = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e: raise ValueError(f"unreadable: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}") from None
+        except Exception as e: raise ValueError(f"unreadable: {first_line(e)}") from None
         fmt = st.pop("format", None) if isinstance(st, dict) else None
         if fmt in _PREVIOUS: raise ValueError(f"an index of a previous format ({fmt.rsplit('/', 1)[1]}, {_PREVIOUS[fmt]})")
         if fmt != INDEX_FORMAT: raise ValueError(f"not a {INDEX_FORMAT} file")
@@ -76,7 +76,7 @@ class SearchIndex:
         if not same: raise ValueError("checksum mismatch")
         if not torch.isfinite(ix.features).all(): raise ValueError("non-finite features")
         try: ok = ix.ann is None or ix.ann.dtype == torch.uint8 and (ix.ivf.ntotal, ix.ivf.d) == (len(ix), ix.features.shape[1] + 1)
-        except Exception as e: raise ValueError(f"malformed IVF index: {str(e).splitlines()[0][:200]}") from None
+        except Exception as e: raise ValueError(f"malformed IVF index: {first_line(e)}") from None
         if not ok: raise ValueError("IVF index does not match the features")
         return ix
 

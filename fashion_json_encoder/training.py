@@ -95,7 +95,8 @@ class Trainer:
             self.val_data = val = with_tower_features(val, tower, cfg.tower_batch_size, cfg.num_workers, self._skip)
             if len(val) < 2: raise UserError(f"the val split has {len(val)} decodable item(s); at least 2 are needed to validate")
         self.val_feats = val.features if self.rank == 0 else None
-        self.val_rows = val_subset_rows(len(val), cfg.val_subset, cfg.seed)
+        # rank 0's subset for every rank: only rank 0 embeds val, and photos it cannot decode shorten its split
+        self.val_rows = broadcast_object(val_subset_rows(len(val), cfg.val_subset, cfg.seed) if self.rank == 0 else None)
         self.val_image = self._val_image(self.val_rows) if self.rank == 0 else None
         self._stage_steps, self._res, self.train_path, self.final = {}, None, None, None
         self.steps_per_epoch = len(self._batches(1))  # the same every epoch: the last short batch is the only one dropped
@@ -178,9 +179,8 @@ def _resident_steps(self: Trainer, stage: str) -> ResidentSteps:
         mod = RowsLoss(self.encoder, self.learner, r["ids"], **({"targets": self.targets.to(self.device)} if stage == "standalone"
                                                                    else {"features": r["features"]}))
         on_gpu = stage == "standalone" or r["features"].device.type == self.device.type
-        full = sum(len(b) == self.cfg.batch_size for b in self._batches(1))  # no graph for epochs shorter than one replay
         steps = self._stage_steps[stage] = ResidentSteps(mod, self.opt, self.learner.clamp_logit_scale_, self.cfg.batch_size,
-                                                       graph=self.cfg.cuda_graphs and on_gpu, full_batches=full)
+                                                       graph=self.cfg.cuda_graphs and on_gpu)
         self.train_path = ("cuda-graph" if steps.mode == "cuda-graph" else "device-resident") if self.device.type == "cuda" else "cpu"
         if stage == "contrastive" and not on_gpu: self.train_path = "pinned-host"
         log.info("%s stage: %s steps", stage, self.train_path)
@@ -196,11 +196,11 @@ def _resident_epoch(self: Trainer, epoch: int, stage: str) -> float:
     sizes = [len(b) for b in batches]
     rows = torch.cat(batches).to(self.device)               # one host->device copy per epoch
     losses = torch.empty(len(sizes), device=self.device)    # (steps,) each step's loss, read back once
-    scales = torch.empty(len(sizes), device=self.device)    # (steps,) the logit scale after each logged step
+    scales = torch.empty(len(sizes), device=self.device)    # (steps,) the logit scale after each step
     every, first = self.cfg.log_every_n_steps, self._step0(epoch)
     logged = [i for i in range(len(sizes)) if every and (first + i) % every == 0]
     bar = self._bar(None, epoch, total=len(sizes))
-    for n in steps.run(rows, sizes, [self.lr_at(first + i) for i in range(len(sizes))], losses, scales, keep=set(logged)):
+    for n in steps.run(rows, sizes, [self.lr_at(first + i) for i in range(len(sizes))], losses, scales):
         bar.update(n)
     bar.close()
     host = losses.cpu()   # the epoch's only host-device synchronisation

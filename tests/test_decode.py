@@ -122,6 +122,10 @@ def test_a_loose_photo_over_the_size_limit_is_skipped_unread(photo, tower, tmp_p
     size = photo.stat().st_size
     with pytest.raises(OSError, match=f"over the {size - 1}-byte limit"): read_bytes(photo, max_bytes=size - 1)
     assert read_bytes(photo, max_bytes=size) == photo.read_bytes()
+    from fashion_json_encoder import data
+    from fashion_json_encoder.data import ImageDecodeError
+    monkeypatch.setattr(data, "IMAGE_MAX_BYTES", size - 1)     # the per-crop loader refuses it too
+    with pytest.raises(ImageDecodeError, match="byte limit"): load_crop(Item("k", str(photo), "상의", (0, 0, 9, 9), (0, 0, 9, 9), {}, "l"))
     monkeypatch.setattr(decode, "IMAGE_MAX_BYTES", size - 1)   # the photo is one byte too big
     items = [Item(f"k{i}", str(photo), "상의", c, c, {}, "l") for i, c in enumerate([(0, 0, 300, 400), (100, 200, 500, 700)])]
     fc = build_feature_cache(items, tower, tmp_path / "c", batch_size=4, num_workers=0, progress=False)

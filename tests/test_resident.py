@@ -14,13 +14,10 @@ from fashion_json_encoder.training import make_adam
 
 
 class EagerReplay:
-    "Stands in for a captured CUDA graph on CPU: replays the k steps `_capture` records, from the same static buffers."
+    "Stands in for a captured CUDA graph on CPU: runs the k steps `_capture` records (`_block`), on the same static buffers."
     def __init__(self, rs): self.rs, self.replays = rs, 0
 
-    def replay(self):
-        rs = self.rs; self.replays += 1
-        for j in range(rs.k):
-            rs.s_loss[j].copy_(rs._step(rs.s_idx[j], rs.s_lr[j])); rs.s_scale[j].copy_(rs.scale.detach())
+    def replay(self): self.replays += 1; self.rs._block()
 
 
 def _train(graph: bool, n: int, B: int, k: int, last: int, stage: str):
@@ -36,7 +33,7 @@ def _train(graph: bool, n: int, B: int, k: int, last: int, stage: str):
     rows = torch.randperm(n, generator=torch.Generator().manual_seed(1))[:sum(sizes)]
     lrs = [1e-3 * 0.8 ** i for i in range(len(sizes))]
     losses, scales = torch.empty(len(sizes)), torch.full((len(sizes),), float("nan"))
-    done = list(rs.run(rows, sizes, lrs, losses, scales, keep=set(range(len(sizes)))))
+    done = list(rs.run(rows, sizes, lrs, losses, scales))
     return {"done": done, "losses": losses, "scales": scales, "weights": [p.detach().clone() for p in lrn.parameters()],
             "group": {k: v for k, v in opt.param_groups[0].items() if k != "params"},
             "replays": rs.graph.replays if graph else 0}

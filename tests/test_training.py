@@ -74,7 +74,6 @@ def test_resume_state_is_not_read_again(prepared, tmp_path, monkeypatch):
 
 def test_the_tower_embeds_val_in_tower_batches(prepared, tmp_path, monkeypatch):
     "Without cached features the val split goes through the tower `tower_batch_size` crops at a time, not `batch_size`."
-    import fashion_json_encoder.training as training
     _, tower, p = prepared
     import fashion_json_encoder.paired as paired
     sizes, orig = [], paired.tower_features
@@ -141,9 +140,9 @@ def test_tower_pass_matches_the_cache_and_reports_bad_photos(prepared):
     items, cached = p.train.items[:6], p.train.features[:6].float()
     skipped = []
     bad = dataclasses.replace(items[0], image_path=items[0].image_path + ".missing")
-    out = tower_features([bad] + items, tower, batch_size=4, on_skip=lambda it, why: skipped.append(it.key))
-    assert skipped == [bad.key] and out[0].abs().sum() == 0       # the undecodable photo: reported, zero row
-    assert torch.allclose(out[1:], cached, atol=2e-3)              # the same features the fp16 cache holds
+    out, keep = tower_features([bad] + items, tower, batch_size=4, on_skip=lambda it, why: skipped.append(it.key))
+    assert skipped == [bad.key] and keep.tolist() == [False] + [True] * 6   # the undecodable photo: reported, no row
+    assert torch.allclose(out, cached, atol=2e-3)                  # the same features the fp16 cache holds
 
 
 def test_without_the_cache_an_undecodable_val_photo_leaves_the_gallery(prepared, tmp_path):
