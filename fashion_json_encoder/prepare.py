@@ -7,7 +7,6 @@ from __future__ import annotations
 import logging, os, time
 from dataclasses import dataclass
 from pathlib import Path
-import torch
 from .config import Config
 from .checkpoints import RunDir
 from .vocab import Vocab
@@ -31,11 +30,10 @@ class Prepared:
 def _cached_split(items, tower, cache_dir, cfg, progress, skipped):
     cache = build_feature_cache(items, tower, cache_dir, batch_size=cfg.tower_batch_size, num_workers=cfg.num_workers,
                                 progress=progress, crop_padding=cfg.crop_padding, decode=cfg.decode)
-    pos = {k: i for i, k in enumerate(cache.keys)}
-    kept = [it for it in items if it.key in pos]
+    kept = [it for it in items if it.key in cache]
+    assert [it.key for it in kept] == cache.keys, "cached rows are not in item order"
     for reason in cache.skipped.values(): skipped[reason] += 1
-    feats = cache.features[[pos[it.key] for it in kept]] if kept else torch.empty(0, tower.output_dim)
-    return kept, feats, cache
+    return kept, cache.features, cache   # the cache's own rows: no second copy (nor a read of a mapped cache into memory)
 
 def _sample(items: list, k: int | None, seed: int) -> list:
     rows = val_subset_rows(len(items), k, seed)   # the same seeded, sorted subset the per-epoch validation uses

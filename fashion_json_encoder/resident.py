@@ -10,11 +10,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn, Tensor
 from fastcore.basics import patch
+from .models.feature_cache import host_memory_available, is_mapped
 
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'GRAPH_STEPS', 'RowsLoss', 'resident', 'ResidentSteps']
+__all__ = ['log', 'GRAPH_STEPS', 'RowsLoss', 'feature_tier', 'resident', 'ResidentSteps']
 
 # %% ../nbs/05b_resident.ipynb #b5f26942
 class RowsLoss(nn.Module):
@@ -38,15 +39,29 @@ class RowsLoss(nn.Module):
         return self.learner.loss(img, out, self.learner.logit_scale.exp())["contrastive_loss"]
 
 # %% ../nbs/05b_resident.ipynb #0e1bf554
-def resident(t: Tensor, device, budget: float = 0.5) -> Tensor:  # budget: share of the free GPU memory it may take
-    "`t` on `device` if it fits in `budget` of the free GPU memory, else in pinned host memory (CPU: `t` itself)."
+def feature_tier(nbytes: int, gpu_free: int | None,  # gpu_free: free GPU bytes (None: training on the CPU)
+                 host_available: int | None,         # what the OS could give now (None: unknown)
+                 mapped: bool = False,               # the features are in a memory-mapped file already
+                 budget: float = 0.5) -> str:        # share of the free GPU (or available host) memory they may take
+    "Where cached features go for training: 'gpu', 'pinned' host memory, or 'host' as they are (pageable or memory-mapped)."
+    if gpu_free is None: return "host"
+    if nbytes <= budget * gpu_free: return "gpu"
+    if not mapped and (host_available is None or nbytes <= budget * host_available): return "pinned"  # pinning copies them
+    return "host"
+
+def resident(t: Tensor, device, budget: float = 0.5) -> Tensor:
+    "`t` where `feature_tier` puts it: on `device`, in pinned host memory, or as it is (a mapped cache: through the page cache)."
     device = torch.device(device)
     if device.type != "cuda": return t
-    free, _ = torch.cuda.mem_get_info(device)
-    if t.numel() * t.element_size() <= budget * free: return t.to(device)
-    log.warning("%.1f GiB of features do not fit in %.0f%% of the GPU's free %.1f GiB: streaming them from pinned host memory",
-                t.numel() * t.element_size() / 2**30, 100 * budget, free / 2**30)
-    return t.pin_memory()
+    nbytes, mapped = t.numel() * t.element_size(), is_mapped(t)
+    free, avail = torch.cuda.mem_get_info(device)[0], host_memory_available()
+    tier = feature_tier(nbytes, free, avail, mapped, budget)
+    if tier == "gpu": return t.to(device)
+    src = {"pinned": "pinned host memory", "host": "the memory-mapped cache" if mapped else "pageable host memory"}[tier]
+    log.warning("%.1f GiB of features do not fit in %.0f%% of the GPU's free %.1f GiB: each batch's rows are read from %s",
+                nbytes / 2**30, 100 * budget, free / 2**30, src)
+    return t.pin_memory() if tier == "pinned" else t
+
 
 # %% ../nbs/05b_resident.ipynb #4a391df5
 GRAPH_STEPS = 16  # consecutive training steps captured in one CUDA graph

@@ -18,6 +18,7 @@ from .paired import PairedData, crop_batches, embed_rows, standalone_targets, va
 from .evaluation import gallery_metrics
 from .models.json_encoder import encoder_from_config
 from .models.contrastive_learner import ContrastiveLearner
+from .models.feature_cache import is_mapped
 from .resident import ResidentSteps, RowsLoss, resident
 from .distributed import (all_gather_object, broadcast_object, gather_with_grad, get_rank,
                                               get_world_size, reduce_sum)
@@ -162,7 +163,7 @@ def _set_lr(self: Trainer, step: int) -> float:
 # %% ../nbs/05_training.ipynb #3b803904
 @patch
 def _resident(self: Trainer) -> dict:
-    "The training data on the device (once): packed JSON ids (checked on the CPU) and cached features (or pinned host memory)."
+    "The training data on the device (once): packed JSON ids (checked on the CPU) and cached features (or host memory, `resident`)."
     if self._res is None:
         d = self.train_data
         self._res = {"ids": self.encoder.pack(d.json).to(self.device),
@@ -182,7 +183,8 @@ def _resident_steps(self: Trainer, stage: str) -> ResidentSteps:
         steps = self._stage_steps[stage] = ResidentSteps(mod, self.opt, self.learner.clamp_logit_scale_, self.cfg.batch_size,
                                                        graph=self.cfg.cuda_graphs and on_gpu)
         self.train_path = ("cuda-graph" if steps.mode == "cuda-graph" else "device-resident") if self.device.type == "cuda" else "cpu"
-        if stage == "contrastive" and not on_gpu: self.train_path = "pinned-host"
+        if stage == "contrastive" and not on_gpu:
+            f = r["features"]; self.train_path = "pinned-host" if f.is_pinned() else "mapped-host" if is_mapped(f) else "pageable-host"
         log.info("%s stage: %s steps", stage, self.train_path)
     return steps
 

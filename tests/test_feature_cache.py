@@ -323,3 +323,46 @@ def test_damaged_metadata_chunk_is_removed(items, tower, tmp_path):
     save_file({"features": feats}, str(victim), metadata={"ids": "{}", "skipped": "[]"})
     again = _build(items, tower, tmp_path / "c", chunk_size=4)
     assert again.n_computed == 4 and torch.equal(again.features, fc.features)
+
+
+@given(st.lists(st.booleans(), max_size=40), st.integers(1, 8))
+def test_compaction_in_place_equals_indexing(mask, block):
+    "Moving the kept rows to the front block by block, in place, gives `buf[keep]` for any mask and block size."
+    from fashion_json_encoder.models.feature_cache import compact_rows
+    buf = torch.arange(len(mask) * 3, dtype=torch.float16).view(len(mask), 3)
+    keep = [i for i, m in enumerate(mask) if m]
+    got = compact_rows(buf.clone(), keep, block)
+    assert torch.equal(got, buf[keep])
+
+
+def test_mapped_features_equal_the_in_memory_ones(items, tower, tmp_path):
+    "A cache whose features live in a memory-mapped file gives the same rows (skips squeezed out), leaves no file behind."
+    from fashion_json_encoder.models.feature_cache import is_mapped
+    good = Path(items[0].image_path).read_bytes()
+    (tmp_path / "trunc.jpg").write_bytes(good[: len(good) // 3])
+    mixed = items[:5] + [_item("모던/t/상의", tmp_path / "trunc.jpg"), _item("모던/m/하의", tmp_path / "missing.jpg")] + items[5:]
+    ref = _build(mixed, tower, tmp_path / "ref", chunk_size=4, mmap=False)
+    cold = _build(mixed, tower, tmp_path / "c", chunk_size=4, mmap=True)     # rows written by this build
+    warm = _build(mixed, tower, tmp_path / "c", chunk_size=4, mmap=True)     # rows read from the chunks
+    assert not is_mapped(ref.features) and is_mapped(cold.features) and is_mapped(warm.features)
+    assert len(ref) == 12 and cold.keys == warm.keys == ref.keys and set(ref.skipped) == {"모던/t/상의", "모던/m/하의"}
+    assert torch.equal(cold.features, ref.features) and torch.equal(warm.features, ref.features)
+    assert not [p for p in (tmp_path / "c").rglob("*") if p.is_file() and not p.name.startswith("chunk_") and p.name != "manifest.json"]
+
+
+def test_features_over_the_host_budget_are_mapped_and_a_full_disk_keeps_them_in_memory(items, tower, tmp_path, monkeypatch, caplog):
+    "Automatic: mapped when they would take over half the available memory; a disk without room: one warning, in memory."
+    import errno
+    from fashion_json_encoder.models import feature_cache as fcm
+    ref = _build(items, tower, tmp_path / "c")
+    monkeypatch.setattr(fcm, "host_memory_available", lambda: 2 * ref.features.numel() * 2 - 1)  # just under twice their size
+    small = _build(items, tower, tmp_path / "c")
+    assert fcm.is_mapped(small.features) and torch.equal(small.features, ref.features)
+    def full(fd, offset, length): raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(fcm.os, "posix_fallocate", full)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="fashion_json_encoder"): kept = _build(items, tower, tmp_path / "c")
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1 and "No space left on device" in warned[0] and "keeping them in memory" in warned[0], warned
+    assert not fcm.is_mapped(kept.features) and torch.equal(kept.features, ref.features)
+    assert not list(kept.path.glob(".features-*"))

@@ -244,20 +244,40 @@ def test_whole_step_graphs_match_eager_steps(prepared, tmp_path):
     for k in wg: assert torch.allclose(wg[k], we[k], atol=1e-4), k
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_features_streamed_from_pinned_host_memory_give_the_same_loss():
+def test_features_streamed_from_host_memory_give_the_same_loss(tmp_path, monkeypatch):
+    "Features that do not fit on the GPU: pinned when they fit in host memory, a mapped cache read as it is; same loss."
     from fashion_json_encoder.resident import RowsLoss, resident
     from fashion_json_encoder.models.json_encoder import JSONEncoder
     from fashion_json_encoder.models.contrastive_learner import ContrastiveLearner
+    from fashion_json_encoder.models.feature_cache import feature_buffer
     enc = JSONEncoder({"category": 6, "material": 8}, 8, 16, 32, dropout_rate=0.0).cuda()
     lrn = ContrastiveLearner(enc).cuda()
-    js = {"category": torch.randint(2, 6, (50, 1)).cuda(), "material": torch.randint(0, 8, (50, 3)).cuda()}
+    ids = enc.pack({"category": torch.randint(2, 6, (50, 1)), "material": torch.randint(0, 8, (50, 3))}).cuda()
     f = torch.randn(50, 32).half()
-    on_host = resident(f, "cuda", budget=0.0)            # "does not fit": stays on the host, pinned
-    assert on_host.device.type == "cpu" and on_host.is_pinned() and resident(f, "cuda").device.type == "cuda"
+    mapped = feature_buffer(50, 32, tmp_path, mmap=True); mapped.copy_(f)
+    assert resident(f, "cuda").device.type == "cuda"
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (0, 2**40))   # a GPU without room
+    pinned, kept = resident(f, "cuda"), resident(mapped, "cuda")
+    assert pinned.device.type == "cpu" and pinned.is_pinned() and kept is mapped
+    monkeypatch.undo()
     idx = torch.tensor([4, 8, 15, 16, 23, 42], device="cuda")
-    a = RowsLoss(enc, lrn, js, features=on_host)(idx)
-    b = RowsLoss(enc, lrn, js, features=f.cuda())(idx)
-    assert a.item() == pytest.approx(b.item(), abs=1e-6)
+    want = RowsLoss(enc, lrn, ids, features=f.cuda())(idx).item()
+    for host in (pinned, kept): assert RowsLoss(enc, lrn, ids, features=host)(idx).item() == pytest.approx(want, abs=1e-6)
+
+
+def test_training_on_memory_mapped_features_equals_in_memory(prepared, tmp_path):
+    "A feature cache over the host budget lives in a memory-mapped file: training reads its rows there, with the same result."
+    from fashion_json_encoder.models.feature_cache import feature_buffer, is_mapped
+    _, tower, p = prepared
+    mapped = feature_buffer(*p.train.features.shape, tmp_path, mmap=True); mapped.copy_(p.train.features)
+    runs = {}
+    for name, train in (("memory", p.train), ("mapped", dataclasses.replace(p.train, features=mapped))):
+        t = Trainer(CFG, p.vocab, train, p.val, tmp_path / name, tower=tower, progress=False)
+        res = t.fit(1, 2)
+        runs[name] = ([h["train_loss"] for h in res["history"]], t.encoder.state_dict())
+    assert is_mapped(t.train_data.features) and not is_mapped(p.train.features)
+    assert runs["mapped"][0] == runs["memory"][0]
+    assert all(torch.equal(v, runs["memory"][1][k]) for k, v in runs["mapped"][1].items())
 
 
 # -- the learning-rate schedule, extended runs, non-finite losses, per-step logs -----------------------------------------

@@ -4,7 +4,7 @@
 
 # %% ../../nbs/03a_feature_cache.ipynb #3341a04c
 from __future__ import annotations
-import hashlib, json, logging, re, time
+import hashlib, json, logging, os, re, time, uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +15,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from ..progress import progress as progress_bar
 from ..config import Config, atomic_path, atomic_write_text
-from ..checkpoints import state_digest
+from ..checkpoints import first_line, state_digest
 from .image_encoder import CLIPImageEncoder, check_precision
 from ..archives import member_stat
 from ..decode import PhotoDataset, collate_photos, crop_tensor, decode_crops, decode_jpegs, photo_groups, resolve_decode
@@ -24,8 +24,9 @@ from ..distributed import barrier, get_rank, get_world_size, main_first
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'CACHE_VERSION', 'cache_key', 'cache_path', 'record_id', 'plan_photo_chunks', 'chunk_digest', 'write_chunk',
-           'load_chunk', 'read_chunks', 'FeatureCache', 'build_feature_cache', 'cache_contents']
+__all__ = ['log', 'CACHE_VERSION', 'HOST_BUDGET', 'cache_key', 'cache_path', 'record_id', 'plan_photo_chunks', 'chunk_digest',
+           'write_chunk', 'load_chunk', 'read_chunks', 'FeatureCache', 'host_memory_available', 'is_mapped',
+           'feature_buffer', 'compact_rows', 'build_feature_cache', 'cache_contents']
 
 # %% ../../nbs/03a_feature_cache.ipynb #1cb94a9f
 CACHE_VERSION = 1  # bump when the on-disk format changes
@@ -91,9 +92,9 @@ def _sig(f: Path) -> tuple: st = f.stat(); return st.st_size, st.st_mtime_ns
 
 _DAMAGED = (ValueError, KeyError, TypeError, RuntimeError, SafetensorError)  # a chunk whose contents fail verification raises one of these (JSON errors are ValueErrors)
 
-def read_chunks(root: Path, verified: dict | None = None,  # verified: {path: ((size, mtime_ns), features or None, ids, skipped)} of the chunks this build read or wrote; updated here
+def read_chunks(root: Path, verified: dict | None = None,  # verified: {path: ((size, mtime_ns), ids, skipped)} of the chunks this build read or wrote; updated here
                 upgrade: bool = False,  # upgrade: rewrite a chunk written before checksums with one
-                keep: set | None = None) -> tuple:  # keep: record ids whose features are wanted; `verified` holds no tensor of a chunk without any (None: all)
+                sink=None) -> tuple:  # sink(ids, features): given each chunk read here, once it passed `load_chunk`; nothing is kept
     "Index of the chunks in `root` that pass `load_chunk`: ({record id: (chunk path, row)}, {record id: [item key, reason, detail]})."
     rows, skipped, verified = {}, {}, {} if verified is None else verified
     for f in sorted(Path(root).glob("chunk_*.safetensors")):
@@ -101,8 +102,8 @@ def read_chunks(root: Path, verified: dict | None = None,  # verified: {path: ((
         try:
             sig, v = _sig(f), verified.get(f)
             if v is not None and v[0] == sig:  # read or written by this build already: not read again
-                if v[2] is None: continue  # could not be read earlier in this build (warned then)
-                ids, sk = v[2], v[3]
+                if v[1] is None: continue  # could not be read earlier in this build (warned then)
+                ids, sk = v[1], v[2]
             else:
                 feats, ids, sk, summed = load_chunk(f)  # the one read (and verification) of this chunk in this build
                 if not summed and upgrade:  # same contents under the same name: an atomic replace that adds the checksum
@@ -110,7 +111,8 @@ def read_chunks(root: Path, verified: dict | None = None,  # verified: {path: ((
                         if (p := write_chunk(root, ids, feats, sk)) != f: f.unlink(); f = p
                         sig = _sig(f)
                     except OSError as e: log.warning("%s: cannot add a checksum (%s)", f, e)
-                verified[f] = (sig, feats if keep is None or not keep.isdisjoint(ids) else None, ids, sk)
+                if sink is not None: sink(ids, feats)
+                verified[f] = (sig, ids, sk)
         except _DAMAGED as e:  # the contents are wrong: the file goes, its crops are encoded again
             log.warning("%s: damaged cache chunk removed, its crops will be re-encoded (%s: %s)", f, type(e).__name__, str(e)[:200])
             try: f.unlink(missing_ok=True)
@@ -119,7 +121,7 @@ def read_chunks(root: Path, verified: dict | None = None,  # verified: {path: ((
         except OSError as e:  # permissions, EIO: nothing says the contents are wrong, so the file stays
             log.warning("%s: cache chunk cannot be read and is left in place; its crops will be re-encoded this run (%s: %s)",
                         f, type(e).__name__, str(e)[:200])
-            verified[f] = (sig, None, None, None)
+            verified[f] = (sig, None, None)
             continue
         rows.update({r: (f, i) for i, r in enumerate(ids)}); skipped.update(sk)
     return rows, skipped
@@ -128,7 +130,7 @@ def read_chunks(root: Path, verified: dict | None = None,  # verified: {path: ((
 @dataclass
 class FeatureCache:
     "The tower features of a list of items, read from the on-disk cache; skipped items have no row."
-    features: Tensor  # (N, D) fp16, rows in item order
+    features: Tensor  # (N, D) fp16, rows in item order; in memory, or in a memory-mapped file (`is_mapped`, below)
     keys: list  # item key of each row
     skipped: dict  # item key -> reason: "bad_image" (does not decode), "bad_member" (damaged zip member), "missing_image", "bad_feature" (non-finite tower output)
     path: Path  # the cache folder
@@ -164,6 +166,58 @@ def _write_manifest(root: Path, key: dict):
            "reason, detail]}, 'sha256' (chunk_digest of the features and the other metadata)")
     atomic_write_text(p, json.dumps({"key": key, "format": fmt}, ensure_ascii=False, indent=1) + "\n")
 
+# %% ../../nbs/03a_feature_cache.ipynb #add23b35
+HOST_BUDGET = 0.5  # share of the available host memory the features may take; above it they live in a memory-mapped file
+
+def host_memory_available() -> int | None:
+    "Bytes the OS could give this process now without swapping (Linux `MemAvailable`); None where unknown."
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"): return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError): pass
+    return None
+
+def is_mapped(t: Tensor) -> bool:
+    "Whether `t` lives in a memory-mapped file (`feature_buffer`'s file tier) rather than in anonymous memory."
+    return t.device.type == "cpu" and t.untyped_storage().filename is not None
+
+def _mapped_buffer(n: int, d: int, folder: Path) -> Tensor:  # the file is reserved on disk, mapped, then unlinked
+    path = Path(folder) / f".features-{os.getpid()}-{uuid.uuid4().hex[:8]}.f16"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        try: os.posix_fallocate(fd, 0, n * d * 2)   # ENOSPC now, not SIGBUS when a page is first written
+        except AttributeError: os.ftruncate(fd, n * d * 2)  # no posix_fallocate (macOS)
+        os.close(fd); fd = None
+        return torch.from_file(str(path), shared=True, size=n * d, dtype=torch.float16).view(n, d)
+    finally:
+        if fd is not None: os.close(fd)
+        path.unlink(missing_ok=True)  # the mapping keeps the data; the disk space goes back when the process ends
+
+def feature_buffer(n: int, d: int, folder,  # folder: where a memory-mapped file goes (the cache folder)
+                   mmap: bool | None = None) -> Tensor:  # None: mapped when n×d fp16 is over HOST_BUDGET of the available memory
+    "An (n, d) fp16 buffer for the cached features: in memory, or in a memory-mapped file in `folder` read through the page cache."
+    nbytes, avail = n * d * 2, host_memory_available()
+    if mmap is None: mmap = avail is not None and nbytes > HOST_BUDGET * avail
+    if not mmap or nbytes == 0: return torch.empty(n, d, dtype=torch.float16)
+    try: t = _mapped_buffer(n, d, folder)
+    except (OSError, RuntimeError) as e:
+        log.warning("feature cache: cannot map %.1f GiB of features in %s (%s); keeping them in memory", nbytes / 2**30, folder, first_line(e))
+        return torch.empty(n, d, dtype=torch.float16)
+    log.info("feature cache: %.1f GiB of features in a memory-mapped file in %s (%s of host memory available): rows are read "
+             "from disk through the page cache", nbytes / 2**30, folder, "unknown" if avail is None else f"{avail / 2**30:.1f} GiB")
+    return t
+
+def compact_rows(buf: Tensor, keep: list,  # keep: increasing row indices of buf
+                 block: int = 65536) -> Tensor:  # rows moved per step (the only copy in memory at a time)
+    "`buf[keep]`, moved to the front of `buf` in place (a mapped buffer is not copied into memory): a view of `buf`."
+    if len(keep) == len(buf): return buf
+    k = torch.as_tensor(keep, dtype=torch.long)
+    for s in range(0, len(k), block):  # each block's sources lie at or after it, past every row written so far
+        e = min(s + block, len(k)); buf[s:e] = buf[k[s:e]]
+    return buf[:len(k)]
+
+
 # %% ../../nbs/03a_feature_cache.ipynb #7652252c
 def _gpu_pixels(batch, tower, stats, bad):
     "Decode the batch's JPEGs on the tower's GPU and cut their crops; a photo the GPU refuses goes the CPU path."
@@ -180,8 +234,8 @@ def _gpu_pixels(batch, tower, stats, bad):
     return rows, pix
 
 def _encode_missing(items, ids, todo, tower, root, batch_size, num_workers, progress, chunk_size, load_fn,
-                    rank=0, world_size=1, decode="cpu", per_photo=True, stats=None, verified=None):
-    "Encode this rank's shard of the crops `items[i]` for i in `todo` and write them as chunks under `root` (recorded in `verified`)."
+                    rank=0, world_size=1, decode="cpu", per_photo=True, stats=None, verified=None, sink=None):
+    "Encode this rank's shard of the crops `items[i]` for i in `todo` and write them as chunks under `root` (recorded in `verified`, given to `sink`)."
     sub = [items[i] for i in todo]  # rows below are positions in `todo`
     groups = photo_groups(range(len(sub)), sub) if per_photo and load_fn is None else [[j] for j in range(len(sub))]
     chunks = plan_photo_chunks([len(g) for g in groups], chunk_size, rank, world_size)
@@ -219,8 +273,9 @@ def _encode_missing(items, ids, todo, tower, root, batch_size, num_workers, prog
         if done == sizes[ci]:
             feats = torch.cat(got) if got else torch.zeros(0, tower.output_dim, dtype=torch.float16)
             p = write_chunk(root, got_ids, feats, skipped)
+            if sink is not None: sink(got_ids, feats)
             if verified is not None:  # what this process just wrote is not read back
-                try: verified[p] = (_sig(p), feats, got_ids, skipped)
+                try: verified[p] = (_sig(p), got_ids, skipped)
                 except OSError: pass
             ci, done, got_ids, got, skipped = ci + 1, 0, [], [], {}
 
@@ -265,6 +320,7 @@ def build_feature_cache(items: list,  # `Item`s (key, image_path, crop are read)
                         rank: int | None = None, world_size: int | None = None,  # shard to encode; default: `distributed`'s (0 of 1 without torchrun)
                         decode: str = "auto",  # "cpu" (Pillow in workers), "gpu" (nvJPEG on the tower's GPU), "auto": gpu on CUDA
                         per_photo: bool = True,  # one decode per photo for all its crops (False: one per crop, as before issue 10)
+                        mmap: bool | None = None,  # features in a memory-mapped file (None: when over HOST_BUDGET of the available memory)
                        ) -> FeatureCache:
     "Features of `items` from the cache in `cache_dir`, encoding (and storing) only the crops it lacks."
     t0 = time.perf_counter()
@@ -274,9 +330,20 @@ def build_feature_cache(items: list,  # `Item`s (key, image_path, crop are read)
     key = cache_key(tower, crop_padding, decode)
     root = cache_path(cache_dir, key); root.mkdir(parents=True, exist_ok=True)
     with main_first(): _write_manifest(root, key)
-    ids = [record_id(it) for it in items]
-    verified, want = {}, {r for r in ids if r is not None}  # chunks this build read (each once) or wrote, with their features
-    rows, skipped = read_chunks(root, verified, upgrade=rank == 0, keep=want)
+    ids, want = [record_id(it) for it in items], {}
+    for i, r in enumerate(ids):
+        if r is not None: want.setdefault(r, []).append(i)   # record id -> its items' rows (one unless an item repeats)
+    out = feature_buffer(len(items), tower.output_dim, root, mmap)  # (len(items), D): every row the chunks hold, in item order
+    filled = torch.zeros(len(items), dtype=torch.bool)
+
+    def sink(got, feats):  # a verified (or just written) chunk: its rows go straight to their items' rows
+        pairs = [(j, i) for j, r in enumerate(got) for i in want.get(r, ())]
+        if not pairs: return
+        src, dst = torch.tensor(pairs).T
+        out[dst] = feats[src]; filled[dst] = True
+
+    verified = {}  # chunks this build read (each once) or wrote
+    rows, skipped = read_chunks(root, verified, upgrade=rank == 0, sink=sink)
     todo = [i for i, r in enumerate(ids) if r is not None and r not in rows and r not in skipped]
     n_cached = sum(r in rows for r in ids)
     if rank == 0: log.info("feature cache %s: %d of %d crops cached, %d to encode (%s decode)", root, n_cached, len(items), len(todo), decode)
@@ -284,19 +351,15 @@ def build_feature_cache(items: list,  # `Item`s (key, image_path, crop are read)
     stats = Counter()
     if todo:
         _encode_missing(items, ids, todo, tower, root, batch_size, num_workers, progress and rank == 0, chunk_size,
-                        load_fn, rank, world_size, decode, per_photo, stats, verified)
+                        load_fn, rank, world_size, decode, per_photo, stats, verified, sink)
         barrier()  # the union of the ranks' chunks is the whole cache
-        rows, skipped = read_chunks(root, verified, keep=want)
+        rows, skipped = read_chunks(root, verified, sink=sink)
         if stats.get("gpu_decode_fallback") or any(k.startswith("gpu_decode_fallback_") for k in stats):
             log.info("GPU decode: %d photos decoded on the CPU instead (%s)", sum(v for k, v in stats.items() if k.startswith("gpu_decode_fallback")),
                      {k: v for k, v in stats.items() if k.startswith("gpu_decode_fallback")})
     keep = [i for i, r in enumerate(ids) if r in rows]
-    by_file = {}
-    for n, i in enumerate(keep): by_file.setdefault(rows[ids[i]][0], []).append((n, rows[ids[i]][1]))
-    feats = torch.zeros(len(keep), tower.output_dim, dtype=torch.float16)  # (N, D)
-    for f, pairs in by_file.items():  # rows from the tensors read (and verified) above: no chunk is opened again
-        chunk = verified.pop(f)[1]
-        feats[torch.tensor([n for n, _ in pairs])] = chunk[torch.tensor([r for _, r in pairs])]
+    assert bool(filled[keep].all()), "a cached record's row was never filled"
+    feats = compact_rows(out, keep)  # (N, D) the rows of the items that have features
     gone = [it.key for it, r in zip(items, ids) if r is None]
     skip = {it.key: skipped[r][1] for it, r in zip(items, ids) if r in skipped} | {k: "missing_image" for k in gone}
     details = {it.key: skipped[r][2] for it, r in zip(items, ids) if r in skipped} | {k: "no such file" for k in gone}
