@@ -18,17 +18,18 @@ PYTHONPATH="$NEW" python3 -c "import faiss, fastcore, fashion_json_encoder.syste
 
 # PART=first (default, about 9 min: what decides issues 10 and 11 and fits one device call with room for a rerun):
 #   the CUDA tests, one training step before/after (bench_step: same run), the cache build (bench_decode), the full-size run.
-# PART=more: the previous release at scale 0.1 (the "before" trainer rate), the GPU evaluation at 180k, graphs vs eager.
+# PART=more: the zip index rate at 30k labels, the previous release at scale 0.1 (the "before" trainer rate), the GPU evaluation at 180k, graphs vs eager.
 PART=${PART:-first}
 if [ "$PART" = first ]; then
   step tests ${LIMIT:-120} env PYTHONPATH="$NEW" python3 -m pytest -q -p no:cacheprovider -rs tests/test_training.py tests/test_evaluation.py \
-      tests/test_decode.py tests/test_image_encoder.py tests/test_resident.py -k "cuda or gpu or graph or resident or resume or subset or pinned"
+      tests/test_decode.py tests/test_image_encoder.py tests/test_resident.py -k "cuda or gpu or graph or resident or resume or subset or host_memory or mapped"
   # issue 11: one training step, per-field (previous encoder path) vs packed ids vs 16 whole steps per CUDA graph
   step step_kernels 60 env PYTHONPATH="$NEW" python3 bench/bench_step.py --device cuda --rows 1450000 --steps 2000
 fi
 # issue 10: the cache build's input pipeline (its rates feed the projections below)
 if [ "$PART" = first ]; then
-  step decode 150 env PYTHONPATH="$NEW" python3 bench/bench_decode.py --photos ${PHOTOS:-3000} --device cuda --num-workers 12 --batch-size 256 --out-json "$OUT/decode.json"
+  # GPU decode alone and with 25 % / 40 % of the photos decoded by the CPU workers alongside (decode_cpu_share)
+  step decode 150 env PYTHONPATH="$NEW" python3 bench/bench_decode.py --photos ${PHOTOS:-3000} --device cuda --num-workers 12 --batch-size 256 --cpu-shares 0.25,0.4 --out-json "$OUT/decode.json"
 fi
 CACHE_RATE=$(python3 -c "import json; b = json.load(open('$OUT/decode.json'))['builds']; print(max(v['crops_per_s'] for v in b.values()))" 2>/dev/null)
 INDEX_RATE=$(python3 -c "import json; print(json.load(open('$OUT/decode.json'))['index_labels_per_s']['zips'])" 2>/dev/null)
@@ -39,6 +40,8 @@ if [ "$PART" = first ]; then
   step scale_after_full 200 env PYTHONPATH="$NEW" python3 bench/bench_kfashion_scale.py --scale 1 --epochs 2 --standalone 1 --bare 0 $RATES --json "$OUT/scale_after_full.json"
   exit 0
 fi
+# the index build of the release zips at a size where the pool's start-up does not dominate (the projection's index term)
+step index_zips 90 env PYTHONPATH="$NEW" python3 bench/bench_index.py --n 30000 --workers 16 --layout zips --dir /tmp/kf_index --json "$OUT/index.json"
 step scale_before_0.1 120 env PYTHONPATH="$OLD" python3 bench/bench_kfashion_scale.py --scale 0.1 --epochs 1 --standalone 1 --bare 0 $RATES --json "$OUT/scale_before.json"
 step eval_gpu_180k 45 env PYTHONPATH="$NEW" python3 bench/bench_scale.py --n 180000 --queries 50 --device cuda
 step scale_after_0.1 60 env PYTHONPATH="$NEW" python3 bench/bench_kfashion_scale.py --scale 0.1 --epochs 2 --standalone 1 $RATES --json "$OUT/scale_after.json"

@@ -76,6 +76,7 @@ class Config:
     clip_precision: str = "fp32"        # "fp32" or "bf16" tower (bf16 is checked against fp32)
     feature_cache: bool = True          # cache frozen-tower features on disk (False = run the tower per batch)
     decode: str = "auto"                # JPEG decode for the cache build: "cpu", "gpu" (nvJPEG), "auto" (gpu when the tower is on CUDA)
+    decode_cpu_share: float = 0.0       # with GPU decode, this share of the photos is decoded by the CPU workers alongside (0 = none)
     # run
     seed: int = 42                      # fixes splits, init and data order
     device: str = "auto"                # "auto", "cpu", "cuda", "cuda:N"
@@ -137,6 +138,8 @@ def validate_config(cfg: Config) -> Config:
     _check(cfg.clip_precision in ("fp32", "bf16"), "clip_precision", cfg.clip_precision, "must be 'fp32' or 'bf16'")
     _check(cfg.val_subset != 1, "val_subset", cfg.val_subset, "must be 0 (the whole split) or at least 2 (a gallery needs negatives)")
     _check(cfg.decode in ("auto", "cpu", "gpu"), "decode", cfg.decode, "must be 'auto', 'cpu' or 'gpu'")
+    _check(_finite(cfg.decode_cpu_share) and 0 <= cfg.decode_cpu_share <= 1, "decode_cpu_share", cfg.decode_cpu_share,
+           "must be a share between 0 and 1")
     _check(cfg.select_metric in _SELECT, "select_metric", cfg.select_metric, f"must be one of {', '.join(_SELECT)}")
     _check(cfg.device == "auto" or cfg.device == "cpu" or cfg.device.startswith("cuda"), "device", cfg.device,
            "must be 'auto', 'cpu', 'cuda' or 'cuda:N'")

@@ -14,8 +14,8 @@ from .data import DECODE_ERRORS
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'photo_groups', 'decode_crops', 'gpu_refusal', 'PhotoDataset', 'collate_photos', 'draft_scales', 'crop_tensor',
-           'decode_jpegs', 'gpu_transform_ok', 'resolve_decode']
+__all__ = ['log', 'photo_groups', 'decode_crops', 'gpu_refusal', 'on_cpu_share', 'PhotoDataset', 'collate_photos', 'draft_scales',
+           'crop_tensor', 'decode_jpegs', 'gpu_transform_ok', 'resolve_decode']
 
 # %% ../nbs/01d_decode.ipynb #aef92ea8
 def photo_groups(rows: list, items: list) -> list:
@@ -68,27 +68,35 @@ def _reason(e, path) -> tuple:
     if isinstance(e, MemberError): return "bad_member", msg
     return "bad_image", msg if str(path) in msg else f"{path}: cannot decode image ({type(e).__name__}: {msg})"
 
+def on_cpu_share(p: int, share: float) -> bool:
+    "Whether photo `p` is one of the `share` of photos decoded on the CPU: a golden-ratio sequence, even over any stretch."
+    return share > 0 and ((p + 1) * 0.6180339887498949) % 1.0 < share
+
 class PhotoDataset(torch.utils.data.Dataset):
     "Photo p -> every crop of it: pixel tensors (mode 'cpu') or the JPEG bytes for `decode_jpegs` (mode 'gpu')."
     def __init__(self, items, groups,                # groups: lists of indices into `items`, one per photo
                  transform, min_side: int | None = None,  # e.g. open_clip's preprocess; draft-decode down to min_side
-                 mode: str = "cpu", load_fn=None):   # load_fn(item, min_side) -> PIL crop: decode per crop instead
+                 mode: str = "cpu", load_fn=None,    # load_fn(item, min_side) -> PIL crop: decode per crop instead
+                 cpu_share: float = 0.0):            # mode 'gpu': this share of the photos is decoded here, on the CPU
         assert mode in ("cpu", "gpu"), f"mode must be cpu or gpu, got {mode!r}"
         self.items, self.groups, self.transform, self.min_side, self.mode, self.load_fn = items, groups, transform, min_side, mode, load_fn
+        self.cpu_share = cpu_share
     def __len__(self): return len(self.groups)
     def __getitem__(self, p) -> dict:
         rows = self.groups[p]
-        out = {"rows": [], "pixels": [], "jpeg": None, "gpu_rows": [], "crops": [], "scales": [], "bad": [], "decodes": 0, "fallback": None}
+        out = {"rows": [], "pixels": [], "jpeg": None, "gpu_rows": [], "crops": [], "scales": [], "bad": [], "decodes": 0,
+               "fallback": None, "shared": False}
         try:
             if self.load_fn: ims, n = [self.load_fn(self.items[r], self.min_side) for r in rows], len(rows)
             else:
                 data = read_bytes(self.items[rows[0]].image_path, IMAGE_MAX_BYTES)
-                if self.mode == "gpu" and not (why := gpu_refusal(data)):
+                if self.mode == "gpu" and on_cpu_share(p, self.cpu_share): out["shared"] = True
+                elif self.mode == "gpu" and not (why := gpu_refusal(data)):
                     crops = [self.items[r].crop for r in rows]
                     out.update(jpeg=torch.frombuffer(bytearray(data), dtype=torch.uint8), gpu_rows=list(rows), crops=crops,
                                scales=draft_scales(data, crops, self.min_side))
                     return out
-                if self.mode == "gpu": out["fallback"] = why
+                if self.mode == "gpu" and not out["shared"]: out["fallback"] = why
                 ims, n = decode_crops(data, [self.items[r].crop for r in rows], self.min_side)
             out.update(rows=list(rows), pixels=[self.transform(im) if self.transform else im for im in ims], decodes=n)
         except DECODE_ERRORS as e: out["bad"] = [(r, *_reason(e, self.items[rows[0]].image_path)) for r in rows]  # a broken photo skips all its crops
@@ -101,7 +109,7 @@ def collate_photos(batch: list) -> dict:
     return {"rows": cat("rows"), "pixels": torch.stack(px) if px else None, "jpegs": [b["jpeg"] for b in batch if b["jpeg"] is not None],
             "gpu_rows": [b["gpu_rows"] for b in batch if b["jpeg"] is not None], "crops": [b["crops"] for b in batch if b["jpeg"] is not None],
             "scales": [b["scales"] for b in batch if b["jpeg"] is not None],
-            "bad": cat("bad"), "decodes": sum(b["decodes"] for b in batch), "photos": len(batch),
+            "bad": cat("bad"), "decodes": sum(b["decodes"] for b in batch), "photos": len(batch), "shared": sum(b["shared"] for b in batch),
             "fallbacks": [b["fallback"] for b in batch if b["fallback"]]}
 
 # %% ../nbs/01d_decode.ipynb #a5467b30

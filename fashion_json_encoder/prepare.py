@@ -29,7 +29,7 @@ class Prepared:
 
 def _cached_split(items, tower, cache_dir, cfg, progress, skipped):
     cache = build_feature_cache(items, tower, cache_dir, batch_size=cfg.tower_batch_size, num_workers=cfg.num_workers,
-                                progress=progress, crop_padding=cfg.crop_padding, decode=cfg.decode)
+                                progress=progress, crop_padding=cfg.crop_padding, decode=cfg.decode, cpu_share=cfg.decode_cpu_share)
     kept = [it for it in items if it.key in cache]
     assert [it.key for it in kept] == cache.keys, "cached rows are not in item order"
     for reason in cache.skipped.values(): skipped[reason] += 1

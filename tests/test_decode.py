@@ -113,6 +113,10 @@ def test_gpu_build_agrees_with_cpu_build_and_falls_back(release, tmp_path):
     assert g.decode_stats["gpu_decode_fallback_cmyk"] == 1 and g.decode_stats["gpu_decoded"] == len({it.image_path for it in items}) - 1
     cos = F.cosine_similarity(g.features.float(), c.features.float())
     assert cos.min() >= 0.999, (cos.min().item(), cos.mean().item())
+    m = build_feature_cache(items, tw, tmp_path / "m", batch_size=32, num_workers=2, progress=False, decode="gpu", cpu_share=0.4)
+    st_, photos = m.decode_stats, len({it.image_path for it in items})   # the workers decode 40 % of the photos alongside
+    assert st_["cpu_share_photos"] > 0 and st_["cpu_share_photos"] + st_["gpu_decoded"] + st_.get("gpu_decode_fallback_cmyk", 0) == photos
+    assert m.keys == c.keys and F.cosine_similarity(m.features.float(), c.features.float()).min() >= 0.999
 
 
 def test_a_loose_photo_over_the_size_limit_is_skipped_unread(photo, tower, tmp_path, monkeypatch):
@@ -131,3 +135,12 @@ def test_a_loose_photo_over_the_size_limit_is_skipped_unread(photo, tower, tmp_p
     fc = build_feature_cache(items, tower, tmp_path / "c", batch_size=4, num_workers=0, progress=False)
     assert len(fc) == 0 and fc.skipped == {"k0": "bad_image", "k1": "bad_image"}
     assert all(str(photo) in why and "byte limit" in why for why in fc.skip_details.values())
+
+
+@given(st.floats(0, 1), st.integers(0, 10**6), st.integers(1, 2000))
+def test_the_cpu_share_is_even_over_any_stretch_of_photos(share, start, n):
+    "Any run of n consecutive photos holds share × n of the CPU-decoded ones, to within 4: no clumps at the start or end."
+    from fashion_json_encoder.decode import on_cpu_share
+    got = sum(on_cpu_share(p, share) for p in range(start, start + n))
+    assert abs(got - share * n) <= 4
+    assert not any(on_cpu_share(p, 0.0) for p in range(start, start + 50)) and all(on_cpu_share(p, 1.0) for p in range(start, start + 50))

@@ -366,3 +366,19 @@ def test_features_over_the_host_budget_are_mapped_and_a_full_disk_keeps_them_in_
     assert len(warned) == 1 and "No space left on device" in warned[0] and "keeping them in memory" in warned[0], warned
     assert not fcm.is_mapped(kept.features) and torch.equal(kept.features, ref.features)
     assert not list(kept.path.glob(".features-*"))
+
+
+def test_a_cpu_share_of_a_gpu_decode_build_is_decoded_by_the_workers(tower, tmp_path, monkeypatch):
+    "decode 'gpu' with cpu_share 0.5: half the photos take the CPU path in the workers, the rest the GPU path, row for row."
+    from fashion_json_encoder.models import feature_cache as fcm
+    from fashion_json_encoder.decode import on_cpu_share
+    items = _jpegs(tmp_path / "img", 12, size=(300, 400))
+    cpu = _build(items, tower, tmp_path / "c")
+    monkeypatch.setattr(fcm, "resolve_decode", lambda *a, **k: "gpu")  # the GPU path's logic on the CPU device (torchvision's decoder)
+    gpu = _build(items, tower, tmp_path / "g")
+    mixed = _build(items, tower, tmp_path / "m", cpu_share=0.5)
+    shared = [on_cpu_share(i, 0.5) for i in range(12)]   # one photo per item, in item order
+    assert gpu.decode_stats["gpu_decoded"] == 12 and gpu.decode_stats["cpu_share_photos"] == 0
+    assert mixed.decode_stats["cpu_share_photos"] == sum(shared) == 6 and mixed.decode_stats["gpu_decoded"] == 6
+    assert not any(torch.equal(cpu.features[i], gpu.features[i]) for i in range(12))  # the paths round differently: rows tell them apart
+    for i, s in enumerate(shared): assert torch.equal(mixed.features[i], (cpu if s else gpu).features[i]), i

@@ -140,7 +140,7 @@ class FeatureCache:
     images_per_s: float = 0.  # n_computed / build_seconds
     skip_details: dict = field(default_factory=dict)  # item key -> the decoder's message
     decode: str = "cpu"  # where this build decoded JPEGs: "cpu" or "gpu"
-    decode_stats: dict = field(default_factory=dict)  # photos, decodes (CPU), gpu_decoded, gpu_decode_fallback[_<why>]; main-process seconds: wait_loader_s, main_s (of it gpu_decode_s), wait_tower_s
+    decode_stats: dict = field(default_factory=dict)  # photos, decodes (CPU), gpu_decoded, gpu_decode_fallback[_<why>], cpu_share_photos; main-process seconds: wait_loader_s, main_s (of it gpu_decode_s), wait_tower_s
 
     def __post_init__(self): self._rows = {k: i for i, k in enumerate(self.keys)}
     def __len__(self): return len(self.keys)
@@ -234,7 +234,7 @@ def _gpu_pixels(batch, tower, stats, bad):
     return rows, pix
 
 def _encode_missing(items, ids, todo, tower, root, batch_size, num_workers, progress, chunk_size, load_fn,
-                    rank=0, world_size=1, decode="cpu", per_photo=True, stats=None, verified=None, sink=None):
+                    rank=0, world_size=1, decode="cpu", per_photo=True, stats=None, verified=None, sink=None, cpu_share=0.0):
     "Encode this rank's shard of the crops `items[i]` for i in `todo` and write them as chunks under `root` (recorded in `verified`, given to `sink`)."
     sub = [items[i] for i in todo]  # rows below are positions in `todo`
     groups = photo_groups(range(len(sub)), sub) if per_photo and load_fn is None else [[j] for j in range(len(sub))]
@@ -247,7 +247,7 @@ def _encode_missing(items, ids, todo, tower, root, batch_size, num_workers, prog
             if n >= batch_size: batches.append(cur); cur, n = [], 0
         if cur: batches.append(cur)
     if not batches: return
-    ds = PhotoDataset(sub, groups, tower.preprocess, tower.image_size, decode, load_fn)
+    ds = PhotoDataset(sub, groups, tower.preprocess, tower.image_size, decode, load_fn, cpu_share=cpu_share)
     dl = DataLoader(ds, batch_sampler=batches, num_workers=num_workers, collate_fn=collate_photos,
                     pin_memory=tower.device.type == "cuda", prefetch_factor=4 if num_workers else None)
     sizes = [sum(len(groups[p]) for p in c) for c in chunks]
@@ -284,7 +284,8 @@ def _encode_missing(items, ids, todo, tower, root, batch_size, num_workers, prog
         for b in dl:
             stats["wait_loader_s"] += time.perf_counter() - t; t = time.perf_counter()
             rows, pix, bad = list(b["rows"]), [b["pixels"]] if b["pixels"] is not None else [], list(b["bad"])
-            stats.update(photos=b["photos"], decodes=b["decodes"]); stats.update(f"gpu_decode_fallback_{w}" for w in b["fallbacks"])
+            stats.update(photos=b["photos"], decodes=b["decodes"], cpu_share_photos=b["shared"])
+            stats.update(f"gpu_decode_fallback_{w}" for w in b["fallbacks"])
             if b["jpegs"]:
                 t_gpu = time.perf_counter()
                 r2, p2 = _gpu_pixels(b, tower, stats, bad)
@@ -321,6 +322,7 @@ def build_feature_cache(items: list,  # `Item`s (key, image_path, crop are read)
                         decode: str = "auto",  # "cpu" (Pillow in workers), "gpu" (nvJPEG on the tower's GPU), "auto": gpu on CUDA
                         per_photo: bool = True,  # one decode per photo for all its crops (False: one per crop, as before issue 10)
                         mmap: bool | None = None,  # features in a memory-mapped file (None: when over HOST_BUDGET of the available memory)
+                        cpu_share: float = 0.0,  # GPU decode: this share of the photos is decoded by the CPU workers alongside
                        ) -> FeatureCache:
     "Features of `items` from the cache in `cache_dir`, encoding (and storing) only the crops it lacks."
     t0 = time.perf_counter()
@@ -351,7 +353,7 @@ def build_feature_cache(items: list,  # `Item`s (key, image_path, crop are read)
     stats = Counter()
     if todo:
         _encode_missing(items, ids, todo, tower, root, batch_size, num_workers, progress and rank == 0, chunk_size,
-                        load_fn, rank, world_size, decode, per_photo, stats, verified, sink)
+                        load_fn, rank, world_size, decode, per_photo, stats, verified, sink, cpu_share if decode == "gpu" else 0.0)
         barrier()  # the union of the ranks' chunks is the whole cache
         rows, skipped = read_chunks(root, verified, sink=sink)
         if stats.get("gpu_decode_fallback") or any(k.startswith("gpu_decode_fallback_") for k in stats):
