@@ -163,17 +163,20 @@ def parse_photo(label_path, image_path, fields: dict, targets, pad: float = Conf
 class ImageDecodeError(UserError):
     "A JPEG that is truncated or not an image."
 
+def _draft_crop(im: Image.Image, crop, f: float) -> Image.Image:  # crop: (x0, y0, x1, y1) at full size; f: the scale it may shrink to
+    "The RGB `crop` of an opened JPEG, decoded at the smallest DCT scale (1/2, 1/4, 1/8) that keeps it at least `f` of its size."
+    W, H = im.size
+    if f < 1: im.draft("RGB", (max(1, math.ceil(W * f)), max(1, math.ceil(H * f))))  # JPEG DCT scaling
+    sx, sy = im.size[0] / W, im.size[1] / H
+    b = (math.floor(crop[0] * sx), math.floor(crop[1] * sy), math.ceil(crop[2] * sx), math.ceil(crop[3] * sy))
+    return im.convert("RGB").crop((b[0], b[1], max(b[2], b[0] + 1), max(b[3], b[1] + 1)))
+
 def load_crop(item: Item, min_side: int | None = None) -> Image.Image:  # min_side: decode smaller while the crop keeps this short side
     "The RGB crop of `item` (raw pixels, no EXIF rotation); raises `ImageDecodeError` if the JPEG does not decode."
     x0, y0, x1, y1 = item.crop
     try:
         with Image.open(io.BytesIO(read_bytes(item.image_path, IMAGE_MAX_BYTES))) as im:   # a file or a zip member, size-capped
-            W, H = im.size
-            f = min_side / max(1, min(x1 - x0, y1 - y0)) if min_side else 1
-            if f < 1: im.draft("RGB", (max(1, math.ceil(W * f)), max(1, math.ceil(H * f))))  # JPEG DCT scaling
-            sx, sy = im.size[0] / W, im.size[1] / H
-            b = (math.floor(x0 * sx), math.floor(y0 * sy), math.ceil(x1 * sx), math.ceil(y1 * sy))
-            return im.convert("RGB").crop((b[0], b[1], max(b[2], b[0] + 1), max(b[3], b[1] + 1)))
+            return _draft_crop(im, item.crop, min_side / max(1, min(x1 - x0, y1 - y0)) if min_side else 1)
     except MemberError: raise  # the archive's fault, not the JPEG's: counted as bad_member
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise ImageDecodeError(f"{item.image_path}: cannot decode image ({e})") from None
@@ -183,8 +186,9 @@ def item_thumbnail(image_path,  # a file or "<zip>::<member>"
                    pad: float = Config.crop_padding, size: int = 256) -> Image.Image:
     "The item's crop padded as in training, shrunk to fit `size` (the app's gallery, figures); a grey tile and one warning when its photo cannot be read."
     try:
-        with Image.open(io.BytesIO(read_bytes(image_path))) as im: im = im.convert("RGB")
-        im = im.crop(crop_box(box, im.size, pad))
+        with Image.open(io.BytesIO(read_bytes(image_path, IMAGE_MAX_BYTES))) as im:
+            x0, y0, x1, y1 = c = crop_box(box, im.size, pad)
+            im = _draft_crop(im, c, size / max(1, x1 - x0, y1 - y0))   # decoded no larger than the thumbnail needs
     except Exception as e:  # one unreadable photo does not cost the page or the figure
         log.warning("%s: cannot show the crop (%s: %s)", image_path, type(e).__name__, e)
         return Image.new("RGB", (size, size), (200, 200, 200))

@@ -114,3 +114,24 @@ def test_item_thumbnail_cuts_the_padded_box_from_a_file_or_a_zip_member(tmp_path
         tile = item_thumbnail(f"{z}::a/gone.jpg", (0, 0, 10, 10), size=32)
     assert tile.size == (32, 32) and tile.getpixel((0, 0)) == (200, 200, 200)
     assert sum("cannot show the crop" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_item_thumbnail_decodes_a_large_photo_only_as_large_as_the_thumbnail_needs(tmp_path, monkeypatch):
+    "A 3000x2000 photo, 256-px thumbnail of a 1200x900 box: JPEG DCT scaling to 1/4, same size and look as a full decode."
+    import numpy as np
+    from PIL import Image
+    from fashion_json_encoder.data import item_thumbnail
+    rng = np.random.default_rng(0)
+    small = rng.integers(0, 255, (40, 60, 3), dtype=np.uint8)
+    p = tmp_path / "big.jpg"; Image.fromarray(small).resize((3000, 2000), Image.BICUBIC).save(p, quality=90)
+    from PIL.JpegImagePlugin import JpegImageFile
+    scales, real = [], JpegImageFile.draft
+    def spy(self, mode, size): r = real(self, mode, size); scales.append(self.decoderconfig); return r
+    monkeypatch.setattr(JpegImageFile, "draft", spy)
+    box = (1000.0, 500.0, 2200.0, 1400.0)
+    thumb = item_thumbnail(p, box, pad=0.0)
+    assert scales == [(4, 0)]                      # 1200x900 decoded as 300x225, still over 256 on the long side
+    with Image.open(p) as im: full = im.convert("RGB").crop((1000, 500, 2200, 1400))
+    full.thumbnail((256, 256))
+    assert thumb.size == full.size == (256, 192)
+    assert np.abs(np.asarray(thumb, dtype=float) - np.asarray(full, dtype=float)).mean() < 3   # grey levels of 255
