@@ -3,7 +3,7 @@
     python bench/bench_cache_memory.py [--items 400000] [--before DIR] [--dir /tmp/fje_cache_mem]
 
 The cache holds `--items` crops of one small JPEG (distinct keys and boxes, so distinct record ids) as real chunks of
-random unit 512-d fp16 features, written once. Each measurement runs in a fresh Python process that builds the tower
+random unit 512-d fp16 features (the same ones for every package, each under its own cache key), written once. Each measurement runs in a fresh Python process that builds the tower
 (tiny open_clip config with a 512-d output: the features are K-Fashion's size, the tower is not what is measured), then
 calls the trainer's own `prepare._cached_split` on the items, which reads and verifies every chunk and hands back the
 training features. A thread samples `RssAnon` of /proc/self/status every 2 ms; the bench prints the peak over the
@@ -12,7 +12,7 @@ Runs: `--before DIR` (an older package unpacked there, e.g. `git archive <commit
 this tree with the features in memory, and this tree with the host memory made to look small, so the build maps them.
 Linux only (/proc). Every run's features are checked equal to the first's (sha256).
 """
-import argparse, hashlib, json, os, subprocess, sys, time
+import argparse, json, os, subprocess, sys, time
 from pathlib import Path
 
 CHILD = r"""
@@ -53,28 +53,39 @@ print(json.dumps({"package": os.path.dirname(fashion_json_encoder.__file__), "n"
 """
 
 
-def setup(n: int, folder: Path) -> tuple:
-    "One JPEG and a cache holding features of all `n` items (written once, reused)."
-    import torch
+PREP = r"""
+import sys, torch
+from pathlib import Path
+from PIL import Image
+from fashion_json_encoder.data import Item
+from fashion_json_encoder.models.image_encoder import CLIPImageEncoder, tiny_clip_config
+from fashion_json_encoder.models.feature_cache import cache_key, cache_path, record_id, write_chunk, _write_manifest
+n, jpeg, cache = int(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
+tower = CLIPImageEncoder(pretrained="none", model_cfg=tiny_clip_config(), seed=0)
+key = cache_key(tower, 0.1)   # Config's crop_padding
+root = cache_path(cache, key)
+done = root / f"done-{n}"     # per cache key: each package version reads the folder of its own key
+if done.exists(): sys.exit(0)
+root.mkdir(parents=True, exist_ok=True); _write_manifest(root, key)
+g = torch.Generator().manual_seed(0)
+for s in range(0, n, 1024):
+    ids = [record_id(Item(f"s/{i}/상의", str(jpeg), "상의", (0.0, 0.0, 8.0 + i % 50, 8.0 + i // 50 % 50),
+                          (0, 0, 8 + i % 50, 8 + i // 50 % 50), {"category": "블라우스"}, f"id:{i}")) for i in range(s, min(s + 1024, n))]
+    write_chunk(root, ids, torch.nn.functional.normalize(torch.randn(len(ids), 512, generator=g), dim=1), {})
+done.touch()
+"""
+
+
+def setup(n: int, folder: Path, packages: list) -> tuple:
+    "One JPEG, and for each package a cache (under its own key) holding features of all `n` items: written once, reused."
     from PIL import Image
-    from fashion_json_encoder.data import Item
-    from fashion_json_encoder.models.image_encoder import CLIPImageEncoder, tiny_clip_config
-    from fashion_json_encoder.models.feature_cache import cache_key, cache_path, record_id, write_chunk, _write_manifest
     jpeg, cache = folder / "photo.jpg", folder / "cache"
-    done = folder / f"done-{n}"
-    if done.exists(): return jpeg, cache
     folder.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", (64, 64), (120, 30, 200)).save(jpeg)
-    tower = CLIPImageEncoder(pretrained="none", model_cfg=tiny_clip_config(), seed=0)
-    key = cache_key(tower, 0.1)   # Config's crop_padding
-    root = cache_path(cache, key); root.mkdir(parents=True, exist_ok=True); _write_manifest(root, key)
-    g = torch.Generator().manual_seed(0)
-    for s in range(0, n, 1024):
-        ids = [record_id(Item(f"s/{i}/상의", str(jpeg), "상의", (0.0, 0.0, 8.0 + i % 50, 8.0 + i // 50 % 50),
-                              (0, 0, 8 + i % 50, 8 + i // 50 % 50), {"category": "블라우스"}, f"id:{i}")) for i in range(s, min(s + 1024, n))]
-        f = torch.nn.functional.normalize(torch.randn(len(ids), 512, generator=g), dim=1)
-        write_chunk(root, ids, f, {})
-    done.touch()
+    if not jpeg.exists(): Image.new("RGB", (64, 64), (120, 30, 200)).save(jpeg)
+    for path in packages:
+        r = subprocess.run([sys.executable, "-c", PREP, str(n), str(jpeg), str(cache)], capture_output=True, text=True, cwd=folder,
+                           env=dict(os.environ, PYTHONPATH=path, HF_HUB_OFFLINE="1"))
+        if r.returncode: sys.exit(f"bench_cache_memory: writing the cache failed:\n{r.stderr[-3000:]}")
     return jpeg, cache
 
 
@@ -94,7 +105,7 @@ def main(argv=None):
     a = ap.parse_args(argv)
     here = str(Path(__file__).resolve().parents[1])
     sys.path.insert(0, here)
-    t = time.time(); jpeg, cache = setup(a.items, Path(a.dir))
+    t = time.time(); jpeg, cache = setup(a.items, Path(a.dir), [here] + ([a.before] if a.before else []))
     print(f"cache of {a.items:,} crops ready in {time.time() - t:.1f}s")
     size = a.items * 512 * 2
     runs = ([("before", a.before, False)] if a.before else []) + [("after, in memory", here, False), ("after, mapped", here, True)]

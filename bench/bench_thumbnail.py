@@ -7,7 +7,7 @@ a 3000x2000 catalogue shot, each with a garment box of about a third of the phot
 holds an older package (`git archive <commit> fashion_json_encoder | tar -x -C DIR`). Each round runs the old and the
 new package in fresh processes, alternately; the summary is the median over rounds of ms per thumbnail and their ratio.
 """
-import argparse, json, os, statistics, subprocess, sys, tempfile
+import argparse, json, os, shutil, statistics, subprocess, sys, tempfile
 from pathlib import Path
 
 CHILD = r"""
@@ -59,6 +59,7 @@ def main(argv=None):
         print(f"{name}: before {b:6.1f} ms, after {n:6.1f} ms per 256-px thumbnail = {b / n:.2f}x")
         parts.append(f"{name}={b:.1f}/{n:.1f}ms({b / n:.2f}x)")
     print("SUMMARY " + " ".join(parts) + f" rounds={a.rounds} reps={a.reps}")
+    shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__": sys.exit(main())

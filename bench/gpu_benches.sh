@@ -31,8 +31,15 @@ if [ "$PART" = first ]; then
   # GPU decode alone and with 25 % / 40 % of the photos decoded by the CPU workers alongside (decode_cpu_share)
   step decode 150 env PYTHONPATH="$NEW" python3 bench/bench_decode.py --photos ${PHOTOS:-3000} --device cuda --num-workers 12 --batch-size 256 --cpu-shares 0.25,0.4 --out-json "$OUT/decode.json"
 fi
-CACHE_RATE=$(python3 -c "import json; b = json.load(open('$OUT/decode.json'))['builds']; print(max(v['crops_per_s'] for v in b.values()))" 2>/dev/null)
-INDEX_RATE=$(python3 -c "import json; print(json.load(open('$OUT/decode.json'))['index_labels_per_s']['zips'])" 2>/dev/null)
+# PART=more: the index build of the release zips at a size where the pool's start-up does not dominate (the projection's index term)
+if [ "$PART" = more ]; then
+  step index_zips 90 env PYTHONPATH="$NEW" python3 bench/bench_index.py --n 30000 --workers 16 --layout zips --dir /tmp/kf_index --json "$OUT/index.json"
+fi
+# rates for the projections: this call's measurements, else CACHE_RATE / INDEX_RATE from the environment (PART=more runs in a
+# new call with an empty $OUT: pass PART=first's cache rate as CACHE_RATE=...)
+CACHE_RATE=${CACHE_RATE:-$(python3 -c "import json; b = json.load(open('$OUT/decode.json'))['builds']; print(max(v['crops_per_s'] for v in b.values()))" 2>/dev/null)}
+INDEX_RATE=${INDEX_RATE:-$(python3 -c "import json; print(json.load(open('$OUT/index.json'))['labels_per_s'])" 2>/dev/null || \
+                           python3 -c "import json; print(json.load(open('$OUT/decode.json'))['index_labels_per_s']['zips'])" 2>/dev/null)}
 echo "measured: cache build ${CACHE_RATE:-?} crops/s, index ${INDEX_RATE:-?} labels/s (used in the projections)" | tee -a "$OUT/all.log"
 RATES="${CACHE_RATE:+--cache-rate $CACHE_RATE} ${INDEX_RATE:+--index-rate $INDEX_RATE}"
 # issue 11: training and evaluation at K-Fashion's size
@@ -40,8 +47,6 @@ if [ "$PART" = first ]; then
   step scale_after_full 200 env PYTHONPATH="$NEW" python3 bench/bench_kfashion_scale.py --scale 1 --epochs 2 --standalone 1 --bare 0 $RATES --json "$OUT/scale_after_full.json"
   exit 0
 fi
-# the index build of the release zips at a size where the pool's start-up does not dominate (the projection's index term)
-step index_zips 90 env PYTHONPATH="$NEW" python3 bench/bench_index.py --n 30000 --workers 16 --layout zips --dir /tmp/kf_index --json "$OUT/index.json"
 step scale_before_0.1 120 env PYTHONPATH="$OLD" python3 bench/bench_kfashion_scale.py --scale 0.1 --epochs 1 --standalone 1 --bare 0 $RATES --json "$OUT/scale_before.json"
 step eval_gpu_180k 45 env PYTHONPATH="$NEW" python3 bench/bench_scale.py --n 180000 --queries 50 --device cuda
 step scale_after_0.1 60 env PYTHONPATH="$NEW" python3 bench/bench_kfashion_scale.py --scale 0.1 --epochs 2 --standalone 1 $RATES --json "$OUT/scale_after.json"

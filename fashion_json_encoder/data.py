@@ -18,7 +18,8 @@ log = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['log', 'SKIP_REASONS', 'DECODE_ERRORS', 'Item', 'clip_box', 'crop_box', 'read_label', 'look_of', 'item_json',
-           'parse_photo', 'ImageDecodeError', 'load_crop', 'item_thumbnail', 'CropDataset', 'collate_crops']
+           'parse_photo', 'ImageDecodeError', 'scaled_box', 'load_crop', 'item_thumbnail', 'CropDataset',
+           'collate_crops']
 
 # %% ../nbs/01_data.ipynb #6ba061c9
 @dataclass(frozen=True)
@@ -163,20 +164,25 @@ def parse_photo(label_path, image_path, fields: dict, targets, pad: float = Conf
 class ImageDecodeError(UserError):
     "A JPEG that is truncated or not an image."
 
-def _draft_crop(im: Image.Image, crop, f: float) -> Image.Image:  # crop: (x0, y0, x1, y1) at full size; f: the scale it may shrink to
-    "The RGB `crop` of an opened JPEG, decoded at the smallest DCT scale (1/2, 1/4, 1/8) that keeps it at least `f` of its size."
+def scaled_box(crop, sx: float, sy: float, size) -> tuple:  # crop: (x0, y0, x1, y1) at full size; size: the decoded (W, H)
+    "The pixel box of `crop` in a photo decoded at scale (sx, sy): grown outward to whole pixels, at least 1×1, inside the photo."
+    x0, y0 = math.floor(crop[0] * sx), math.floor(crop[1] * sy)
+    x1, y1 = min(math.ceil(crop[2] * sx), size[0]), min(math.ceil(crop[3] * sy), size[1])  # a float just over W must not add a black column
+    return x0, y0, max(x1, x0 + 1), max(y1, y0 + 1)
+
+def _draft(im: Image.Image, f: float) -> tuple:  # f: the scale the photo may shrink to
+    "Ask for the smallest JPEG DCT scale (1/2, 1/4, 1/8) that keeps the photo at least `f` of its size; the (sx, sy) it got."
     W, H = im.size
-    if f < 1: im.draft("RGB", (max(1, math.ceil(W * f)), max(1, math.ceil(H * f))))  # JPEG DCT scaling
-    sx, sy = im.size[0] / W, im.size[1] / H
-    b = (math.floor(crop[0] * sx), math.floor(crop[1] * sy), math.ceil(crop[2] * sx), math.ceil(crop[3] * sy))
-    return im.convert("RGB").crop((b[0], b[1], max(b[2], b[0] + 1), max(b[3], b[1] + 1)))
+    if f < 1: im.draft("RGB", (max(1, math.ceil(W * f)), max(1, math.ceil(H * f))))
+    return im.size[0] / W, im.size[1] / H
 
 def load_crop(item: Item, min_side: int | None = None) -> Image.Image:  # min_side: decode smaller while the crop keeps this short side
     "The RGB crop of `item` (raw pixels, no EXIF rotation); raises `ImageDecodeError` if the JPEG does not decode."
     x0, y0, x1, y1 = item.crop
     try:
         with Image.open(io.BytesIO(read_bytes(item.image_path, IMAGE_MAX_BYTES))) as im:   # a file or a zip member, size-capped
-            return _draft_crop(im, item.crop, min_side / max(1, min(x1 - x0, y1 - y0)) if min_side else 1)
+            sx, sy = _draft(im, min_side / max(1, min(x1 - x0, y1 - y0)) if min_side else 1)
+            return im.convert("RGB").crop(scaled_box(item.crop, sx, sy, im.size))
     except MemberError: raise  # the archive's fault, not the JPEG's: counted as bad_member
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise ImageDecodeError(f"{item.image_path}: cannot decode image ({e})") from None
@@ -187,12 +193,22 @@ def item_thumbnail(image_path,  # a file or "<zip>::<member>"
     "The item's crop padded as in training, shrunk to fit `size` (the app's gallery, figures); a grey tile and one warning when its photo cannot be read."
     try:
         with Image.open(io.BytesIO(read_bytes(image_path, IMAGE_MAX_BYTES))) as im:
-            x0, y0, x1, y1 = c = crop_box(box, im.size, pad)
-            im = _draft_crop(im, c, size / max(1, x1 - x0, y1 - y0))   # decoded no larger than the thumbnail needs
+            x0, y0, x1, y1 = crop_box(box, im.size, pad)
+            fit = _thumb_size(x1 - x0, y1 - y0, size)
+            if fit is None: return im.convert("RGB").crop((x0, y0, x1, y1))     # no larger than `size`: the crop itself
+            (sx, sy), W, H = _draft(im, size / max(x1 - x0, y1 - y0)), *im.size   # decoded no larger than the thumbnail needs
+            return im.convert("RGB").resize(fit, Image.BICUBIC, box=(x0 * sx, y0 * sy, min(x1 * sx, W), min(y1 * sy, H)), reducing_gap=2.0)
     except Exception as e:  # one unreadable photo does not cost the page or the figure
         log.warning("%s: cannot show the crop (%s: %s)", image_path, type(e).__name__, e)
         return Image.new("RGB", (size, size), (200, 200, 200))
-    im.thumbnail((size, size)); return im
+
+def _thumb_size(w: int, h: int, size: int) -> tuple | None:
+    "The size `Image.thumbnail((size, size))` gives a w×h image (None: it leaves it as it is)."
+    if w <= size and h <= size: return None
+    aspect = w / h
+    near = lambda v, key: max(min(math.floor(v), math.ceil(v), key=key), 1)
+    if aspect <= 1: return near(size * aspect, key=lambda n: abs(aspect - n / size)), size
+    return size, near(size / aspect, key=lambda n: 0 if n == 0 else abs(aspect - size / n))
 
 # %% ../nbs/01_data.ipynb #aec1df8d
 DECODE_ERRORS = (ImageDecodeError, OSError, ValueError, SyntaxError, Image.DecompressionBombError)  # a photo that won't decode

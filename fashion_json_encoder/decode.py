@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from .archives import IMAGE_MAX_BYTES, MemberError, read_bytes
-from .data import DECODE_ERRORS
+from .data import DECODE_ERRORS, scaled_box
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +44,7 @@ def decode_crops(data: bytes, crops: list, min_side: int | None = None) -> tuple
             W, H = im.size
             if req: im.draft("RGB", req)
             sx, sy, rgb = im.size[0] / W, im.size[1] / H, im.convert("RGB")
-        for j in js:
-            x0, y0, x1, y1 = crops[j]
-            b = (math.floor(x0 * sx), math.floor(y0 * sy), math.ceil(x1 * sx), math.ceil(y1 * sy))
-            out[j] = rgb.crop((b[0], b[1], max(b[2], b[0] + 1), max(b[3], b[1] + 1)))
+        for j in js: out[j] = rgb.crop(scaled_box(crops[j], sx, sy, rgb.size))
     return out, len(plan)
 
 # %% ../nbs/01d_decode.ipynb #522393b5
@@ -79,6 +76,7 @@ class PhotoDataset(torch.utils.data.Dataset):
                  mode: str = "cpu", load_fn=None,    # load_fn(item, min_side) -> PIL crop: decode per crop instead
                  cpu_share: float = 0.0):            # mode 'gpu': this share of the photos is decoded here, on the CPU
         assert mode in ("cpu", "gpu"), f"mode must be cpu or gpu, got {mode!r}"
+        assert 0 <= cpu_share <= 1, f"cpu_share must be a share between 0 and 1, got {cpu_share!r}"
         self.items, self.groups, self.transform, self.min_side, self.mode, self.load_fn = items, groups, transform, min_side, mode, load_fn
         self.cpu_share = cpu_share
     def __len__(self): return len(self.groups)

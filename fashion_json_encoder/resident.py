@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn, Tensor
 from fastcore.basics import patch
-from .models.feature_cache import host_memory_available, is_mapped
+from .models.feature_cache import is_mapped
 
 log = logging.getLogger(__name__)
 
@@ -23,44 +23,43 @@ class RowsLoss(nn.Module):
     def __init__(self, encoder: nn.Module,    # the trainable JSONEncoder
                  learner: nn.Module,          # its ContrastiveLearner (loss module and logit_scale)
                  ids: Tensor,                 # (N, L) packed value ids (`encoder.pack`), on the training device
-                 features: Tensor | None = None,  # (N, D) cached tower features (contrastive stage)
+                 features: Tensor | None = None,  # (N, D) cached tower features (contrastive stage); on the device or in host memory
                  targets: Tensor | None = None):  # (N, D) unit targets (standalone stage)
         super().__init__()
         assert (features is None) != (targets is None), "give cached features (contrastive) or targets (standalone)"
         self.encoder, self.ids, self.features, self.targets = encoder, ids, features, targets  # data: plain attributes
+        self.staging = None  # pinned host buffer the rows of host-memory features pass through on their way to the GPU
         object.__setattr__(self, "learner", learner)  # not a submodule: the frozen tower is not part of this module
 
     def forward(self, idx: Tensor) -> Tensor:  # (B,) row indices on the device of `ids` -> scalar loss
         out = self.encoder.encode_packed(self.ids.index_select(0, idx))             # (B, D) unit-norm
         if self.targets is not None: return (1 - (out * self.targets.index_select(0, idx)).sum(1)).mean()
         f = self.features
-        x = f.index_select(0, idx if f.device == idx.device else idx.to(f.device)).to(idx.device, non_blocking=True)
+        if f.device == idx.device: x = f.index_select(0, idx)
+        else:  # features in host memory (or a mapped file), steps on the GPU: gather into pinned memory, copy without waiting
+            h = idx.to(f.device)   # waits for this stream's earlier work, so the last copy out of `staging` is done
+            if self.staging is None or len(self.staging) < len(h):
+                self.staging = torch.empty(len(h), f.shape[1], dtype=f.dtype, pin_memory=idx.device.type == "cuda")
+            x = torch.index_select(f, 0, h, out=self.staging[:len(h)]).to(idx.device, non_blocking=True)
         img = F.normalize(x.float(), dim=-1)                                        # (B, D) as the learner does
         return self.learner.loss(img, out, self.learner.logit_scale.exp())["contrastive_loss"]
 
 # %% ../nbs/05b_resident.ipynb #0e1bf554
 def feature_tier(nbytes: int, gpu_free: int | None,  # gpu_free: free GPU bytes (None: training on the CPU)
-                 host_available: int | None,         # what the OS could give now (None: unknown)
-                 mapped: bool = False,               # the features are in a memory-mapped file already
-                 budget: float = 0.5) -> str:        # share of the free GPU (or available host) memory they may take
-    "Where cached features go for training: 'gpu', 'pinned' host memory, or 'host' as they are (pageable or memory-mapped)."
-    if gpu_free is None: return "host"
-    if nbytes <= budget * gpu_free: return "gpu"
-    if not mapped and (host_available is None or nbytes <= budget * host_available): return "pinned"  # pinning copies them
-    return "host"
+                 budget: float = 0.5) -> str:        # share of the free GPU memory they may take
+    "Where cached features are read from in training: 'gpu', or 'host' (memory or a mapped file, each batch through a pinned buffer)."
+    return "gpu" if gpu_free is not None and nbytes <= budget * gpu_free else "host"
 
 def resident(t: Tensor, device, budget: float = 0.5) -> Tensor:
-    "`t` where `feature_tier` puts it: on `device`, in pinned host memory, or as it is (a mapped cache: through the page cache)."
+    "`t` on `device` when `feature_tier` says it fits, else `t` as it is (`RowsLoss` stages each batch's rows)."
     device = torch.device(device)
     if device.type != "cuda": return t
-    nbytes, mapped = t.numel() * t.element_size(), is_mapped(t)
-    free, avail = torch.cuda.mem_get_info(device)[0], host_memory_available()
-    tier = feature_tier(nbytes, free, avail, mapped, budget)
-    if tier == "gpu": return t.to(device)
-    src = {"pinned": "pinned host memory", "host": "the memory-mapped cache" if mapped else "pageable host memory"}[tier]
-    log.warning("%.1f GiB of features do not fit in %.0f%% of the GPU's free %.1f GiB: each batch's rows are read from %s",
-                nbytes / 2**30, 100 * budget, free / 2**30, src)
-    return t.pin_memory() if tier == "pinned" else t
+    nbytes, free = t.numel() * t.element_size(), torch.cuda.mem_get_info(device)[0]
+    if feature_tier(nbytes, free, budget) == "gpu": return t.to(device)
+    log.warning("%.1f GiB of features do not fit in %.0f%% of the GPU's free %.1f GiB: each batch's rows are read from %s "
+                "through a pinned buffer", nbytes / 2**30, 100 * budget, free / 2**30,
+                "the memory-mapped cache" if is_mapped(t) else "host memory")
+    return t
 
 
 # %% ../nbs/05b_resident.ipynb #4a391df5

@@ -184,7 +184,7 @@ def _resident_steps(self: Trainer, stage: str) -> ResidentSteps:
                                                        graph=self.cfg.cuda_graphs and on_gpu)
         self.train_path = ("cuda-graph" if steps.mode == "cuda-graph" else "device-resident") if self.device.type == "cuda" else "cpu"
         if stage == "contrastive" and not on_gpu:
-            f = r["features"]; self.train_path = "pinned-host" if f.is_pinned() else "mapped-host" if is_mapped(f) else "pageable-host"
+            self.train_path = "mapped-host" if is_mapped(r["features"]) else "host-memory"
         log.info("%s stage: %s steps", stage, self.train_path)
     return steps
 

@@ -2,7 +2,7 @@
 import json, time
 
 import pytest, torch
-from hypothesis import given, strategies as st
+from hypothesis import given, settings, strategies as st
 
 from fashion_json_encoder import data
 from fashion_json_encoder.config import Config, UserError
@@ -135,3 +135,51 @@ def test_item_thumbnail_decodes_a_large_photo_only_as_large_as_the_thumbnail_nee
     full.thumbnail((256, 256))
     assert thumb.size == full.size == (256, 192)
     assert np.abs(np.asarray(thumb, dtype=float) - np.asarray(full, dtype=float)).mean() < 3   # grey levels of 255
+
+
+def test_a_draft_scaled_crop_at_the_photos_edge_has_no_black_column(tmp_path):
+    "603 px wide at 1/2 scale: 603 × (302/603) lands just over 302 in floats; the crop once grew a black column there."
+    from PIL import Image
+    from fashion_json_encoder.data import Item, item_thumbnail, load_crop
+    from fashion_json_encoder.decode import decode_crops
+    p = tmp_path / "p.jpg"; Image.new("RGB", (603, 900), (200, 120, 61)).save(p, quality=95)
+    it = Item("k", str(p), "상의", (0., 0., 603., 900.), (0, 0, 603, 900), {}, "l")
+    crops = [load_crop(it, min_side=224), decode_crops(p.read_bytes(), [it.crop], 224)[0][0], item_thumbnail(p, it.crop, pad=0)]
+    assert [c.size for c in crops] == [(302, 450), (302, 450), (172, 256)]
+    for c in crops:
+        r, g, b = c.getpixel((c.size[0] - 1, c.size[1] // 2))
+        assert abs(r - 200) + abs(g - 120) + abs(b - 61) < 12, (c.size, (r, g, b))
+
+
+@given(st.integers(1, 700), st.integers(1, 700), st.sampled_from([16, 64, 256]))
+def test_thumbnail_size_is_pillows(w, h, size):
+    "The size item_thumbnail resizes to is the one Image.thumbnail would give the full-size crop."
+    from PIL import Image
+    from fashion_json_encoder.data import _thumb_size
+    im = Image.new("L", (w, h)); im.thumbnail((size, size))
+    assert _thumb_size(w, h, size) == (None if w <= size and h <= size else im.size)
+
+
+@pytest.fixture(scope="module")
+def textured(tmp_path_factory):
+    import numpy as np
+    from PIL import Image
+    small = np.random.default_rng(0).integers(0, 255, (40, 60, 3), dtype=np.uint8)
+    p = tmp_path_factory.mktemp("thumb") / "t.jpg"; Image.fromarray(small).resize((1200, 1800), Image.BICUBIC).save(p, quality=90)
+    return p
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.floats(0, 0.9), st.floats(0, 0.9), st.floats(0.02, 1), st.floats(0.02, 1), st.sampled_from([64, 192, 256]))
+def test_thumbnail_matches_a_full_decode_thumbnail(textured, fx, fy, fw, fh, size):
+    "Any box: the draft-decoded thumbnail has the full decode's size exactly and its look (mean difference under 8 of 255)."
+    import numpy as np
+    from PIL import Image
+    from fashion_json_encoder.data import crop_box, item_thumbnail
+    x0, y0 = 1200 * fx, 1800 * fy
+    box = (x0, y0, x0 + max(1.0, (1200 - x0) * fw), y0 + max(1.0, (1800 - y0) * fh))
+    new = item_thumbnail(textured, box, pad=0.1, size=size)
+    with Image.open(textured) as im: old = im.convert("RGB").crop(crop_box(box, im.size, 0.1))
+    old.thumbnail((size, size))
+    assert new.size == old.size
+    assert np.abs(np.asarray(new, dtype=float) - np.asarray(old, dtype=float)).mean() < 8

@@ -350,9 +350,10 @@ def test_mapped_features_equal_the_in_memory_ones(items, tower, tmp_path):
     assert not [p for p in (tmp_path / "c").rglob("*") if p.is_file() and not p.name.startswith("chunk_") and p.name != "manifest.json"]
 
 
-def test_features_over_the_host_budget_are_mapped_and_a_full_disk_keeps_them_in_memory(items, tower, tmp_path, monkeypatch, caplog):
-    "Automatic: mapped when they would take over half the available memory; a disk without room: one warning, in memory."
+def test_features_over_the_host_budget_are_mapped_and_a_full_disk_is_a_clear_error(items, tower, tmp_path, monkeypatch, caplog):
+    "Mapped when over half the available memory; no room on disk then: one line naming the folder; a forced map that fails: memory."
     import errno
+    from fashion_json_encoder.config import UserError
     from fashion_json_encoder.models import feature_cache as fcm
     ref = _build(items, tower, tmp_path / "c")
     monkeypatch.setattr(fcm, "host_memory_available", lambda: 2 * ref.features.numel() * 2 - 1)  # just under twice their size
@@ -360,15 +361,71 @@ def test_features_over_the_host_budget_are_mapped_and_a_full_disk_keeps_them_in_
     assert fcm.is_mapped(small.features) and torch.equal(small.features, ref.features)
     def full(fd, offset, length): raise OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr(fcm.os, "posix_fallocate", full)
+    with pytest.raises(UserError, match="No space left on device") as e: _build(items, tower, tmp_path / "c")
+    assert str(ref.path) in str(e.value) and "\n" not in str(e.value)
+    monkeypatch.setattr(fcm, "host_memory_available", lambda: 2**40)     # they would fit in memory: a forced map falls back
     caplog.clear()
-    with caplog.at_level("WARNING", logger="fashion_json_encoder"): kept = _build(items, tower, tmp_path / "c")
+    with caplog.at_level("WARNING", logger="fashion_json_encoder"): kept = _build(items, tower, tmp_path / "c", mmap=True)
     warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(warned) == 1 and "No space left on device" in warned[0] and "keeping them in memory" in warned[0], warned
     assert not fcm.is_mapped(kept.features) and torch.equal(kept.features, ref.features)
     assert not list(kept.path.glob(".features-*"))
 
 
-def test_a_cpu_share_of_a_gpu_decode_build_is_decoded_by_the_workers(tower, tmp_path, monkeypatch):
+def test_available_memory_is_capped_by_the_cgroup_limit(tmp_path):
+    "A container's limit counts, not only the host's MemAvailable: cgroup v2 (own group or root), v1, and no limit."
+    from fashion_json_encoder.models.feature_cache import host_memory_available
+    mi = tmp_path / "meminfo"; mi.write_text("MemTotal: 100 kB\nMemAvailable:   8000 kB\n")
+    own = tmp_path / "self_cgroup"; own.write_text("0::/pod/box\n")
+    def cg(files):
+        d = tmp_path / f"cg{len(list(tmp_path.iterdir()))}"
+        for rel, text in files.items(): (d / rel).parent.mkdir(parents=True, exist_ok=True); (d / rel).write_text(text)
+        return host_memory_available(mi, d, own)
+    assert cg({}) == 8000 * 1024                                                                  # no cgroup files: the host's
+    assert cg({"pod/box/memory.max": "3000000\n", "pod/box/memory.current": "1000000\n"}) == 2_000_000   # v2, own group
+    assert cg({"memory.max": "max\n", "memory.current": "5\n"}) == 8000 * 1024                 # v2 without a limit
+    assert cg({"memory/memory.limit_in_bytes": "5000000", "memory/memory.usage_in_bytes": "4000000"}) == 1_000_000   # v1
+    assert cg({"memory/memory.limit_in_bytes": str(2**63 - 4096), "memory/memory.usage_in_bytes": "1"}) == 8000 * 1024
+    assert host_memory_available(tmp_path / "none", tmp_path / "none", tmp_path / "none") is None
+
+
+def test_a_mapped_buffer_is_read_at_random_and_files_of_killed_builds_are_removed(tmp_path):
+    "The mapping is advised for random reads (no read-ahead per row); a file a killed process of this machine left goes."
+    import socket, subprocess, sys
+    from fashion_json_encoder.models.feature_cache import feature_buffer
+    p = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = tmp_path / f".features-{socket.gethostname()}-{int(p.stdout)}-0123abcd.f16"; dead.write_bytes(b"x" * 10)
+    alive = tmp_path / f".features-{socket.gethostname()}-{os.getpid()}-0123abcd.f16"; alive.write_bytes(b"x")
+    other = tmp_path / f".features-another-host-{int(p.stdout)}-0123abcd.f16"; other.write_bytes(b"x")
+    t = feature_buffer(1000, 512, tmp_path, mmap=True)
+    assert sorted(f.name for f in tmp_path.iterdir()) == sorted([alive.name, other.name])
+    if Path("/proc/self/smaps").exists():
+        start, flags = None, None
+        for line in Path("/proc/self/smaps").read_text().splitlines():
+            head = line.split()[0]
+            if "-" in head and all(c in "0123456789abcdef-" for c in head):
+                lo, hi = (int(x, 16) for x in head.split("-")); start = lo <= t.data_ptr() < hi
+            elif start and line.startswith("VmFlags:"): flags = line.split()[1:]; break
+        assert flags is not None and "rr" in flags, flags
+
+
+def test_a_failing_sink_leaves_the_chunks_alone_and_repeated_items_get_their_rows(items, tower, tmp_path, monkeypatch):
+    "Review fixes: an error while copying a verified chunk's rows is not damage (the chunk stays); an item listed twice gets its row."
+    from fashion_json_encoder.models import feature_cache as fcm
+    ref = _build(items, tower, tmp_path / "c", chunk_size=4)
+    names = sorted(p.name for p in ref.path.glob("chunk_*"))
+    real = fcm.feature_buffer
+    monkeypatch.setattr(fcm, "feature_buffer", lambda n, d, folder, mmap=None: real(n, d + 1, folder, mmap))  # one column too many
+    with pytest.raises(RuntimeError): _build(items, tower, tmp_path / "c", chunk_size=4)
+    monkeypatch.undo()
+    assert sorted(p.name for p in ref.path.glob("chunk_*")) == names
+    again = _build(items[:3] + items[:3] + items[3:], tower, tmp_path / "d", chunk_size=4)   # cold: a chunk holds a record twice
+    warm = _build(items[:3] + items[:3] + items[3:], tower, tmp_path / "d", chunk_size=4)
+    for fc in (again, warm):
+        assert len(fc) == 15 and torch.equal(fc.features[:3], fc.features[3:6]) and torch.equal(fc.features[6:], ref.features[3:])
+
+
+def test_a_cpu_share_of_a_gpu_decode_build_is_decoded_by_the_workers(tower, tmp_path, monkeypatch, caplog):
     "decode 'gpu' with cpu_share 0.5: half the photos take the CPU path in the workers, the rest the GPU path, row for row."
     from fashion_json_encoder.models import feature_cache as fcm
     from fashion_json_encoder.decode import on_cpu_share
@@ -376,9 +433,12 @@ def test_a_cpu_share_of_a_gpu_decode_build_is_decoded_by_the_workers(tower, tmp_
     cpu = _build(items, tower, tmp_path / "c")
     monkeypatch.setattr(fcm, "resolve_decode", lambda *a, **k: "gpu")  # the GPU path's logic on the CPU device (torchvision's decoder)
     gpu = _build(items, tower, tmp_path / "g")
-    mixed = _build(items, tower, tmp_path / "m", cpu_share=0.5)
+    mixed = _build(items, tower, tmp_path / "m", cpu_share=0.5, num_workers=1)   # the share is decoded by the workers
     shared = [on_cpu_share(i, 0.5) for i in range(12)]   # one photo per item, in item order
     assert gpu.decode_stats["gpu_decoded"] == 12 and gpu.decode_stats["cpu_share_photos"] == 0
     assert mixed.decode_stats["cpu_share_photos"] == sum(shared) == 6 and mixed.decode_stats["gpu_decoded"] == 6
     assert not any(torch.equal(cpu.features[i], gpu.features[i]) for i in range(12))  # the paths round differently: rows tell them apart
     for i, s in enumerate(shared): assert torch.equal(mixed.features[i], (cpu if s else gpu).features[i]), i
+    with caplog.at_level("WARNING", logger="fashion_json_encoder"):
+        alone = _build(items, tower, tmp_path / "w0", cpu_share=0.5, num_workers=0)   # no workers: nothing to run beside the GPU
+    assert alone.decode_stats["gpu_decoded"] == 12 and any("needs DataLoader workers" in r.getMessage() for r in caplog.records)

@@ -4,7 +4,7 @@
 
 # %% ../../nbs/03a_feature_cache.ipynb #3341a04c
 from __future__ import annotations
-import hashlib, json, logging, os, re, time, uuid
+import ctypes, hashlib, json, logging, mmap as mmap_module, os, re, socket, time, uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from ..progress import progress as progress_bar
-from ..config import Config, atomic_path, atomic_write_text
+from ..config import Config, UserError, atomic_path, atomic_write_text
 from ..checkpoints import first_line, state_digest
 from .image_encoder import CLIPImageEncoder, check_precision
 from ..archives import member_stat
@@ -29,7 +29,7 @@ __all__ = ['log', 'CACHE_VERSION', 'HOST_BUDGET', 'cache_key', 'cache_path', 're
            'feature_buffer', 'compact_rows', 'build_feature_cache', 'cache_contents']
 
 # %% ../../nbs/03a_feature_cache.ipynb #1cb94a9f
-CACHE_VERSION = 1  # bump when the on-disk format changes
+CACHE_VERSION = 2  # bump when the on-disk format or the crops change (2: no black column where a draft-scaled crop met the photo's edge)
 
 def cache_key(tower: CLIPImageEncoder, crop_padding: float | None = None,
               decode: str = "cpu") -> dict:  # decode: "cpu" or "gpu" (resolved); GPU-decoded features get their own cache
@@ -98,7 +98,7 @@ def read_chunks(root: Path, verified: dict | None = None,  # verified: {path: ((
     "Index of the chunks in `root` that pass `load_chunk`: ({record id: (chunk path, row)}, {record id: [item key, reason, detail]})."
     rows, skipped, verified = {}, {}, {} if verified is None else verified
     for f in sorted(Path(root).glob("chunk_*.safetensors")):
-        sig = None
+        sig = feats = None
         try:
             sig, v = _sig(f), verified.get(f)
             if v is not None and v[0] == sig:  # read or written by this build already: not read again
@@ -111,8 +111,6 @@ def read_chunks(root: Path, verified: dict | None = None,  # verified: {path: ((
                         if (p := write_chunk(root, ids, feats, sk)) != f: f.unlink(); f = p
                         sig = _sig(f)
                     except OSError as e: log.warning("%s: cannot add a checksum (%s)", f, e)
-                if sink is not None: sink(ids, feats)
-                verified[f] = (sig, ids, sk)
         except _DAMAGED as e:  # the contents are wrong: the file goes, its crops are encoded again
             log.warning("%s: damaged cache chunk removed, its crops will be re-encoded (%s: %s)", f, type(e).__name__, str(e)[:200])
             try: f.unlink(missing_ok=True)
@@ -123,6 +121,9 @@ def read_chunks(root: Path, verified: dict | None = None,  # verified: {path: ((
                         f, type(e).__name__, str(e)[:200])
             verified[f] = (sig, None, None)
             continue
+        if feats is not None:  # read and verified just now; outside the `try`: an error in the sink is not the chunk's fault
+            if sink is not None: sink(ids, feats)
+            verified[f] = (sig, ids, sk)
         rows.update({r: (f, i) for i, r in enumerate(ids)}); skipped.update(sk)
     return rows, skipped
 
@@ -167,50 +168,94 @@ def _write_manifest(root: Path, key: dict):
     atomic_write_text(p, json.dumps({"key": key, "format": fmt}, ensure_ascii=False, indent=1) + "\n")
 
 # %% ../../nbs/03a_feature_cache.ipynb #add23b35
-HOST_BUDGET = 0.5  # share of the available host memory the features may take; above it they live in a memory-mapped file
+HOST_BUDGET = 0.5  # share of the memory available to this process the features may take; above it they live in a memory-mapped file
 
-def host_memory_available() -> int | None:
-    "Bytes the OS could give this process now without swapping (Linux `MemAvailable`); None where unknown."
+def _read_int(path) -> int | None:
+    try: s = Path(path).read_text(encoding="ascii").strip()
+    except (OSError, UnicodeDecodeError): return None
+    return int(s) if s.isdigit() else None   # cgroup v2 writes "max" for no limit
+
+def host_memory_available(meminfo="/proc/meminfo", cgroup="/sys/fs/cgroup",  # where Linux says it (parameters for tests)
+                          self_cgroup="/proc/self/cgroup") -> int | None:
+    "Bytes this process could get now without swapping: Linux `MemAvailable`, capped by its cgroup's memory limit (a container's); None where unknown."
+    avail = None
     try:
-        with open("/proc/meminfo", encoding="ascii") as f:
+        with open(meminfo, encoding="ascii") as f:
             for line in f:
-                if line.startswith("MemAvailable:"): return int(line.split()[1]) * 1024
+                if line.startswith("MemAvailable:"): avail = int(line.split()[1]) * 1024; break
     except (OSError, ValueError, IndexError): pass
-    return None
+    try: own = next((l.split("::", 1)[1].strip() for l in Path(self_cgroup).read_text().splitlines() if l.startswith("0::")), "/")
+    except OSError: own = "/"
+    cg = Path(cgroup)
+    for lim, use in ((cg / own.lstrip("/") / "memory.max", cg / own.lstrip("/") / "memory.current"),   # cgroup v2, own group
+                     (cg / "memory.max", cg / "memory.current"),                                      # v2, a container's root
+                     (cg / "memory/memory.limit_in_bytes", cg / "memory/memory.usage_in_bytes")):     # v1
+        l, u = _read_int(lim), _read_int(use)
+        if l is not None and u is not None and l < 1 << 60:   # v1 says "no limit" with a huge number
+            return max(0, l - u) if avail is None else min(avail, max(0, l - u))
+    return avail
 
 def is_mapped(t: Tensor) -> bool:
-    "Whether `t` lives in a memory-mapped file (`feature_buffer`'s file tier) rather than in anonymous memory."
+    "Whether `t` lives in a memory-mapped file (`feature_buffer`'s file tier). Its file is unlinked: fork-started workers share it, other processes cannot be sent it."
     return t.device.type == "cpu" and t.untyped_storage().filename is not None
 
+_MAPPED = re.compile(r"\.features-(.+)-(\d+)-[0-9a-f]{8}\.f16$")
+
+def _sweep(folder: Path):
+    "Remove mapped-feature files that processes of this machine left when killed between creating and unlinking them."
+    for f in folder.glob(".features-*.f16"):
+        m = _MAPPED.match(f.name)
+        if not m or m[1] != socket.gethostname(): continue   # another machine's process (a shared folder) may be alive
+        try: os.kill(int(m[2]), 0); continue                # alive
+        except ProcessLookupError: f.unlink(missing_ok=True)
+        except (PermissionError, OverflowError, ValueError): continue  # PermissionError: alive, another user's
+
+def _advise_random(t: Tensor):
+    "Rows are read at random, not streamed: no read-ahead on page faults (`torch.from_file` advises sequential)."
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise(ctypes.c_void_p(t.data_ptr()), ctypes.c_size_t(t.numel() * t.element_size()), mmap_module.MADV_RANDOM)
+    except (OSError, AttributeError): pass   # no libc madvise (not Linux/macOS): read-ahead stays
+
 def _mapped_buffer(n: int, d: int, folder: Path) -> Tensor:  # the file is reserved on disk, mapped, then unlinked
-    path = Path(folder) / f".features-{os.getpid()}-{uuid.uuid4().hex[:8]}.f16"
+    _sweep(folder)
+    path = folder / f".features-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}.f16"
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         try: os.posix_fallocate(fd, 0, n * d * 2)   # ENOSPC now, not SIGBUS when a page is first written
         except AttributeError: os.ftruncate(fd, n * d * 2)  # no posix_fallocate (macOS)
         os.close(fd); fd = None
-        return torch.from_file(str(path), shared=True, size=n * d, dtype=torch.float16).view(n, d)
+        t = torch.from_file(str(path), shared=True, size=n * d, dtype=torch.float16).view(n, d)
     finally:
         if fd is not None: os.close(fd)
         path.unlink(missing_ok=True)  # the mapping keeps the data; the disk space goes back when the process ends
+    _advise_random(t)
+    return t
 
 def feature_buffer(n: int, d: int, folder,  # folder: where a memory-mapped file goes (the cache folder)
                    mmap: bool | None = None) -> Tensor:  # None: mapped when n×d fp16 is over HOST_BUDGET of the available memory
     "An (n, d) fp16 buffer for the cached features: in memory, or in a memory-mapped file in `folder` read through the page cache."
     nbytes, avail = n * d * 2, host_memory_available()
-    if mmap is None: mmap = avail is not None and nbytes > HOST_BUDGET * avail
+    share = avail / max(1, int(os.environ.get("LOCAL_WORLD_SIZE") or 1)) if avail is not None else None  # torchrun: ranks of a node
+    fits = share is None or nbytes <= HOST_BUDGET * share
+    if mmap is None: mmap = not fits
     if not mmap or nbytes == 0: return torch.empty(n, d, dtype=torch.float16)
-    try: t = _mapped_buffer(n, d, folder)
+    try:
+        if os.name != "posix": raise OSError("memory-mapped features need Linux or macOS (a mapped file cannot be unlinked here)")
+        t = _mapped_buffer(n, d, Path(folder))
     except (OSError, RuntimeError) as e:
+        if not fits: raise UserError(f"{folder}: cannot hold {nbytes / 2**30:.1f} GiB of features in a memory-mapped file there "
+                                     f"({first_line(e)}), and they are over {HOST_BUDGET:.0%} of the {share / 2**30:.1f} GiB of "
+                                     "memory available; free disk space there, or memory") from None
         log.warning("feature cache: cannot map %.1f GiB of features in %s (%s); keeping them in memory", nbytes / 2**30, folder, first_line(e))
         return torch.empty(n, d, dtype=torch.float16)
-    log.info("feature cache: %.1f GiB of features in a memory-mapped file in %s (%s of host memory available): rows are read "
-             "from disk through the page cache", nbytes / 2**30, folder, "unknown" if avail is None else f"{avail / 2**30:.1f} GiB")
+    log.info("feature cache: %.1f GiB of features in a memory-mapped file in %s (%s of memory available): rows are read "
+             "from disk through the page cache", nbytes / 2**30, folder, "unknown" if share is None else f"{share / 2**30:.1f} GiB")
     return t
 
 def compact_rows(buf: Tensor, keep: list,  # keep: increasing row indices of buf
                  block: int = 65536) -> Tensor:  # rows moved per step (the only copy in memory at a time)
-    "`buf[keep]`, moved to the front of `buf` in place (a mapped buffer is not copied into memory): a view of `buf`."
+    "`buf[keep]`, moved to the front of `buf` in place (a mapped buffer is not copied into memory): a view of `buf`, whose storage keeps all rows."
     if len(keep) == len(buf): return buf
     k = torch.as_tensor(keep, dtype=torch.long)
     for s in range(0, len(k), block):  # each block's sources lie at or after it, past every row written so far
@@ -339,7 +384,8 @@ def build_feature_cache(items: list,  # `Item`s (key, image_path, crop are read)
     filled = torch.zeros(len(items), dtype=torch.bool)
 
     def sink(got, feats):  # a verified (or just written) chunk: its rows go straight to their items' rows
-        pairs = [(j, i) for j, r in enumerate(got) for i in want.get(r, ())]
+        last = {r: j for j, r in enumerate(got) if r in want}   # a record twice in one chunk (a repeated item): its last row
+        pairs = [(j, i) for r, j in last.items() for i in want[r]]
         if not pairs: return
         src, dst = torch.tensor(pairs).T
         out[dst] = feats[src]; filled[dst] = True
@@ -351,6 +397,9 @@ def build_feature_cache(items: list,  # `Item`s (key, image_path, crop are read)
     if rank == 0: log.info("feature cache %s: %d of %d crops cached, %d to encode (%s decode)", root, n_cached, len(items), len(todo), decode)
     barrier()  # every rank plans from the same chunks before any rank writes a new one
     stats = Counter()
+    if cpu_share and decode == "gpu" and num_workers == 0:
+        log.warning("feature cache: decode_cpu_share needs DataLoader workers (num_workers > 0) to decode beside the GPU; the GPU decodes every photo")
+        cpu_share = 0.0
     if todo:
         _encode_missing(items, ids, todo, tower, root, batch_size, num_workers, progress and rank == 0, chunk_size,
                         load_fn, rank, world_size, decode, per_photo, stats, verified, sink, cpu_share if decode == "gpu" else 0.0)
