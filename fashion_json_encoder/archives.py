@@ -7,13 +7,12 @@ from __future__ import annotations
 import hashlib, logging, multiprocessing as mp, os, stat, struct, unicodedata, zipfile, zlib
 from collections import Counter
 
-
 log = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['log', 'MEMBER_SEP', 'LABEL_MAX_BYTES', 'IMAGE_MAX_BYTES', 'member_path', 'split_member', 'member_name',
-           'ArchiveError', 'MemberError', 'Archive', 'open_archive', 'read_bytes', 'member_stat', 'walk_files',
-           'find_archives', 'list_archive', 'scan_archives', 'archive_key']
+           'ArchiveError', 'MemberError', 'Archive', 'open_archive', 'FileTooLarge', 'read_bytes', 'member_stat',
+           'walk_files', 'find_archives', 'list_archive', 'scan_archives', 'archive_key']
 
 # %% ../nbs/01c_archives.ipynb #74ac4b44
 MEMBER_SEP = "::"  # "<archive path>::<member name>" names one member of a zip
@@ -154,15 +153,18 @@ def open_archive(path) -> Archive:
         a = _OPEN[key] = Archive(key); a.version = version
     return a
 
+class FileTooLarge(OSError):
+    "A file over the size limit of `read_bytes`, refused unread."
+
 def read_bytes(path, max_bytes: int = IMAGE_MAX_BYTES) -> bytes:
-    "The bytes of a file or of an archive member path, at most `max_bytes` (else `OSError`); a member raises `MemberError` when damaged."
+    "The bytes of a file or of an archive member path, at most `max_bytes` (a file: else `FileTooLarge`); a member raises `MemberError` when damaged."
     archive, name = split_member(path)
     if name is None:
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size   # a huge file is refused unread; read(size + 1) sizes the buffer to the file
-            if size > max_bytes: raise OSError(f"{path}: over the {max_bytes}-byte limit for one file (not read)")
+            if size > max_bytes: raise FileTooLarge(f"{path}: over the {max_bytes}-byte limit for one file (not read)")
             data = f.read(size + 1)
-        if len(data) > max_bytes: raise OSError(f"{path}: over the {max_bytes}-byte limit for one file (it grew while read)")
+        if len(data) > max_bytes: raise FileTooLarge(f"{path}: over the {max_bytes}-byte limit for one file (it grew while read)")
         return data
     try: return open_archive(archive).read(name, max_bytes)
     except KeyError: raise FileNotFoundError(f"{path}: no such member") from None

@@ -4,14 +4,14 @@
 
 # %% ../nbs/01_data.ipynb #c48aeb91
 from __future__ import annotations
-import io, json, logging, math, os, re
+import io, json, logging, math, re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 import torch
 from PIL import Image
 from .config import Config, UserError, STYLE_KEY, KFASHION_GROUPS
-from .archives import IMAGE_MAX_BYTES, LABEL_MAX_BYTES, MemberError, read_bytes, split_member
+from .archives import IMAGE_MAX_BYTES, LABEL_MAX_BYTES, FileTooLarge, MemberError, read_bytes, split_member
 from .vocab import normalise_value
 
 log = logging.getLogger(__name__)
@@ -76,15 +76,13 @@ def _first(section, group) -> dict:
     return v if isinstance(v, dict) else {}
 
 def _label_file(path) -> bytes | None:
-    "The bytes of a label file, or None (left unread) when it is over `LABEL_MAX_BYTES`."
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size  # read(size + 1): read(LIMIT + 1) would allocate the limit for every label
-        raw = f.read(size + 1) if size <= LABEL_MAX_BYTES else None
-    return None if raw is None or len(raw) > LABEL_MAX_BYTES else raw
+    "The bytes of a label file or member, or None (left unread) when a file is over `LABEL_MAX_BYTES` (a member: `MemberError`)."
+    try: return read_bytes(path, LABEL_MAX_BYTES)
+    except FileTooLarge: return None
 
 def read_label(path) -> tuple:
     "(label dict, None, note) or (None, skip reason, None); decodes utf-8-sig, then cp949."
-    try: raw = read_bytes(path, LABEL_MAX_BYTES) if split_member(path)[1] else _label_file(path)  # a zip member, or a file
+    try: raw = _label_file(path)  # a file or a zip member
     except MemberError as e: log.warning("%s", e); return None, "bad_member", None
     if raw is None: return None, "label_too_large", None
     for enc in ("utf-8-sig", "cp949"):

@@ -172,13 +172,15 @@ def run(self: ResidentSteps, rows: Tensor,   # (sum of sizes,) the epoch's row i
                 losses[start:end].copy_(self.s_loss)
                 if scales is not None: scales[start:end].copy_(self.s_scale)
                 yield self.k
-            start = full - full % self.k
-            for i in range(start, len(sizes)):  # the rest eagerly, reading the same device learning rate
-                losses[i] = self._step(rows[i * self.batch_size:i * self.batch_size + sizes[i]], lr_dev[i])
-                if scales is not None: scales[i] = self.scale.detach()
-                yield 1
+            start = full - full % self.k   # the rest eagerly, reading the same device learning rate
+            yield from self._eager(rows.split(sizes)[start:], lr_dev[start:], losses, scales, start)
         return
-    for i, idx in enumerate(rows.split(sizes)):
-        losses[i] = self._step(idx, lrs[i])
+    yield from self._eager(rows.split(sizes), lrs, losses, scales)
+
+@patch
+def _eager(self: ResidentSteps, batches, lrs, losses: Tensor, scales: Tensor | None, start: int = 0):  # start: the epoch's step of batches[0]
+    "Eager steps, each one's loss (and logit scale) written at its place in the epoch; yields 1 per step."
+    for i, (idx, lr) in enumerate(zip(batches, lrs), start):
+        losses[i] = self._step(idx, lr)
         if scales is not None: scales[i] = self.scale.detach()
         yield 1

@@ -397,12 +397,12 @@ def build_feature_cache(items: list,  # `Item`s (key, image_path, crop are read)
     if rank == 0: log.info("feature cache %s: %d of %d crops cached, %d to encode (%s decode)", root, n_cached, len(items), len(todo), decode)
     barrier()  # every rank plans from the same chunks before any rank writes a new one
     stats = Counter()
-    if cpu_share and decode == "gpu" and num_workers == 0:
+    share = cpu_share if decode == "gpu" and num_workers else 0.0   # a share of the photos for the workers, beside the GPU
+    if cpu_share and decode == "gpu" and not num_workers:
         log.warning("feature cache: decode_cpu_share needs DataLoader workers (num_workers > 0) to decode beside the GPU; the GPU decodes every photo")
-        cpu_share = 0.0
     if todo:
         _encode_missing(items, ids, todo, tower, root, batch_size, num_workers, progress and rank == 0, chunk_size,
-                        load_fn, rank, world_size, decode, per_photo, stats, verified, sink, cpu_share if decode == "gpu" else 0.0)
+                        load_fn, rank, world_size, decode, per_photo, stats, verified, sink, share)
         barrier()  # the union of the ranks' chunks is the whole cache
         rows, skipped = read_chunks(root, verified, sink=sink)
         if stats.get("gpu_decode_fallback") or any(k.startswith("gpu_decode_fallback_") for k in stats):
