@@ -1,20 +1,60 @@
-"""Index build time for N generated K-Fashion labels: first (parsing) run and cached run.
+"""Index build time for N generated K-Fashion labels: first (parsing) run and cached run, and where the time goes.
 
     python bench/bench_index.py [--n 100000] [--workers 2] [--dir /tmp/kf_bench] [--images stub|none|full]
-                                [--layout split|zips] [--keep] [--json OUT.json]
+                                [--layout split|zips] [--keep] [--json OUT.json] [--before DIR] [--project-workers 16]
 
 Labels are real-format synthetic labels (make_synthetic_kfashion). Images default to `stub`: one small flat JPEG of the
 right size written for every photo, so pairing works; JPEGs are not decoded while indexing unless verify_images is on,
 so their content does not change the timing. The page cache is warm (files were just written), as on a second run.
 `--layout zips` writes the release as AI Hub ships it (label and image zips, real archive names) and indexes the zips in
 place. `--json` writes the rates, for gpu_benches.sh's projection of a full run.
+
+The first build's CPU time is split into this process's (listing archives' results, pairing, assembling the items,
+writing the cache: it does not shrink with more workers) and the worker processes' (parsing labels, listing archives:
+divided among the workers). `--project-workers W` projects the first build of the whole release (1,088,781 labels) on
+W equally fast cores as main + workers / W, scaled by the label count: an estimate that assumes the workers' part
+divides perfectly; the measured wall time on this machine is printed beside it.
+`--before DIR` runs the same measurement with the package in DIR (a checkout's package folder, e.g. the previous
+release's) on the same generated data, in a subprocess, and prints both side by side.
 """
-import argparse, json, logging, os, shutil, sys, time
+import argparse, json, logging, os, shutil, subprocess, sys, tempfile, time
 from pathlib import Path
 
 from fashion_json_encoder.config import Config
 from fashion_json_encoder.dataset import build_index, scan_dataset
 from fashion_json_encoder.synthetic import make_synthetic_kfashion
+
+RELEASE_LABELS = 967_806 + 120_975  # Training + Validation (docs/kfashion-format.md)
+
+
+def measure(root, cache, workers):
+    "Figures of a first and a cached build of `root` with `workers` processes."
+    cfg = Config(num_workers=workers)
+    zips = []
+    t = time.time(); scan = scan_dataset(root, zips); t_scan = time.time() - t
+    c0, k0 = time.process_time(), os.times()
+    t = time.time(); first = build_index(root, cfg, cache_dir=cache); t_first = time.time() - t
+    c1, k1 = time.process_time(), os.times()
+    t = time.time(); again = build_index(root, cfg, cache_dir=cache); t_cached = time.time() - t
+    assert again.from_cache and not first.from_cache and again.items == first.items
+    return {"first_seconds": t_first, "cached_seconds": t_cached, "scan_seconds": t_scan, "zips": len(zips),
+            "scan_labels": len(scan[0]), "scan_images": len(scan[1]), "items": sum(map(len, first.items.values())),
+            "main_cpu": c1 - c0, "workers_cpu": (k1.children_user + k1.children_system) - (k0.children_user + k0.children_system),
+            "steps": getattr(first, "timings", {}), "cache_mib": sum(p.stat().st_size for p in Path(cache).glob("*.json.gz")) / 2**20}
+
+
+def report(tag, f, n, a):
+    print(f"[{tag}] scan only (walk + stat of {f['scan_labels']} labels, {f['scan_images']} images, {f['zips']} zips): {f['scan_seconds']:.2f}s")
+    print(f"[{tag}] first build ({a.workers} workers): {f['first_seconds']:.1f}s = {n / f['first_seconds']:.0f} labels/s -> {f['items']} items")
+    if f["steps"]: print(f"[{tag}]   steps: " + ", ".join(f"{k} {v:.2f}s" for k, v in f["steps"].items()))
+    print(f"[{tag}]   CPU: this process {f['main_cpu']:.1f}s ({f['main_cpu'] / n * 1e6:.0f} us a label), "
+          f"workers {f['workers_cpu']:.1f}s ({f['workers_cpu'] / n * 1e6:.0f} us a label)")
+    w = a.project_workers
+    proj = (f["main_cpu"] + f["workers_cpu"] / w) * RELEASE_LABELS / n
+    print(f"[{tag}]   projected first build of the release ({RELEASE_LABELS} labels) on {w} such cores: {proj:.0f}s")
+    print(f"[{tag}] cached build: {f['cached_seconds']:.2f}s (cache file {f['cache_mib']:.1f} MiB); "
+          f"the release: {f['cached_seconds'] * RELEASE_LABELS / n:.0f}s")
+    return proj
 
 
 def main(argv=None):
@@ -26,6 +66,9 @@ def main(argv=None):
     ap.add_argument("--layout", default="split", choices=["split", "zips"], help="unzipped tree or the release's zips")
     ap.add_argument("--keep", action="store_true", help="keep the generated dataset")
     ap.add_argument("--json", help="write the figures here")
+    ap.add_argument("--before", help="also measure the package in this folder (its parent goes first on PYTHONPATH)")
+    ap.add_argument("--project-workers", type=int, default=16, help="cores of the machine to project the release's build for")
+    ap.add_argument("--figures-only", action="store_true", help=argparse.SUPPRESS)  # the --before subprocess: JSON to --json
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     root, cache = Path(a.dir) / "kfashion", Path(a.dir) / "cache"
@@ -37,23 +80,36 @@ def main(argv=None):
         made.touch()
         print(f"generated {a.n} labels ({a.images} images, {a.layout} layout) in {time.time() - t:.1f}s")
     shutil.rmtree(cache, ignore_errors=True)
-    cfg = Config(num_workers=a.workers)
-    zips = []
-    t = time.time(); scan = scan_dataset(root, zips); t_scan = time.time() - t
-    t = time.time(); first = build_index(root, cfg, cache_dir=cache); t_first = time.time() - t
-    t = time.time(); again = build_index(root, cfg, cache_dir=cache); t_cached = time.time() - t
-    assert again.from_cache and not first.from_cache and again.items == first.items
-    n_items = sum(map(len, first.items.values()))
-    size = sum(p.stat().st_size for p in cache.glob("*.json.gz")) / 2**20
-    print(f"scan only (walk + stat of {len(scan[0])} labels, {len(scan[1])} images, {len(zips)} zips): {t_scan:.2f}s")
-    print(f"first build ({a.workers} workers): {t_first:.1f}s = {a.n / t_first:.0f} labels/s -> {n_items} items")
-    print(f"cached build: {t_cached:.2f}s (cache file {size:.1f} MiB)")
-    print(f"SUMMARY n={a.n} layout={a.layout} workers={a.workers} cpus={os.cpu_count()} first={t_first:.1f}s "
-          f"({a.n / t_first:.0f} labels/s) cached={t_cached:.2f}s items={n_items}")
+    f = measure(root, cache, a.workers)
+    shutil.rmtree(cache, ignore_errors=True)
+    if a.figures_only:
+        Path(a.json).write_text(json.dumps(f)); return
+    proj = report("this", f, a.n, a)
+    before = None
+    if a.before:
+        pkg = Path(a.before).resolve()
+        with tempfile.TemporaryDirectory() as d:
+            out = Path(d) / "before.json"
+            args = [sys.executable, __file__, "--n", str(a.n), "--workers", str(a.workers), "--dir", a.dir, "--images", a.images,
+                    "--layout", a.layout, "--figures-only", "--json", str(out)]
+            env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(pkg.parent)] + os.environ.get("PYTHONPATH", "").split(os.pathsep)))
+            subprocess.run(args, check=True, env=env, cwd=d)
+            before = json.loads(out.read_text())
+        proj_b = report("before", before, a.n, a)
+        print(f"this / before: first build {before['first_seconds'] / f['first_seconds']:.2f}x faster, this process's CPU "
+              f"{before['main_cpu'] / f['main_cpu']:.2f}x less, workers' CPU {before['workers_cpu'] / f['workers_cpu']:.2f}x less, "
+              f"projected release build {proj_b:.0f}s -> {proj:.0f}s, cached build {before['cached_seconds'] / f['cached_seconds']:.2f}x faster")
+    print(f"SUMMARY n={a.n} layout={a.layout} workers={a.workers} cpus={os.cpu_count()} first={f['first_seconds']:.1f}s "
+          f"({a.n / f['first_seconds']:.0f} labels/s) cached={f['cached_seconds']:.2f}s items={f['items']} "
+          f"main_cpu_us_per_label={f['main_cpu'] / a.n * 1e6:.0f} workers_cpu_us_per_label={f['workers_cpu'] / a.n * 1e6:.0f} "
+          f"projected_release_s@{a.project_workers}={proj:.0f}")
     if a.json:
         Path(a.json).write_text(json.dumps({"labels": a.n, "layout": a.layout, "workers": a.workers, "cpus": os.cpu_count(),
-                                            "first_seconds": t_first, "cached_seconds": t_cached, "labels_per_s": a.n / t_first,
-                                            "items": n_items}, indent=1) + "\n")
+                                            "first_seconds": f["first_seconds"], "cached_seconds": f["cached_seconds"],
+                                            "labels_per_s": a.n / f["first_seconds"], "items": f["items"],
+                                            "main_cpu_s": f["main_cpu"], "workers_cpu_s": f["workers_cpu"],
+                                            "projected_release_s": proj, "projected_for_workers": a.project_workers,
+                                            "before": before}, indent=1) + "\n")
     if not a.keep: shutil.rmtree(a.dir, ignore_errors=True)
 
 

@@ -4,15 +4,16 @@
 
 # %% ../nbs/01c_archives.ipynb #69a45deb
 from __future__ import annotations
-import hashlib, logging, multiprocessing as mp, os, stat, struct, unicodedata, zipfile, zlib
+import bz2, hashlib, logging, lzma, multiprocessing as mp, os, stat, struct, threading, unicodedata, zipfile, zlib
 from collections import Counter
+from typing import NamedTuple
 
 log = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['log', 'MEMBER_SEP', 'LABEL_MAX_BYTES', 'IMAGE_MAX_BYTES', 'member_path', 'split_member', 'member_name',
-           'ArchiveError', 'MemberError', 'Archive', 'open_archive', 'FileTooLarge', 'read_bytes', 'member_stat',
-           'walk_files', 'find_archives', 'list_archive', 'scan_archives', 'archive_key']
+           'ArchiveError', 'MemberError', 'Member', 'Archive', 'open_archive', 'FileTooLarge', 'read_bytes',
+           'member_stat', 'walk_files', 'find_archives', 'list_archive', 'scan_archives', 'archive_key']
 
 # %% ../nbs/01c_archives.ipynb #74ac4b44
 MEMBER_SEP = "::"  # "<archive path>::<member name>" names one member of a zip
@@ -34,19 +35,25 @@ _UTF8_FLAG = 0x800
 
 def _hangul(s: str) -> bool: return any("\uac00" <= c <= "\ud7a3" or "\u1100" <= c <= "\u11ff" or "\u3130" <= c <= "\u318f" for c in s)
 
-def member_name(info: zipfile.ZipInfo) -> str:
-    "The member's name as NFC text: UTF-8 when flagged, else the first of UTF-8/CP949 that reads as Hangul."
-    name = info.filename
-    if not info.flag_bits & _UTF8_FLAG:
-        try: raw = name.encode("cp437")  # zipfile read the raw bytes as cp437: undo it
-        except UnicodeEncodeError: raw = b""
-        if not raw.isascii():
+def _decode_name(raw: bytes, flag: int) -> str:
+    "A member name's raw bytes as NFC text: UTF-8 when flagged (or ASCII), else the first of UTF-8/CP949 that reads as Hangul."
+    if raw.isascii(): name = raw.decode("ascii")
+    else:
+        try: name = raw.decode("utf-8") if flag & _UTF8_FLAG else None
+        except UnicodeDecodeError: name = None  # flagged but not UTF-8: guess like an unflagged name
+        if name is None:
             found = []
             for enc in ("utf-8", "cp949"):
                 try: found.append(raw.decode(enc))
                 except UnicodeDecodeError: pass
-            name = next((n for n in found if _hangul(n)), found[0] if found else name)
+            name = next((n for n in found if _hangul(n)), found[0] if found else raw.decode("cp437"))
     return unicodedata.normalize("NFC", name.replace("\\", "/"))
+
+def member_name(info: zipfile.ZipInfo) -> str:
+    "The NFC name of a `zipfile.ZipInfo` (zipfile shows an unflagged name's raw bytes as cp437: they are decoded again)."
+    if info.flag_bits & _UTF8_FLAG: return unicodedata.normalize("NFC", info.filename.replace("\\", "/"))
+    try: return _decode_name(info.filename.encode("cp437"), 0)
+    except UnicodeEncodeError: return unicodedata.normalize("NFC", info.filename.replace("\\", "/"))
 
 # %% ../nbs/01c_archives.ipynb #cce21302
 class ArchiveError(OSError):
@@ -55,87 +62,156 @@ class ArchiveError(OSError):
 class MemberError(OSError):
     "A member that cannot be read: CRC error, absurd declared size, data cut short, unknown compression."
 
-_LOCAL = struct.Struct("<4sHHHHHIIIHH")  # local file header
+class Member(NamedTuple):
+    "One member as its archive's directory (or its local header) describes it; the fields are named as in `zipfile.ZipInfo`."
+    flag_bits: int
+    compress_type: int
+    CRC: int
+    compress_size: int
+    file_size: int
+    header_offset: int  # where its local header starts in the file
 
-def _zip64_sizes(extra: bytes, usize: int, csize: int) -> tuple:
-    "(uncompressed, compressed) sizes from a local header's zip64 extra field where the header says 0xFFFFFFFF."
+_LOCAL = struct.Struct("<4sHHHHHIIIHH")                # local file header
+_CENTRAL = struct.Struct("<4s4B4H3I5H2I")             # central directory entry
+_HEAD = struct.Struct("<4s4xH18xHHH")                 # the same entry's signature, flags and name/extra/comment lengths
+_END, _END64, _LOC64 = struct.Struct("<4sHHHHIIH"), struct.Struct("<4sQHHIIQQQQ"), struct.Struct("<4sIQI")
+
+def _zip64_extra(extra: bytes, usize: int, csize: int, offset: int = 0) -> tuple:
+    "(uncompressed, compressed, offset) from a zip64 extra field, for those the header gives as 0xFFFFFFFF (in that order)."
     i = 0
     while i + 4 <= len(extra):
         tag, n = struct.unpack_from("<HH", extra, i)
         if tag == 1:
-            vals, j = [], i + 4
-            while j + 8 <= i + 4 + n: vals.append(struct.unpack_from("<Q", extra, j)[0]); j += 8
+            vals = [struct.unpack_from("<Q", extra, j)[0] for j in range(i + 4, min(i + 4 + n, len(extra)) - 7, 8)]
             if usize == 0xFFFFFFFF and vals: usize = vals.pop(0)
             if csize == 0xFFFFFFFF and vals: csize = vals.pop(0)
+            if offset == 0xFFFFFFFF and vals: offset = vals.pop(0)
         i += 4 + n
-    return usize, csize
+    return usize, csize, offset
 
-def _walk_local_headers(path, size: int) -> list:
-    "ZipInfos of the members a truncated zip still holds, found by walking its local headers from the start."
-    out, off = [], 0
-    with open(path, "rb") as f:
-        while off + _LOCAL.size <= size:
-            f.seek(off); h = f.read(_LOCAL.size)
-            if len(h) < _LOCAL.size or h[:4] != b"PK\x03\x04": break
-            _, _, flag, method, t, d, crc, csize, usize, nlen, xlen = _LOCAL.unpack(h)
-            raw, extra = f.read(nlen), f.read(xlen)
-            if flag & 0x8: break  # sizes come after the data: the walk cannot go on
-            usize, csize = _zip64_sizes(extra, usize, csize)
-            zi = zipfile.ZipInfo(raw.decode("utf-8" if flag & _UTF8_FLAG else "cp437"))
-            zi.flag_bits, zi.compress_type, zi.CRC, zi.compress_size, zi.file_size, zi.header_offset = flag, method, crc, csize, usize, off
-            out.append(zi)
-            off += _LOCAL.size + nlen + xlen + csize
+def _read_directory(f) -> tuple:
+    "(central directory bytes, entry count, offset of the zip in the file) of an open zip; ValueError when there is none."
+    size = f.seek(0, os.SEEK_END)
+    n = min(size, _END.size + 0xFFFF); f.seek(size - n); tail = f.read(n)  # the end record, behind a comment of at most 64 KiB
+    i = j = tail.rfind(b"PK\x05\x06")
+    while j > 0 and (j + _END.size > n or j + _END.size + _END.unpack_from(tail, j)[-1] != n):  # a signature inside the comment: the record is the
+        j = tail.rfind(b"PK\x05\x06", 0, j)                            # one whose comment ends the file
+    i = j if j >= 0 and j + _END.size <= n else i
+    if i < 0 or i + _END.size > n: raise ValueError("no end of central directory record")
+    _, disk, cd_disk, _, count, cd_size, cd_off, _ = _END.unpack_from(tail, i)
+    end = size - n + i
+    if end >= _LOC64.size + _END64.size:  # zip64: a locator right before the end record, its record right before that
+        f.seek(end - _LOC64.size - _END64.size); rec = f.read(_END64.size + _LOC64.size)
+        if rec[_END64.size:_END64.size + 4] == b"PK\x06\x07":
+            if rec[:4] != b"PK\x06\x06": raise ValueError("zip64 end record missing")
+            _, _, _, _, disk, cd_disk, _, count, cd_size, cd_off = _END64.unpack_from(rec)
+            end -= _LOC64.size + _END64.size
+    if disk or cd_disk: raise ValueError("archive spans several disks")
+    concat = end - cd_size - cd_off  # bytes in front of the zip (a self-extractor): every offset moves by as much
+    if concat < 0: raise ValueError("central directory lies outside the file")
+    f.seek(cd_off + concat); cd = f.read(cd_size)
+    if len(cd) != cd_size: raise ValueError("central directory cut short")
+    return cd, count, concat
+
+def _directory_names(cd: bytes, count: int) -> dict:
+    "NFC member name -> position of its entry in `cd` (folders left out; a repeated name keeps its first entry)."
+    members, pos, unpack, nfc, m = {}, 0, _HEAD.unpack_from, unicodedata.normalize, _CENTRAL.size
+    for _ in range(count):  # ~1 us a member: the label zip of Training holds 967,806
+        if pos + m > len(cd): raise ValueError("central directory cut short")
+        sig, flag, nlen, xlen, clen = unpack(cd, pos)
+        if sig != b"PK\x01\x02": raise ValueError("bad central directory entry")
+        raw = cd[pos + m:pos + m + nlen]
+        name = None
+        if flag & _UTF8_FLAG:
+            try: name = nfc("NFC", raw.decode("utf-8"))
+            except UnicodeDecodeError: pass
+        elif raw.isascii(): name = raw.decode("ascii")
+        if name is None: name = _decode_name(raw, flag)
+        elif "\\" in name: name = name.replace("\\", "/")
+        if not name.endswith("/"): members.setdefault(name, pos)
+        pos += m + nlen + xlen + clen
+    return members
+
+def _walk_local_headers(f, size: int) -> dict:
+    "NFC name -> `Member` of the members a truncated zip still holds, found by walking its local headers from the start."
+    out, off = {}, 0
+    while off + _LOCAL.size <= size:
+        f.seek(off); h = f.read(_LOCAL.size)
+        if len(h) < _LOCAL.size or h[:4] != b"PK\x03\x04": break
+        _, _, flag, method, t, d, crc, csize, usize, nlen, xlen = _LOCAL.unpack(h)
+        raw, extra = f.read(nlen), f.read(xlen)
+        if flag & 0x8: break  # sizes come after the data: the walk cannot go on
+        usize, csize, _ = _zip64_extra(extra, usize, csize)
+        if not (name := _decode_name(raw, flag)).endswith("/"): out.setdefault(name, Member(flag, method, crc, csize, usize, off))
+        off += _LOCAL.size + nlen + xlen + csize
     return out
 
 # %% ../nbs/01c_archives.ipynb #b739f047
+def _pread(f, n: int, offset: int) -> bytes:
+    "`n` bytes of open file `f` from `offset`, without moving a shared position (threads may read one archive at once)."
+    if hasattr(os, "pread"): return os.pread(f.fileno(), n, offset)
+    with _PREAD_LOCK: f.seek(offset); return f.read(n)
+_PREAD_LOCK = threading.Lock()
+
 class Archive:
-    "One zip opened by this process: NFC member names -> ZipInfo, and reading members by name."
+    "One zip opened by this process: its member names, each member's `Member`, and reading members by name."
     def __init__(self, path):
-        self.path, self.recovered, self.zf = str(path), False, None
+        self.path, self.recovered = str(path), False
+        try: self.f = open(self.path, "rb")
+        except OSError as e: raise ArchiveError(f"{self.path}: archive cannot be opened ({type(e).__name__}: {e})") from None
+        self.size = os.fstat(self.f.fileno()).st_size
         try:
-            self.zf = zipfile.ZipFile(self.path)
-            infos = self.zf.infolist()
-        except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError) as e:
-            try: infos = _walk_local_headers(self.path, os.path.getsize(self.path))
-            except OSError: infos = []
-            if not infos: raise ArchiveError(f"{self.path}: archive cannot be opened ({type(e).__name__}: {e})") from None
-            self.recovered, self.fp = True, open(self.path, "rb")
-            self.size = os.path.getsize(self.path)
-        self.members = {}  # NFC name -> ZipInfo (a repeated name keeps its first entry)
-        for zi in infos:
-            if not zi.is_dir(): self.members.setdefault(member_name(zi), zi)
+            self._cd, count, self._concat = _read_directory(self.f)
+            self.members = _directory_names(self._cd, count)  # name -> position of its entry in the directory
+        except (ValueError, struct.error, OSError) as e:
+            try: self.members = _walk_local_headers(self.f, self.size)  # name -> Member
+            except (ValueError, struct.error, OSError): self.members = {}
+            if not self.members:
+                self.f.close(); raise ArchiveError(f"{self.path}: archive cannot be opened ({type(e).__name__}: {e})") from None
+            self.recovered = True
+
+    def entry(self, name: str) -> Member:
+        "The `Member` of `name` (NFC or not); KeyError if the archive has none of that name."
+        v = self.members[name] if name in self.members else self.members[unicodedata.normalize("NFC", name)]
+        if type(v) is Member: return v
+        *_, flag, method, _, _, crc, csize, usize, nlen, xlen, _, _, _, _, off = _CENTRAL.unpack_from(self._cd, v)
+        if 0xFFFFFFFF in (usize, csize, off):
+            x = v + _CENTRAL.size + nlen
+            usize, csize, off = _zip64_extra(self._cd[x:x + xlen], usize, csize, off)
+        return Member(flag, method, crc, csize, usize, off + self._concat)
 
     def read(self, name: str, max_bytes: int = IMAGE_MAX_BYTES) -> bytes:
         "The bytes of member `name`; raises `MemberError` (KeyError if absent) instead of reading a damaged one."
-        zi = self.members[unicodedata.normalize("NFC", name)]
-        where = f"{self.path}{MEMBER_SEP}{name}"
-        if zi.file_size > max_bytes: raise MemberError(f"{where}: declared size {zi.file_size} bytes exceeds the {max_bytes}-byte limit")
-        if zi.flag_bits & 0x1: raise MemberError(f"{where}: encrypted member")
-        try:
-            if not self.recovered:
-                with self.zf.open(zi) as f: data = f.read(max_bytes + 1)
-            else: data = self._read_raw(zi, max_bytes)
-        except MemberError: raise
-        except (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError, ValueError) as e:
-            raise MemberError(f"{where}: {type(e).__name__}: {e}") from None
-        if len(data) != zi.file_size: raise MemberError(f"{where}: {len(data)} bytes where {zi.file_size} were declared")
+        e, where = self.entry(name), f"{self.path}{MEMBER_SEP}{name}"
+        if e.file_size > max_bytes: raise MemberError(f"{where}: declared size {e.file_size} bytes exceeds the {max_bytes}-byte limit")
+        if e.flag_bits & 0x1: raise MemberError(f"{where}: encrypted member")
+        try: data = self._read(e, max_bytes)
+        except MemberError as x: raise MemberError(f"{where}: {x}") from None
+        except (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError, ValueError, struct.error) as x:
+            raise MemberError(f"{where}: {type(x).__name__}: {x}") from None
+        if len(data) != e.file_size: raise MemberError(f"{where}: {len(data)} bytes where {e.file_size} were declared")
+        if zlib.crc32(data) != e.CRC: raise MemberError(f"{where}: Bad CRC-32")
         return data
 
-    def _read_raw(self, zi, max_bytes: int) -> bytes:
-        "Read a member found by `_walk_local_headers` (stored or deflated), checking its length and CRC."
-        self.fp.seek(zi.header_offset); h = self.fp.read(_LOCAL.size)
-        start = zi.header_offset + _LOCAL.size + sum(_LOCAL.unpack(h)[-2:])
-        if start + zi.compress_size > self.size: raise MemberError("data cut short (truncated archive)")
-        self.fp.seek(start); raw = self.fp.read(zi.compress_size)
-        if zi.compress_type == zipfile.ZIP_STORED: data = raw
-        elif zi.compress_type == zipfile.ZIP_DEFLATED: data = zlib.decompressobj(-15).decompress(raw, max_bytes + 1)
-        else: raise MemberError(f"compression method {zi.compress_type} not supported in a truncated archive")
-        if zlib.crc32(data) != zi.CRC: raise MemberError("Bad CRC-32")
-        return data
+    def _read(self, e: Member, max_bytes: int) -> bytes:
+        "A member's data (stored, deflated, bzip2 or lzma, as `zipfile` writes them), at most `max_bytes` + 1 bytes."
+        h = _pread(self.f, _LOCAL.size, e.header_offset)
+        if len(h) < _LOCAL.size or h[:4] != b"PK\x03\x04": raise MemberError("no local header where the directory points")
+        start = e.header_offset + _LOCAL.size + sum(_LOCAL.unpack(h)[-2:])
+        if start + e.compress_size > self.size: raise MemberError("data cut short (truncated archive)")
+        raw = _pread(self.f, e.compress_size, start)
+        if e.compress_type == zipfile.ZIP_STORED: return raw
+        if e.compress_type == zipfile.ZIP_DEFLATED: return zlib.decompressobj(-15).decompress(raw, max_bytes + 1)
+        if e.compress_type == zipfile.ZIP_BZIP2: return bz2.BZ2Decompressor().decompress(raw, max_bytes + 1)
+        if e.compress_type == zipfile.ZIP_LZMA:  # 2 bytes of version, 2 of the properties' size, then LZMA1 properties
+            n = struct.unpack_from("<H", raw, 2)[0]
+            if n != 5: raise MemberError(f"unexpected lzma properties ({n} bytes)")
+            lc_lp_pb, dict_size = raw[4], struct.unpack_from("<I", raw, 5)[0]
+            f = {"id": lzma.FILTER_LZMA1, "dict_size": dict_size, "lc": lc_lp_pb % 9, "lp": lc_lp_pb // 9 % 5, "pb": lc_lp_pb // 45}
+            return lzma.LZMADecompressor(lzma.FORMAT_RAW, filters=[f]).decompress(raw[4 + n:], max_bytes + 1)
+        raise MemberError(f"compression method {e.compress_type} not supported")
 
-    def close(self):
-        for f in (self.zf, getattr(self, "fp", None)):
-            if f is not None: f.close()
+    def close(self): self.f.close()
 
 # %% ../nbs/01c_archives.ipynb #b34e3253
 _OPEN, _PID = {}, None
@@ -174,9 +250,9 @@ def member_stat(path) -> tuple | None:
     archive, name = split_member(path)
     try:
         if name is None: st = os.stat(path); return st.st_size, st.st_mtime_ns
-        zi = open_archive(archive).members.get(unicodedata.normalize("NFC", name))
-    except OSError: return None
-    return None if zi is None else (zi.file_size, zi.CRC)
+        e = open_archive(archive).entry(name)
+    except (OSError, KeyError): return None
+    return e.file_size, e.CRC
 
 # %% ../nbs/01c_archives.ipynb #0b30169f
 _LABEL_EXT, _IMAGE_EXT = (".json",), (".jpg", ".jpeg")
@@ -227,11 +303,11 @@ def list_archive(root, rel: str) -> tuple:
     try: a = Archive(os.path.join(root, rel))
     except ArchiveError as e: return [], [], str(e), False
     labels, images = [], []
-    for name, zi in a.members.items():
+    for name in a.members:
         low = name.lower()
         if _apple_double(name): continue  # macOS resource forks (`__MACOSX/`, `._<id>.json`) are not data
         dest = labels if low.endswith(_LABEL_EXT) else images if low.endswith(_IMAGE_EXT) else None
-        if dest is not None: dest.append((member_path(rel, name), zi.file_size, zi.CRC))
+        if dest is not None: e = a.entry(name); dest.append((member_path(rel, name), e.file_size, e.CRC))
     a.close()
     return labels, images, None, a.recovered
 

@@ -4,7 +4,7 @@
 
 # %% ../nbs/01_data.ipynb #c48aeb91
 from __future__ import annotations
-import io, json, logging, math, re
+import io, json, logging, math, os, re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,9 +97,16 @@ def read_label(path) -> tuple:
 
 _SHOP = re.compile(r"^(.+_\d+)_\d+$")
 
+def _stem(s: str) -> str:
+    "`Path(s).stem` without building a `Path` (the index calls it twice per label, a million labels)."
+    name = os.path.basename(s.rstrip("/" + os.sep))
+    if name in ("", "."): return Path(s).stem  # ".", "a/.": what Path makes of them
+    i = name.rfind(".")
+    return name[:i] if 0 < i < len(name) - 1 else name
+
 def look_of(source_name, image_id) -> str:
     "Split group: the shop look PREFIX_NNN of a 'PREFIX_NNN_MM.jpg' source name, else the image id."
-    m = _SHOP.match(Path(str(source_name or "")).stem)
+    m = _SHOP.match(_stem(str(source_name or "")))
     return f"shop:{m[1]}" if m else f"id:{image_id}"
 
 # %% ../nbs/01_data.ipynb #6d17a59c
@@ -154,7 +161,7 @@ def parse_photo(label_path, image_path, fields: dict, targets, pad: float = Conf
         items.append((g, box, crop_box(box, size, pad), item_json(_first(labels, g), style, fields, stats)))
     if not present: skipped["all_groups_empty"] += 1
     elif not any(g in targets for g in present): skipped["no_target_group"] += 1
-    image_id = info.get("이미지 식별자", ds.get("파일 번호", Path(label_path).stem))
+    image_id = info["이미지 식별자"] if "이미지 식별자" in info else ds["파일 번호"] if "파일 번호" in ds else _stem(str(label_path))
     look = look_of(info.get("이미지 파일명") or ds.get("파일 이름"), image_id)
     return {"look": look, "items": items, "skipped": dict(skipped), "stats": dict(+stats)}
 

@@ -6,6 +6,7 @@
 from __future__ import annotations
 import gc, gzip, hashlib, json, logging, multiprocessing as mp, os, time, unicodedata
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from .config import Config, UserError, KFASHION_GROUPS, atomic_path
@@ -36,11 +37,19 @@ def scan_dataset(root, archives: list | None = None,  # archives: a list that re
     if archives is not None: archives.sort()
     return sorted(labels), sorted(images)
 
+_FOLDERS = {}  # folder part of a relpath -> (split, style): a release has a few dozen folders and two million files
+
 def pair_key(rel: str) -> tuple:
     "(split or None, style folder, stem) of a relative path, NFC (an archive member's path reads as folders)."
-    parts = unicodedata.normalize("NFC", rel.replace(MEMBER_SEP, "/")).split("/")
-    split = next((_SPLITS[p.lower()] for p in parts[:-1] if p.lower() in _SPLITS), None)
-    return split, (parts[-2] if len(parts) > 1 else ""), parts[-1].rsplit(".", 1)[0]
+    s = rel.replace(MEMBER_SEP, "/")
+    i = s.rfind("/")
+    if i < 0: return None, "", unicodedata.normalize("NFC", s).rsplit(".", 1)[0]
+    head = s[:i]
+    if (got := _FOLDERS.get(head)) is None:
+        parts = unicodedata.normalize("NFC", head).split("/")
+        got = next((_SPLITS[p.lower()] for p in parts if p.lower() in _SPLITS), None), parts[-1]
+        if len(_FOLDERS) < 100_000: _FOLDERS[head] = got
+    return *got, unicodedata.normalize("NFC", s[i + 1:]).rsplit(".", 1)[0]
 
 def pair_files(labels, images) -> tuple:
     "([(label rel, image rel)], skip Counter) matching stems within the same split and style folder."
@@ -77,6 +86,15 @@ class DatasetIndex:
     stats: Counter = field(default_factory=Counter)    # notes: box_clipped, value_normalised, label_cp949
     fingerprint: str = ""
     from_cache: bool = False
+    timings: dict = field(default_factory=dict)        # seconds per step of the build that made it (not cached)
+
+@contextmanager
+def _gc_paused():
+    "No cyclic garbage collection while millions of small acyclic objects are made (each full pass walks them all again)."
+    was = gc.isenabled(); gc.disable()
+    try: yield
+    finally:
+        if was: gc.enable()
 
 _CACHE_VERSION, _PARALLEL_MIN, _PARALLEL_HASH_MIN = 2, 2000, 50_000
 
@@ -135,7 +153,7 @@ def _parse_all(root, pairs, opts, workers: int, show: bool = False) -> list:  # 
             for c in chunks: collect(_parse_chunk(c))
         else:
             ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-            with ctx.Pool(workers) as pool:
+            with ctx.Pool(workers) as pool, _gc_paused():  # paused in this process only: the workers are forked already
                 for rs in pool.imap(_parse_chunk, chunks): collect(rs)
     return out
 
@@ -146,6 +164,7 @@ def _with_archives(root, labels, images, archives, workers) -> tuple:
     lab, img, skipped, notes = scan_archives(root, archives, workers)
     out = []
     for loose, members in ((labels, lab), (images, img)):
+        if not loose: out.append(members); continue  # the release as downloaded: nothing unzipped (members come sorted)
         have = {pair_key(r) for r, *_ in loose}
         kept = [m for m in members if pair_key(m[0]) not in have]
         notes["archive_member_shadowed"] += len(members) - len(kept)
@@ -156,17 +175,41 @@ def _with_archives(root, labels, images, archives, workers) -> tuple:
 def _cache_path(cache_dir, root, fp):
     return Path(cache_dir) / f"index-{hashlib.sha1(str(root).encode()).hexdigest()[:8]}-{fp[:16]}.json.gz"
 
-def _save_index(index: DatasetIndex, path: Path):
-    n = len(str(index.root)) + 1
-    rel = lambda p: p[n:]  # image paths are os.path.join(root, relpath)
+_SAVING = None  # (items of one split, root prefix length) while forked writers serialise them: inherited, never pickled
+
+def _items_json(span) -> bytes:
+    "One gzip member holding items [i, j) of the split being written, as JSON array elements (no brackets)."
+    i, j = span
+    its, n = _SAVING
+    rows = [[it.key, it.image_path[n:], it.group, it.box, it.crop, it.json, it.look] for it in its[i:j]]  # image paths: root + relpath
+    return gzip.compress(json.dumps(rows, ensure_ascii=False)[1:-1].encode("utf-8"), compresslevel=3, mtime=0)  # dumps: the C encoder
+
+def _save_index(index: DatasetIndex, path: Path, workers: int = 0):
+    "Write the index as gzipped JSON; with `workers`, forked processes serialise slices of the items (concatenated gzip members)."
+    global _SAVING
+    holes = {s: f"\0items of {s}\0" for s in index.items}
     d = {"version": _CACHE_VERSION, "fingerprint": index.fingerprint, "records": index.records,
-         "skipped": index.skipped, "stats": index.stats,
-         "items": {s: [[it.key, rel(it.image_path), it.group, it.box, it.crop, it.json, it.look] for it in its]
-                   for s, its in index.items.items()}}
+         "skipped": index.skipped, "stats": index.stats, "items": holes}
+    text, parts = json.dumps(d, ensure_ascii=False), []
+    fork = workers > 1 and sum(map(len, index.items.values())) >= _PARALLEL_MIN * 25 and "fork" in mp.get_all_start_methods()
+    for s, its in index.items.items():
+        hole = json.dumps(holes[s])
+        head, text = text.split(hole, 1)
+        parts += [gzip.compress(f"{head}[".encode("utf-8"), mtime=0)]
+        step = max(1, -(-len(its) // (workers * 4))) if fork else max(1, len(its))
+        spans = [(i, min(i + step, len(its))) for i in range(0, len(its), step)]
+        _SAVING = its, len(str(index.root)) + 1
+        try:
+            if fork:
+                with mp.get_context("fork").Pool(workers) as pool: bodies = pool.map(_items_json, spans)
+            else: bodies = list(map(_items_json, spans))
+        finally: _SAVING = None
+        comma = gzip.compress(b", ", mtime=0)  # json.dumps' own separator: the text is the one-process text
+        parts += [p for b in bodies for p in (b, comma)][:-1] + [gzip.compress(b"]", mtime=0)]
+    parts.append(gzip.compress(text.encode("utf-8"), mtime=0))
     path.parent.mkdir(parents=True, exist_ok=True)
     for old in path.parent.glob(path.name[:15] + "*.json.gz"): old.unlink(missing_ok=True)  # stale caches of this root
-    with atomic_path(path) as tmp, gzip.open(tmp, "wb", compresslevel=3) as f:
-        f.write(json.dumps(d, ensure_ascii=False).encode("utf-8"))  # dumps: the C encoder
+    with atomic_path(path) as tmp: Path(tmp).write_bytes(b"".join(parts))
 
 def _item_ok(it: Item) -> bool:
     "Whether a cached item has the shape `build_index` makes (a comparison of a str with a number raises TypeError)."
@@ -176,8 +219,7 @@ def _item_ok(it: Item) -> bool:
 
 def _load_index(root: Path, path: Path, fp: str) -> DatasetIndex:
     "The index cached at `path`; raises (ValueError, EOFError, zlib.error ...) when it is damaged, foreign or outdated."
-    gc.disable()  # ~2x faster for millions of small objects that hold no cycles
-    try:
+    with _gc_paused():
         with gzip.open(path, "rb") as f: d = json.loads(f.read())  # gzip checks the CRC-32: flipped bytes raise
         if not isinstance(d, dict) or (d.get("version"), d.get("fingerprint")) != (_CACHE_VERSION, fp):
             raise ValueError("not the index of this dataset, config and version")
@@ -188,7 +230,6 @@ def _load_index(root: Path, path: Path, fp: str) -> DatasetIndex:
         items = {s: [Item(k, os.path.join(r, p), g, tuple(b), tuple(c), j, l) for k, p, g, b, c, j, l in its]
                  for s, its in d["items"].items()}
         if not all(map(_item_ok, (it for its in items.values() for it in its))): raise ValueError("an item of unexpected shape")
-    finally: gc.enable()
     return DatasetIndex(root, items, records, Counter(skipped), Counter(stats), fp, True)
 
 # %% ../nbs/01e_dataset.ipynb #8439385f
@@ -221,33 +262,41 @@ def build_index(dataset_path, cfg: Config, cache_dir=None, num_workers: int | No
             return index
         except Exception as e:  # a cache is a cache: whatever is wrong with it, rebuild (it is replaced below)
             log.warning("%s: damaged index cache (%s: %s); rebuilding it", cpath, type(e).__name__, str(e)[:200])
+    t = {"scanning": time.time() - t0}; t1 = time.time()
     labels, images, skipped, stats = _with_archives(root, labels, images, archives, workers)
     skipped.update(walk)
     if not labels:
         bad = f"; {skipped['bad_archive']} zip(s) cannot be opened (see the log)" if skipped.get("bad_archive") else ""
         raise UserError(f"{root}: no K-Fashion label files (*.json) in its folders or readable zips{bad}")
+    t["listing archives"], t1 = time.time() - t1, time.time()
     pairs, sk = pair_files(labels, images)
     skipped.update(sk)
+    t["pairing"], t1 = time.time() - t1, time.time()
     opts = (cfg.fields, tuple(cfg.target_categories), cfg.crop_padding, cfg.verify_images)
     results = _parse_all(root, pairs, opts, workers, show=progress)
-    recs, seen = [], set()
-    for (lrel, irel), r in zip(pairs, results):
-        if "skip" in r: skipped[r["skip"]] += 1; continue
-        split, style, stem = pair_key(lrel)
-        if (style, stem) in seen: skipped["duplicate_label"] += 1; continue  # same style/stem in two splits
-        seen.add((style, stem)); recs.append((split, style, stem, irel, r))
-        skipped.update(r["skipped"]); stats.update(r["stats"])
-    by_folder = {s for s, *_ in recs} >= {"train", "val"}
-    val_looks = set() if by_folder else split_looks([r["look"] for *_, r in recs], cfg.val_fraction, cfg.seed)
-    items, records, r0 = {"train": [], "val": []}, {"train": 0, "val": 0}, str(root)
-    for split, style, stem, irel, r in recs:
-        s = (split if split in ("train", "val") else "train") if by_folder else ("val" if r["look"] in val_looks else "train")
-        records[s] += 1
-        items[s] += [Item(f"{style}/{stem}/{g}", os.path.join(r0, irel), g, box, crop, j, r["look"]) for g, box, crop, j in r["items"]]
-    index = DatasetIndex(root, items, records, +skipped, +stats, fp)
-    log.info("indexed %d photos -> %d/%d train/val items in %.1fs", sum(records.values()), len(items["train"]),
-             len(items["val"]), time.time() - t0)
-    if cpath: _save_index(index, cpath)
+    t["parsing"], t1 = time.time() - t1, time.time()
+    with _gc_paused():
+        recs, seen = [], set()
+        for (lrel, irel), r in zip(pairs, results):
+            if "skip" in r: skipped[r["skip"]] += 1; continue
+            split, style, stem = pair_key(lrel)
+            if (style, stem) in seen: skipped["duplicate_label"] += 1; continue  # same style/stem in two splits
+            seen.add((style, stem)); recs.append((split, style, stem, irel, r))
+            if r["skipped"]: skipped.update(r["skipped"])
+            if r["stats"]: stats.update(r["stats"])
+        by_folder = {s for s, *_ in recs} >= {"train", "val"}
+        val_looks = set() if by_folder else split_looks([r["look"] for *_, r in recs], cfg.val_fraction, cfg.seed)
+        items, records, r0 = {"train": [], "val": []}, {"train": 0, "val": 0}, os.path.join(str(root), "")
+        for split, style, stem, irel, r in recs:
+            s = (split if split in ("train", "val") else "train") if by_folder else ("val" if r["look"] in val_looks else "train")
+            records[s] += 1
+            items[s] += [Item(f"{style}/{stem}/{g}", r0 + irel, g, box, crop, j, r["look"]) for g, box, crop, j in r["items"]]
+        del results, recs
+        index = DatasetIndex(root, items, records, +skipped, +stats, fp, timings=t)
+        t["assembling"], t1 = time.time() - t1, time.time()
+        if cpath: _save_index(index, cpath, workers); t["writing the cache"] = time.time() - t1
+    log.info("indexed %d photos -> %d/%d train/val items in %.1fs (%s)", sum(records.values()), len(items["train"]),
+             len(items["val"]), time.time() - t0, ", ".join(f"{k} {v:.1f}s" for k, v in t.items()))
     return index
 
 # %% ../nbs/01e_dataset.ipynb #dafcaf0d

@@ -45,12 +45,17 @@ ALIASES = {"노말": "노멀", "하운즈 투스": "하운즈투스", "홀토넥
            "테일러칼라": "테일러드칼라", "키치/키덜트": "키치", "키덜트": "키치"}  # raw variant -> canonical value
 _NOSPACE = {v.replace(" ", ""): v for vs in KFASHION_VALUES.values() for v in vs}
 
+_SLASH, _NORMALISED = re.compile(r"\s*/\s*"), {}  # raw str -> canonical: labels repeat a few hundred values a million times
+
 def normalise_value(v) -> str:
     "Canonical form of one attribute value: NFC, single spaces, no spaces around '/', aliases resolved."
+    if type(v) is str and (s := _NORMALISED.get(v)) is not None: return s
     s = unicodedata.normalize("NFC", str(v))
-    s = re.sub(r"\s*/\s*", "/", " ".join(s.split()))
+    s = _SLASH.sub("/", " ".join(s.split()))
     s = ALIASES.get(s, s)
-    return _NOSPACE.get(s.replace(" ", ""), s)
+    s = _NOSPACE.get(s.replace(" ", ""), s)
+    if type(v) is str and len(_NORMALISED) < 100_000: _NORMALISED[v] = s  # bounded: free text cannot grow it without end
+    return s
 
 # %% ../nbs/01b_vocab.ipynb #b31941e6
 def field_values(item_json: dict, field: str) -> list:

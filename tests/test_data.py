@@ -183,3 +183,25 @@ def test_thumbnail_matches_a_full_decode_thumbnail(textured, fx, fy, fw, fh, siz
     old.thumbnail((size, size))
     assert new.size == old.size
     assert np.abs(np.asarray(new, dtype=float) - np.asarray(old, dtype=float)).mean() < 8
+
+
+# ---- per-label shortcuts of the index build agree with their plain definitions --------------------------------------------
+_PATHS = st.lists(st.sampled_from(["a", "b.", ".", "..", "x.json", "_3", "스", "\u1109", "\u1173", "Training", "VALIDATION",
+                                   "원천데이터_2.zip::", "::", "/", "//", " "]), max_size=8).map("".join)
+
+@settings(max_examples=400, deadline=None)
+@given(rel=_PATHS)
+def test_pair_key_with_its_folder_memo_is_the_split_of_the_whole_path(rel):
+    import unicodedata
+    from fashion_json_encoder.dataset import _SPLITS, pair_key
+    parts = unicodedata.normalize("NFC", rel.replace("::", "/")).split("/")
+    want = (next((_SPLITS[p.lower()] for p in parts[:-1] if p.lower() in _SPLITS), None),
+            parts[-2] if len(parts) > 1 else "", parts[-1].rsplit(".", 1)[0])
+    assert pair_key(rel) == want and pair_key(rel) == want  # the second call reads the folder from the memo
+
+
+@settings(max_examples=400, deadline=None)
+@given(s=_PATHS)
+def test_stem_is_paths_stem(s):
+    from pathlib import Path
+    assert data._stem(s) == Path(s).stem

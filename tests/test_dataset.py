@@ -299,3 +299,19 @@ def test_any_label_content_is_parsed_or_counted(tmp_path_factory, rects, labels)
     assert set(r) == {"skip"} and r["skip"] in SKIP_REASONS or set(r) == {"look", "items", "skipped", "stats"}
     for _, b, c, j in r.get("items", []):
         assert 0 <= b[0] < b[2] <= 240 and 0 <= b[1] < b[3] <= 320 and set(j) <= set(CFG.fields)
+
+
+def test_index_cache_written_by_forked_writers_is_the_one_process_file(tmp_path, monkeypatch):
+    "Slices serialised by forked processes (concatenated gzip members) hold the same JSON text, and load back to the same index."
+    import gzip
+    from fashion_json_encoder import dataset as D
+    if "fork" not in __import__("multiprocessing").get_all_start_methods(): pytest.skip("forked writers need fork")
+    root = make_synthetic_kfashion(tmp_path / "kf", 60, seed=3, image_mode="stub")
+    index = build_index(root, Config(num_workers=0))
+    monkeypatch.setattr(D, "_PARALLEL_MIN", 1)  # 60 photos: fork anyway
+    one, many = tmp_path / "c1" / "one.json.gz", tmp_path / "c2" / "many.json.gz"
+    D._save_index(index, one, workers=0); D._save_index(index, many, workers=3)
+    assert gzip.decompress(many.read_bytes()) == gzip.decompress(one.read_bytes())
+    assert many.read_bytes() != one.read_bytes()  # the forked path ran: several gzip members
+    back = D._load_index(index.root, many, index.fingerprint)
+    assert back.items == index.items and back.records == index.records and back.skipped == index.skipped

@@ -1,5 +1,5 @@
 "Issue 10 §1: the K-Fashion release read as downloaded (zips in place), with Korean Windows names and damaged archives."
-import json, os, shutil, unicodedata, zipfile
+import json, os, shutil, unicodedata, zipfile, zlib
 from pathlib import Path
 import pytest
 import torch
@@ -12,7 +12,7 @@ from fashion_json_encoder.config import Config
 from fashion_json_encoder.dataset import build_index, data_report
 from fashion_json_encoder.models.feature_cache import build_feature_cache, record_id
 from fashion_json_encoder.models.image_encoder import CLIPImageEncoder, tiny_clip_config
-from fashion_json_encoder.synthetic import damage_zip, expected_counts, make_synthetic_kfashion, synthetic_plan
+from fashion_json_encoder.synthetic import _CP949Info, damage_zip, expected_counts, make_synthetic_kfashion, synthetic_plan
 
 CFG = Config(num_workers=0)
 N, SEED = 30, 4
@@ -209,3 +209,63 @@ def test_macos_resource_forks_in_zips_are_not_records(trees, tmp_path):
                 dst.writestr(f"__MACOSX/{folder}/._{base}", b"\x00\x05\x16\x07 AppleDouble")   # what Archive Utility adds
                 dst.writestr(f"{folder}/._{base}".lstrip("/"), b"\x00\x05\x16\x07 AppleDouble")
     assert _summary(build_index(rel, CFG)) == _summary(build_index(trees["utf8"], CFG))
+
+
+# ---- the directory reader against zipfile ------------------------------------------------------------------------------
+_METHODS = [zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA]
+
+@settings(max_examples=60, deadline=None)
+@given(members=st.lists(st.tuples(_NAME, st.binary(max_size=300), st.sampled_from(_METHODS), st.sampled_from(["utf8", "cp949"])),
+                        min_size=1, max_size=8, unique_by=lambda m: m[0]),
+       comment=st.binary(max_size=40), prefix=st.binary(max_size=64))
+def test_directory_reader_finds_what_zipfile_finds(tmp_path_factory, members, comment, prefix):
+    "Names, sizes, CRCs and offsets as zipfile has them (NFC names); every member reads back byte for byte, whatever its method."
+    z = tmp_path_factory.mktemp("cd") / "a.zip"
+    with zipfile.ZipFile(z, "w") as out:
+        out.comment = comment
+        for name, data, method, enc in members:
+            zi = (_CP949Info if enc == "cp949" else zipfile.ZipInfo)(f"d/{name}.jpg")  # CP949: as Korean Windows writes names
+            zi.compress_type = method
+            out.writestr(zi, data)
+    z.write_bytes(prefix + z.read_bytes())  # bytes in front of the zip move every offset
+    a = A.Archive(z)
+    assert not a.recovered and {n: a.read(n) for n in a.members} == {unicodedata.normalize("NFC", f"d/{n}.jpg"): d for n, d, *_ in members}
+    if b"PK\x05\x06" not in comment:  # zipfile takes that signature in a comment for the end record, and gives up
+        want = zipfile.ZipFile(z).infolist()
+        assert [(n, *a.entry(n)) for n in a.members] == \
+               [(member_name(zi), zi.flag_bits, zi.compress_type, zi.CRC, zi.compress_size, zi.file_size, zi.header_offset) for zi in want]
+    a.close()
+
+
+def test_zip64_directory_of_more_than_65535_members(tmp_path):
+    "The label zip of Training holds 967,806 members: its directory is found through the zip64 end records."
+    z, n = tmp_path / "labels.zip", 70_000
+    with zipfile.ZipFile(z, "w") as out:
+        for i in range(n): out.writestr(f"스트리트/{i}.json", b"{}" if i % 7 else f'{{"i": {i}}}'.encode())
+    with open(z, "rb") as f: assert f.read()[-22 - 20 - 56:][:4] == b"PK\x06\x06"  # zipfile wrote the zip64 records
+    a = A.Archive(z)
+    assert len(a.members) == n and not a.recovered
+    assert a.read("스트리트/69986.json") == b'{"i": 69986}' and a.read("스트리트/69999.json") == b"{}"
+
+
+def test_one_archive_read_from_many_threads(tmp_path):
+    "The app reads thumbnails from several threads through one handle: reads never see another's file position."
+    from concurrent.futures import ThreadPoolExecutor
+    z, data = tmp_path / "p.zip", {f"s/{i}.jpg": os.urandom(1000 + i) for i in range(64)}
+    with zipfile.ZipFile(z, "w", zipfile.ZIP_DEFLATED) as out:
+        for k, v in data.items(): out.writestr(k, v)
+    with ThreadPoolExecutor(8) as ex:
+        got = list(ex.map(lambda k: read_bytes(A.member_path(z, k)), list(data) * 8))
+    assert got == list(data.values()) * 8
+
+
+def test_flagged_name_that_is_not_utf8_is_still_listed(tmp_path):
+    "A member flagged UTF-8 whose name is CP949 bytes (a broken zip tool) is guessed like an unflagged one, not a crash."
+    z = tmp_path / "w.zip"
+    name = "스트/1.jpg".encode("cp949")  # the archive is built by hand: zipfile flags only names it wrote as UTF-8
+    local = A._LOCAL.pack(b"PK\x03\x04", 20, 0x800, 0, 0, 0, zlib.crc32(b"abc"), 3, 3, len(name), 0) + name + b"abc"
+    central = A._CENTRAL.pack(b"PK\x01\x02", 20, 0, 20, 0, 0x800, 0, 0, 0, zlib.crc32(b"abc"), 3, 3, len(name), 0, 0, 0, 0, 0, 0) + name
+    end = A._END.pack(b"PK\x05\x06", 0, 0, 1, 1, len(central), len(local), 0)
+    z.write_bytes(local + central + end)
+    a = A.Archive(z)
+    assert list(a.members) == ["스트/1.jpg"] and a.read("스트/1.jpg") == b"abc"
