@@ -90,33 +90,33 @@ def _zip64_extra(extra: bytes, usize: int, csize: int, offset: int = 0) -> tuple
     return usize, csize, offset
 
 def _read_directory(f) -> tuple:
-    "(central directory bytes, entry count, offset of the zip in the file) of an open zip; ValueError when there is none."
+    "(central directory bytes, offset of the zip in the file) of an open zip; ValueError when there is none."
     size = f.seek(0, os.SEEK_END)
     n = min(size, _END.size + 0xFFFF); f.seek(size - n); tail = f.read(n)  # the end record, behind a comment of at most 64 KiB
-    i = j = tail.rfind(b"PK\x05\x06")
-    while j > 0 and (j + _END.size > n or j + _END.size + _END.unpack_from(tail, j)[-1] != n):  # a signature inside the comment: the record is the
-        j = tail.rfind(b"PK\x05\x06", 0, j)                            # one whose comment ends the file
-    i = j if j >= 0 and j + _END.size <= n else i
+    i = j = tail.rfind(b"PK\x05\x06")  # the record is the one whose comment ends the file (a comment may hold the signature);
+    while j >= 0 and not (j + _END.size <= n and j + _END.size + _END.unpack_from(tail, j)[-1] == n):
+        j = tail.rfind(b"PK\x05\x06", 0, j)
+    i = j if j >= 0 else i             # none such (bytes after the comment): the last signature, as zipfile takes it
     if i < 0 or i + _END.size > n: raise ValueError("no end of central directory record")
-    _, disk, cd_disk, _, count, cd_size, cd_off, _ = _END.unpack_from(tail, i)
+    _, disk, cd_disk, _, _, cd_size, cd_off, _ = _END.unpack_from(tail, i)  # the entry count is not used: see _directory_names
     end = size - n + i
     if end >= _LOC64.size + _END64.size:  # zip64: a locator right before the end record, its record right before that
         f.seek(end - _LOC64.size - _END64.size); rec = f.read(_END64.size + _LOC64.size)
         if rec[_END64.size:_END64.size + 4] == b"PK\x06\x07":
             if rec[:4] != b"PK\x06\x06": raise ValueError("zip64 end record missing")
-            _, _, _, _, disk, cd_disk, _, count, cd_size, cd_off = _END64.unpack_from(rec)
+            _, _, _, _, disk, cd_disk, _, _, cd_size, cd_off = _END64.unpack_from(rec)
             end -= _LOC64.size + _END64.size
     if disk or cd_disk: raise ValueError("archive spans several disks")
     concat = end - cd_size - cd_off  # bytes in front of the zip (a self-extractor): every offset moves by as much
     if concat < 0: raise ValueError("central directory lies outside the file")
     f.seek(cd_off + concat); cd = f.read(cd_size)
     if len(cd) != cd_size: raise ValueError("central directory cut short")
-    return cd, count, concat
+    return cd, concat
 
-def _directory_names(cd: bytes, count: int) -> dict:
+def _directory_names(cd: bytes) -> dict:
     "NFC member name -> position of its entry in `cd` (folders left out; a repeated name keeps its first entry)."
     members, pos, unpack, nfc, m = {}, 0, _HEAD.unpack_from, unicodedata.normalize, _CENTRAL.size
-    for _ in range(count):  # ~1 us a member: the label zip of Training holds 967,806
+    while pos < len(cd):  # to the directory's size, not the end record's count (tools without zip64 wrap it at 65,536), as zipfile
         if pos + m > len(cd): raise ValueError("central directory cut short")
         sig, flag, nlen, xlen, clen = unpack(cd, pos)
         if sig != b"PK\x01\x02": raise ValueError("bad central directory entry")
@@ -161,8 +161,8 @@ class Archive:
         except OSError as e: raise ArchiveError(f"{self.path}: archive cannot be opened ({type(e).__name__}: {e})") from None
         self.size = os.fstat(self.f.fileno()).st_size
         try:
-            self._cd, count, self._concat = _read_directory(self.f)
-            self.members = _directory_names(self._cd, count)  # name -> position of its entry in the directory
+            self._cd, self._concat = _read_directory(self.f)
+            self.members = _directory_names(self._cd)  # name -> position of its entry in the directory
         except (ValueError, struct.error, OSError) as e:
             try: self.members = _walk_local_headers(self.f, self.size)  # name -> Member
             except (ValueError, struct.error, OSError): self.members = {}
@@ -185,6 +185,8 @@ class Archive:
         e, where = self.entry(name), f"{self.path}{MEMBER_SEP}{name}"
         if e.file_size > max_bytes: raise MemberError(f"{where}: declared size {e.file_size} bytes exceeds the {max_bytes}-byte limit")
         if e.flag_bits & 0x1: raise MemberError(f"{where}: encrypted member")
+        if e.compress_size > max_bytes + max_bytes // 8 + (1 << 16):  # more than any compressor spends on max_bytes: not read
+            raise MemberError(f"{where}: declared compressed size {e.compress_size} bytes exceeds what {max_bytes} bytes can take")
         try: data = self._read(e, max_bytes)
         except MemberError as x: raise MemberError(f"{where}: {x}") from None
         except (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError, ValueError, struct.error) as x:

@@ -246,6 +246,13 @@ def test_zip64_directory_of_more_than_65535_members(tmp_path):
     a = A.Archive(z)
     assert len(a.members) == n and not a.recovered
     assert a.read("스트리트/69986.json") == b'{"i": 69986}' and a.read("스트리트/69999.json") == b"{}"
+    # the same directory behind a plain end record whose count wrapped at 65,536, as tools without zip64 write it
+    raw = z.read_bytes()
+    cd_size, cd_off = A._END64.unpack_from(raw, len(raw) - 22 - 20 - 56)[-2:]
+    wrapped = tmp_path / "wrapped.zip"
+    wrapped.write_bytes(raw[:cd_off + cd_size] + A._END.pack(b"PK\x05\x06", 0, 0, n % 65536, n % 65536, cd_size, cd_off, 0))
+    w = A.Archive(wrapped)
+    assert len(w.members) == n and not w.recovered and w.read("스트리트/69986.json") == b'{"i": 69986}'
 
 
 def test_one_archive_read_from_many_threads(tmp_path):
@@ -269,3 +276,13 @@ def test_flagged_name_that_is_not_utf8_is_still_listed(tmp_path):
     z.write_bytes(local + central + end)
     a = A.Archive(z)
     assert list(a.members) == ["스트/1.jpg"] and a.read("스트/1.jpg") == b"abc"
+
+
+def test_implausible_compressed_size_is_refused_unread(tmp_path):
+    "A directory entry that declares a few bytes but a huge compressed size is a MemberError before anything is read."
+    z, data, name = tmp_path / "c.zip", b"abc", b"x/1.json"
+    big = 200_000  # the file holds that much after the member, so only the plausibility check can refuse it
+    local = A._LOCAL.pack(b"PK\x03\x04", 20, 0, 0, 0, 0, zlib.crc32(data), big, 3, len(name), 0) + name + data + bytes(big)
+    central = A._CENTRAL.pack(b"PK\x01\x02", 20, 0, 20, 0, 0, 0, 0, 0, zlib.crc32(data), big, 3, len(name), 0, 0, 0, 0, 0, 0) + name
+    z.write_bytes(local + central + A._END.pack(b"PK\x05\x06", 0, 0, 1, 1, len(central), len(local), 0))
+    with pytest.raises(A.MemberError, match="compressed size"): read_bytes(A.member_path(z, "x/1.json"), max_bytes=1000)
