@@ -153,7 +153,7 @@ def _parse_all(root, pairs, opts, workers: int, show: bool = False) -> list:  # 
             for c in chunks: collect(_parse_chunk(c))
         else:
             ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-            with ctx.Pool(workers) as pool, _gc_paused():  # paused in this process only: the workers are forked already
+            with ctx.Pool(workers) as pool, _gc_paused():  # paused in this process only (pausing it in the workers too: no gain)
                 for rs in pool.imap(_parse_chunk, chunks): collect(rs)
     return out
 
