@@ -263,8 +263,7 @@ def _synthetic(a) -> int:
     return 0
 
 def _inspect(a) -> int:
-    from fashion_json_encoder.prepare import inspect_data
-    from fashion_json_encoder.dataset import format_report
+    from fashion_json_encoder.dataset import format_report, inspect_data  # no tower library: the report starts in seconds
     rep = inspect_data(a.dataset_path, load_config(a.config) if a.config else Config(), a.output_dir, cache_dir=a.cache_dir,
                        progress=_progress(a))
     print(json.dumps(rep, ensure_ascii=False, indent=2) if a.json else format_report(rep)); return 0

@@ -14,12 +14,13 @@ from .archives import MEMBER_SEP, archive_key, scan_archives, walk_files
 from .data import Item, SKIP_REASONS, _label_file, parse_photo
 from .vocab import Vocab
 from .progress import progress
+from .checkpoints import RunDir
 
 log = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['log', 'scan_dataset', 'pair_key', 'pair_files', 'split_looks', 'DatasetIndex', 'index_fingerprint', 'build_index',
-           'data_report', 'format_report']
+           'data_report', 'format_report', 'user_cache_dir', 'inspect_data']
 
 # %% ../nbs/01e_dataset.ipynb #f138ad54
 _SPLITS = {"training": "train", "train": "train", "validation": "val", "valid": "val", "val": "val"}
@@ -342,3 +343,20 @@ def format_report(report: dict) -> str:
         ex = report.get("unknown_examples", {}).get(f)
         out.append(_row(f, n) + f"   unknown in val: {report['unknown_values'].get(f, 0)}" + (f" (e.g. {', '.join(ex)})" if ex else ""))
     return "\n".join(out)
+
+# %% ../nbs/01e_dataset.ipynb #9a4b0b8d
+def user_cache_dir() -> Path:
+    "The per-user cache folder: `$XDG_CACHE_HOME/fashion-json-encoder`, else `~/.cache/fashion-json-encoder`."
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fashion-json-encoder"
+
+def inspect_data(dataset_path, cfg: Config | None = None,
+                 output_dir=None,   # keep the parsed-index cache in output_dir/cache, where training finds it
+                 cache_dir=None,    # or here; neither: the user cache folder
+                 progress: bool = False) -> dict:
+    "The data report: records, items, items per group, skips by reason, vocabulary sizes and where the index cache is."
+    cfg = cfg or Config()
+    cache = Path(cache_dir) if cache_dir else RunDir(output_dir).cache if output_dir else user_cache_dir()
+    index = build_index(dataset_path, cfg, cache_dir=cache, num_workers=cfg.num_workers, progress=progress)
+    log.info("parsed-index cache: %s", cache)
+    vocab = Vocab.build([it.json for it in index.items["train"]], list(cfg.fields))
+    return {**data_report(index, vocab), "cache_dir": str(cache)}

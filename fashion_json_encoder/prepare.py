@@ -10,7 +10,7 @@ from pathlib import Path
 from .config import Config
 from .checkpoints import RunDir
 from .vocab import Vocab
-from .dataset import build_index, data_report
+from .dataset import build_index, data_report, inspect_data, user_cache_dir
 from .models.image_encoder import CLIPImageEncoder, make_tower
 from .models.feature_cache import build_feature_cache
 from .paired import PairedData, make_paired, val_subset_rows
@@ -19,7 +19,7 @@ from .distributed import is_main, main_first
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'Prepared', 'prepare_data', 'user_cache_dir', 'inspect_data']
+__all__ = ['log', 'Prepared', 'prepare_data']
 
 # %% ../nbs/05d_prepare.ipynb #a2c7f827
 @dataclass
@@ -71,20 +71,3 @@ def prepare_data(cfg: Config, dataset_path, output_dir, vocab: Vocab | None = No
     if tower.pretrained == "none":
         info["warnings"] = ["image tower is RANDOMLY INITIALISED (clip_pretrained='none'): metrics say nothing about real retrieval"]
     return Prepared(cfg, index, vocab, tower, data.get("train"), data.get("val"), info)
-
-# %% ../nbs/05d_prepare.ipynb #9a4b0b8d
-def user_cache_dir() -> Path:
-    "The per-user cache folder: `$XDG_CACHE_HOME/fashion-json-encoder`, else `~/.cache/fashion-json-encoder`."
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fashion-json-encoder"
-
-def inspect_data(dataset_path, cfg: Config | None = None,
-                 output_dir=None,   # keep the parsed-index cache in output_dir/cache, where training finds it
-                 cache_dir=None,    # or here; neither: the user cache folder
-                 progress: bool = False) -> dict:
-    "The data report: records, items, items per group, skips by reason, vocabulary sizes and where the index cache is."
-    cfg = cfg or Config()
-    cache = Path(cache_dir) if cache_dir else RunDir(output_dir).cache if output_dir else user_cache_dir()
-    index = build_index(dataset_path, cfg, cache_dir=cache, num_workers=cfg.num_workers, progress=progress)
-    log.info("parsed-index cache: %s", cache)
-    vocab = Vocab.build([it.json for it in index.items["train"]], list(cfg.fields))
-    return {**data_report(index, vocab), "cache_dir": str(cache)}

@@ -262,3 +262,13 @@ def test_resuming_into_a_folder_that_holds_another_run_is_refused(trained, capsy
                                                   "--epochs", "9", "--quiet"])
     assert rc == 2 and len(lines) == 1 and "already holds a training run" in lines[0], err
     assert (other / "checkpoints/best_model.pt").read_bytes() == before and not (other / "checkpoints/last.pt").exists()
+
+
+def test_inspect_data_imports_no_tower_library(dataset, tmp_path):
+    "The data report needs no tower: it must not pay open_clip's and torchvision's import (about half of its start-up)."
+    code = ("import sys; from fashion_json_encoder.cli import main; "
+            f"rc = main(['inspect_data', '--dataset_path', {str(dataset)!r}, '--cache_dir', {str(tmp_path / 'c')!r}, '--json', '--quiet']); "
+            "print(rc, sorted(m for m in ('open_clip', 'torchvision') if m in sys.modules), file=sys.stderr)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert out.stderr.strip().splitlines()[-1] == "0 []", out.stderr[-2000:]
+    assert json.loads(out.stdout)["records"]["train"] > 0
