@@ -9,7 +9,7 @@ DataLoader worker of the cache build does (`archives.Archive`: every member's na
 `zipfile.ZipFile` plus the NFC name map the previous release built from it; and the time to read `--read` members
 by name through each. Prints both and their ratios, measured in one run.
 """
-import argparse, json, os, subprocess, sys, time, zipfile
+import argparse, json, subprocess, sys, time, zipfile
 from pathlib import Path
 
 STYLES = ["스트리트", "로맨틱", "모던", "리조트", "레트로"]

@@ -47,7 +47,7 @@ from fashion_json_encoder.evaluation import json_groups
 from fashion_json_encoder.querybank import crossfit_normalised_metrics, half_metrics
 from fashion_json_encoder.paired import PairedData, embed_rows
 from fashion_json_encoder.training import Trainer
-from fashion_json_encoder.vocab import PAD, Vocab, collate_json
+from fashion_json_encoder.vocab import Vocab, collate_json
 
 D = 512
 FIELDS = {"category": (21, 1.0, (1, 1), 0.05), "style": (23, 0.6, (1, 2), 0.10), "silhouette": (7, 0.5, (1, 1), 0.25),

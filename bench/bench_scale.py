@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from fashion_json_encoder.data import Item
-from fashion_json_encoder.evaluation import _TILE, _tiles, gallery_metrics, json_groups, querybank_bias
+from fashion_json_encoder.evaluation import _TILE, _tiles, gallery_metrics, json_groups
 from fashion_json_encoder.models.json_encoder import JSONEncoder
 from fashion_json_encoder.search import search
 from fashion_json_encoder.search_index import build_search_index

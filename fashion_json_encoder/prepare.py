@@ -4,13 +4,13 @@
 
 # %% ../nbs/05d_prepare.ipynb #a028554d
 from __future__ import annotations
-import logging, os, time
+import logging, time
 from dataclasses import dataclass
 from pathlib import Path
 from .config import Config
 from .checkpoints import RunDir
 from .vocab import Vocab
-from .dataset import build_index, data_report, inspect_data, user_cache_dir
+from .dataset import build_index, inspect_data  # inspect_data: defined with the dataset, still importable here
 from .models.image_encoder import CLIPImageEncoder, make_tower
 from .models.feature_cache import build_feature_cache
 from .paired import PairedData, make_paired, val_subset_rows
