@@ -98,15 +98,16 @@ def _read_directory(f) -> tuple:
         j = tail.rfind(b"PK\x05\x06", 0, j)
     i = j if j >= 0 else i             # none such (bytes after the comment): the last signature, as zipfile takes it
     if i < 0 or i + _END.size > n: raise ValueError("no end of central directory record")
-    _, disk, cd_disk, _, _, cd_size, cd_off, _ = _END.unpack_from(tail, i)  # the entry count is not used: see _directory_names
+    *_, cd_size, cd_off, _ = _END.unpack_from(tail, i)  # its disk numbers and entry count are not used, as in zipfile
     end = size - n + i
     if end >= _LOC64.size + _END64.size:  # zip64: a locator right before the end record, its record right before that
         f.seek(end - _LOC64.size - _END64.size); rec = f.read(_END64.size + _LOC64.size)
-        if rec[_END64.size:_END64.size + 4] == b"PK\x06\x07":
-            if rec[:4] != b"PK\x06\x06": raise ValueError("zip64 end record missing")
-            _, _, _, _, disk, cd_disk, _, _, cd_size, cd_off = _END64.unpack_from(rec)
-            end -= _LOC64.size + _END64.size
-    if disk or cd_disk: raise ValueError("archive spans several disks")
+        sig, disk, _, disks = _LOC64.unpack_from(rec, _END64.size)
+        if sig == b"PK\x06\x07":
+            if disk != 0 or disks > 1: raise ValueError("archive spans several disks")
+            if rec[:4] == b"PK\x06\x06":  # no zip64 record behind a locator: the plain end record stands, as in zipfile
+                *_, cd_size, cd_off = _END64.unpack_from(rec)
+                end -= _LOC64.size + _END64.size
     concat = end - cd_size - cd_off  # bytes in front of the zip (a self-extractor): every offset moves by as much
     if concat < 0: raise ValueError("central directory lies outside the file")
     f.seek(cd_off + concat); cd = f.read(cd_size)
@@ -183,14 +184,15 @@ class Archive:
     def read(self, name: str, max_bytes: int = IMAGE_MAX_BYTES) -> bytes:
         "The bytes of member `name`; raises `MemberError` (KeyError if absent) instead of reading a damaged one."
         e, where = self.entry(name), f"{self.path}{MEMBER_SEP}{name}"
+        if e.header_offset + _LOCAL.size > self.size: raise MemberError(f"{where}: its local header lies past the end of the file")
         if e.file_size > max_bytes: raise MemberError(f"{where}: declared size {e.file_size} bytes exceeds the {max_bytes}-byte limit")
         if e.flag_bits & 0x1: raise MemberError(f"{where}: encrypted member")
         if e.compress_size > max_bytes + max_bytes // 8 + (1 << 16):  # more than any compressor spends on max_bytes: not read
             raise MemberError(f"{where}: declared compressed size {e.compress_size} bytes exceeds what {max_bytes} bytes can take")
         try: data = self._read(e, max_bytes)
         except MemberError as x: raise MemberError(f"{where}: {x}") from None
-        except (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError, ValueError, struct.error) as x:
-            raise MemberError(f"{where}: {type(x).__name__}: {x}") from None
+        except (zlib.error, lzma.LZMAError, EOFError, OSError, ValueError, struct.error, IndexError, OverflowError) as x:
+            raise MemberError(f"{where}: {type(x).__name__}: {x}") from None  # OSError covers a corrupt bzip2 stream
         if len(data) != e.file_size: raise MemberError(f"{where}: {len(data)} bytes where {e.file_size} were declared")
         if zlib.crc32(data) != e.CRC: raise MemberError(f"{where}: Bad CRC-32")
         return data
@@ -206,8 +208,8 @@ class Archive:
         if e.compress_type == zipfile.ZIP_DEFLATED: return zlib.decompressobj(-15).decompress(raw, max_bytes + 1)
         if e.compress_type == zipfile.ZIP_BZIP2: return bz2.BZ2Decompressor().decompress(raw, max_bytes + 1)
         if e.compress_type == zipfile.ZIP_LZMA:  # 2 bytes of version, 2 of the properties' size, then LZMA1 properties
-            n = struct.unpack_from("<H", raw, 2)[0]
-            if n != 5: raise MemberError(f"unexpected lzma properties ({n} bytes)")
+            n = struct.unpack_from("<H", raw, 2)[0] if len(raw) >= 9 else 0
+            if n != 5: raise MemberError(f"unexpected lzma header ({len(raw)} bytes, properties of {n})")
             lc_lp_pb, dict_size = raw[4], struct.unpack_from("<I", raw, 5)[0]
             f = {"id": lzma.FILTER_LZMA1, "dict_size": dict_size, "lc": lc_lp_pb % 9, "lp": lc_lp_pb // 9 % 5, "pb": lc_lp_pb // 45}
             return lzma.LZMADecompressor(lzma.FORMAT_RAW, filters=[f]).decompress(raw[4 + n:], max_bytes + 1)
@@ -220,16 +222,22 @@ _OPEN, _PID = {}, None
 
 def open_archive(path) -> Archive:
     "This process's `Archive` for `path`, opened once per version of the file: forked workers never share a handle."
-    global _PID
-    if _PID != os.getpid(): _OPEN.clear(); _PID = os.getpid()  # a forked child drops (never uses) its parent's handles
+    global _PID, _OPEN_LOCK
+    if _PID != os.getpid():  # a forked child drops (never uses) its parent's handles, and a lock a parent's thread held
+        _OPEN.clear(); _OPEN_LOCK = threading.Lock(); _PID = os.getpid()
     key = os.path.abspath(path)
     st = os.stat(key)
     version = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)  # ctime: a rewrite shows even with its mtime put back
     a = _OPEN.get(key)
     if a is None or a.version != version:
-        if a is not None: a.close()  # the handle on the old version is never read again
-        a = _OPEN[key] = Archive(key); a.version = version
+        with _OPEN_LOCK:  # threads (the app's) opening one archive at once: one opens it, the others get that one
+            a = _OPEN.get(key)
+            if a is None or a.version != version:
+                if a is not None: a.close()  # the handle on the old version is never read again
+                a = Archive(key); a.version = version
+                _OPEN[key] = a  # published with its version set
     return a
+_OPEN_LOCK = threading.Lock()
 
 class FileTooLarge(OSError):
     "A file over the size limit of `read_bytes`, refused unread."

@@ -1,5 +1,5 @@
 "Issue 10 §1: the K-Fashion release read as downloaded (zips in place), with Korean Windows names and damaged archives."
-import json, os, shutil, unicodedata, zipfile, zlib
+import json, os, shutil, struct, unicodedata, zipfile, zlib
 from pathlib import Path
 import pytest
 import torch
@@ -255,15 +255,19 @@ def test_zip64_directory_of_more_than_65535_members(tmp_path):
     assert len(w.members) == n and not w.recovered and w.read("스트리트/69986.json") == b'{"i": 69986}'
 
 
-def test_one_archive_read_from_many_threads(tmp_path):
-    "The app reads thumbnails from several threads through one handle: reads never see another's file position."
+@pytest.mark.parametrize("pread", [True, False])
+def test_one_archive_read_from_many_threads(tmp_path, monkeypatch, pread):
+    "The app reads thumbnails from several threads through one handle: reads never see another's file position (no pread: Windows)."
     from concurrent.futures import ThreadPoolExecutor
+    if not pread: monkeypatch.delattr(os, "pread", raising=False)
     z, data = tmp_path / "p.zip", {f"s/{i}.jpg": os.urandom(1000 + i) for i in range(64)}
     with zipfile.ZipFile(z, "w", zipfile.ZIP_DEFLATED) as out:
         for k, v in data.items(): out.writestr(k, v)
-    with ThreadPoolExecutor(8) as ex:
-        got = list(ex.map(lambda k: read_bytes(A.member_path(z, k)), list(data) * 8))
-    assert got == list(data.values()) * 8
+    for _ in range(20):  # the threads also race to open it: none may see a half-made handle
+        A._OPEN.clear()
+        with ThreadPoolExecutor(8) as ex:
+            got = list(ex.map(lambda k: read_bytes(A.member_path(z, k)), list(data) * 4))
+        assert got == list(data.values()) * 4
 
 
 def test_flagged_name_that_is_not_utf8_is_still_listed(tmp_path):
@@ -276,6 +280,7 @@ def test_flagged_name_that_is_not_utf8_is_still_listed(tmp_path):
     z.write_bytes(local + central + end)
     a = A.Archive(z)
     assert list(a.members) == ["스트/1.jpg"] and a.read("스트/1.jpg") == b"abc"
+    assert not a.recovered  # read through its directory, not rescued by the local-header walk
 
 
 def test_implausible_compressed_size_is_refused_unread(tmp_path):
@@ -286,3 +291,48 @@ def test_implausible_compressed_size_is_refused_unread(tmp_path):
     central = A._CENTRAL.pack(b"PK\x01\x02", 20, 0, 20, 0, 0, 0, 0, 0, zlib.crc32(data), big, 3, len(name), 0, 0, 0, 0, 0, 0) + name
     z.write_bytes(local + central + A._END.pack(b"PK\x05\x06", 0, 0, 1, 1, len(central), len(local), 0))
     with pytest.raises(A.MemberError, match="compressed size"): read_bytes(A.member_path(z, "x/1.json"), max_bytes=1000)
+
+
+@pytest.mark.parametrize("method", [zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA])
+@pytest.mark.parametrize("damage", ["flip", "cut"])
+def test_corrupt_compressed_member_is_a_member_error(tmp_path, method, damage):
+    "Whatever the method, a damaged stream is a MemberError (counted as bad_member), never another exception."
+    z, data = tmp_path / "m.zip", json.dumps({"x": list(range(300))}).encode()
+    with zipfile.ZipFile(z, "w", method) as out: out.writestr("d/1.json", data)
+    e = A.Archive(z).entry("d/1.json")
+    raw = bytearray(z.read_bytes()); start = e.header_offset + 30 + len(b"d/1.json")
+    if damage == "flip": raw[start + 2:start + e.compress_size - 2] = bytes(e.compress_size - 4)  # zeroed stream
+    else:  # the stream cut to 4 bytes, the directory told so (an lzma member then lacks its own header)
+        a = A.Archive(z); a.members["d/1.json"] = A.Member(e.flag_bits, method, e.CRC, 4, e.file_size, e.header_offset)
+        with pytest.raises(A.MemberError): a.read("d/1.json")
+        return
+    z.write_bytes(bytes(raw))
+    with pytest.raises(A.MemberError): read_bytes(A.member_path(z, "d/1.json"))
+
+
+def test_local_header_offset_past_the_end_is_a_member_error(tmp_path):
+    "A zip64 extra that puts a member's header at 2**63 is a MemberError, not an OverflowError from pread."
+    z, name, data = tmp_path / "o.zip", b"x/1.json", b"abc"
+    local = A._LOCAL.pack(b"PK\x03\x04", 45, 0, 0, 0, 0, zlib.crc32(data), 3, 3, len(name), 0) + name + data
+    extra = struct.pack("<HHQ", 1, 8, 2**63 + 5)
+    central = A._CENTRAL.pack(b"PK\x01\x02", 45, 0, 45, 0, 0, 0, 0, 0, zlib.crc32(data), 3, 3, len(name), len(extra), 0, 0, 0, 0,
+                              0xFFFFFFFF) + name + extra
+    z.write_bytes(local + central + A._END.pack(b"PK\x05\x06", 0, 0, 1, 1, len(central), len(local), 0))
+    with pytest.raises(A.MemberError, match="past the end"): read_bytes(A.member_path(z, "x/1.json"))
+
+
+@pytest.mark.parametrize("quirk", ["disk numbers", "locator look-alike"])
+def test_end_record_quirks_zipfile_reads_are_read_through_the_directory(tmp_path, quirk):
+    "Disk numbers in the plain end record are ignored, and a locator signature without a zip64 record leaves the plain one standing."
+    z = tmp_path / "q.zip"
+    with zipfile.ZipFile(z, "w") as out:
+        out.writestr("d/2.json", b"[]")
+        zi = zipfile.ZipInfo("d/1.json")
+        if quirk == "locator look-alike": zi.comment = b"PK\x06\x07" + bytes(16)  # the last 20 bytes before the end record
+        out.writestr(zi, b"{}")
+    raw = bytearray(z.read_bytes())
+    if quirk == "disk numbers": raw[-18:-14] = b"\xff\xff\xff\xff"  # the plain record's two disk numbers
+    z.write_bytes(bytes(raw))
+    assert len(zipfile.ZipFile(z).namelist()) == 2  # zipfile reads it
+    a = A.Archive(z)
+    assert not a.recovered and a.read("d/1.json") == b"{}" and a.read("d/2.json") == b"[]"
