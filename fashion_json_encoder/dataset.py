@@ -4,7 +4,7 @@
 
 # %% ../nbs/01e_dataset.ipynb #cf8e683d
 from __future__ import annotations
-import gc, gzip, hashlib, json, logging, multiprocessing as mp, os, time, unicodedata
+import functools, gc, gzip, hashlib, json, logging, multiprocessing as mp, os, time, unicodedata
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -38,19 +38,18 @@ def scan_dataset(root, archives: list | None = None,  # archives: a list that re
     if archives is not None: archives.sort()
     return sorted(labels), sorted(images)
 
-_FOLDERS = {}  # folder part of a relpath -> (split, style): a release has a few dozen folders and two million files
+@functools.lru_cache(maxsize=1 << 16)  # a release has a few dozen folders and two million files
+def _folder_key(head: str) -> tuple:
+    "(split or None, style folder) of the folder part of a relpath."
+    parts = unicodedata.normalize("NFC", head).split("/")
+    return next((_SPLITS[p.lower()] for p in parts if p.lower() in _SPLITS), None), parts[-1]
 
 def pair_key(rel: str) -> tuple:
     "(split or None, style folder, stem) of a relative path, NFC (an archive member's path reads as folders)."
     s = rel.replace(MEMBER_SEP, "/")
     i = s.rfind("/")
-    if i < 0: return None, "", unicodedata.normalize("NFC", s).rsplit(".", 1)[0]
-    head = s[:i]
-    if (got := _FOLDERS.get(head)) is None:
-        parts = unicodedata.normalize("NFC", head).split("/")
-        got = next((_SPLITS[p.lower()] for p in parts if p.lower() in _SPLITS), None), parts[-1]
-        if len(_FOLDERS) < 100_000: _FOLDERS[head] = got
-    return *got, unicodedata.normalize("NFC", s[i + 1:]).rsplit(".", 1)[0]
+    stem = unicodedata.normalize("NFC", s[i + 1:]).rsplit(".", 1)[0]
+    return (*_folder_key(s[:i]), stem) if i >= 0 else (None, "", stem)
 
 def pair_files(labels, images) -> tuple:
     "([(label rel, image rel)], skip Counter) matching stems within the same split and style folder."

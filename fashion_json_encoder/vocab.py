@@ -4,7 +4,7 @@
 
 # %% ../nbs/01b_vocab.ipynb #aee68fbb
 from __future__ import annotations
-import json, logging, re, unicodedata
+import functools, json, logging, re, unicodedata
 from collections import Counter
 from pathlib import Path
 import torch
@@ -45,17 +45,17 @@ ALIASES = {"노말": "노멀", "하운즈 투스": "하운즈투스", "홀토넥
            "테일러칼라": "테일러드칼라", "키치/키덜트": "키치", "키덜트": "키치"}  # raw variant -> canonical value
 _NOSPACE = {v.replace(" ", ""): v for vs in KFASHION_VALUES.values() for v in vs}
 
-_SLASH, _NORMALISED = re.compile(r"\s*/\s*"), {}  # raw str -> canonical: labels repeat a few hundred values a million times
+_SLASH = re.compile(r"\s*/\s*")
 
 def normalise_value(v) -> str:
     "Canonical form of one attribute value: NFC, single spaces, no spaces around '/', aliases resolved."
-    if type(v) is str and (s := _NORMALISED.get(v)) is not None: return s
-    s = unicodedata.normalize("NFC", str(v))
-    s = _SLASH.sub("/", " ".join(s.split()))
+    return _normalise(v if type(v) is str else str(v))
+
+@functools.lru_cache(maxsize=1 << 16)  # labels repeat a few hundred values a million times; bounded for free text
+def _normalise(s: str) -> str:
+    s = _SLASH.sub("/", " ".join(unicodedata.normalize("NFC", s).split()))
     s = ALIASES.get(s, s)
-    s = _NOSPACE.get(s.replace(" ", ""), s)
-    if type(v) is str and len(_NORMALISED) < 100_000: _NORMALISED[v] = s  # bounded: free text cannot grow it without end
-    return s
+    return _NOSPACE.get(s.replace(" ", ""), s)
 
 # %% ../nbs/01b_vocab.ipynb #b31941e6
 def field_values(item_json: dict, field: str) -> list:
