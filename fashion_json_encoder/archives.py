@@ -4,9 +4,10 @@
 
 # %% ../nbs/01c_archives.ipynb #69a45deb
 from __future__ import annotations
-import bz2, hashlib, logging, lzma, multiprocessing as mp, os, stat, struct, threading, unicodedata, zipfile, zlib
+import bz2, hashlib, logging, lzma, os, stat, struct, threading, unicodedata, zipfile, zlib
 from collections import Counter
 from typing import NamedTuple
+from .progress import process_map
 
 log = logging.getLogger(__name__)
 
@@ -327,8 +328,7 @@ def scan_archives(root, archives: list, workers: int = 0) -> tuple:
     "(label members, image members, skip Counter, notes Counter) of `archives` (from `find_archives`), one archive per worker."
     args = [(str(root), rel) for rel, *_ in archives]
     if workers > 1 and len(args) > 1:
-        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-        with ctx.Pool(min(workers, len(args))) as pool: res = pool.map(_list_one, args)
+        res = list(process_map(_list_one, args, workers, "listing the archives"))
     else: res = [_list_one(a) for a in args]
     labels, images, skipped, notes = [], [], Counter(), Counter()
     for (rel, *_), (lab, img, err, rec) in zip(archives, res):

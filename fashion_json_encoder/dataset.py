@@ -13,7 +13,7 @@ from .config import Config, UserError, KFASHION_GROUPS, atomic_path
 from .archives import MEMBER_SEP, archive_key, scan_archives, walk_files
 from .data import Item, SKIP_REASONS, _label_file, parse_photo
 from .vocab import Vocab
-from .progress import progress
+from .progress import process_map, progress
 from .checkpoints import RunDir
 
 log = logging.getLogger(__name__)
@@ -119,8 +119,7 @@ def _fingerprint(root, labels, images, cfg: Config, archives=(), walk: Counter |
     r = os.path.join(str(root), "")
     args = [(r, labels[i:i + 4096]) for i in range(0, len(labels), 4096)]  # content, not mtime: `cp -p` keeps both size and mtime
     if workers > 1 and len(labels) >= _PARALLEL_HASH_MIN:  # ~20 us a label: a pool pays off from about a second
-        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-        with ctx.Pool(min(workers, len(args))) as pool: digests = pool.map(_hash_labels, args)
+        digests = process_map(_hash_labels, args, workers, "hashing the labels")
     else: digests = map(_hash_labels, args)
     for d in digests: h.update(d)
     for rel, size, mtime in images: h.update(f"img\t{rel}\t{size}\t{mtime}\n".encode())
@@ -152,9 +151,8 @@ def _parse_all(root, pairs, opts, workers: int, show: bool = False) -> list:  # 
         if not pool_:
             for c in chunks: collect(_parse_chunk(c))
         else:
-            ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-            with ctx.Pool(workers) as pool, _gc_paused():  # paused in this process only (pausing it in the workers too: no gain)
-                for rs in pool.imap(_parse_chunk, chunks): collect(rs)
+            with _gc_paused():  # paused in this process only (pausing it in the workers too: no gain)
+                for rs in process_map(_parse_chunk, chunks, workers, "parsing the labels"): collect(rs)
     return out
 
 # %% ../nbs/01e_dataset.ipynb #3fddfcaa
@@ -201,7 +199,7 @@ def _save_index(index: DatasetIndex, path: Path, workers: int = 0):
         _SAVING = its, len(str(index.root)) + 1
         try:
             if fork:
-                with mp.get_context("fork").Pool(workers) as pool: bodies = pool.map(_items_json, spans)
+                bodies = list(process_map(_items_json, spans, workers, "writing the index cache"))
             else: bodies = list(map(_items_json, spans))
         finally: _SAVING = None
         comma = gzip.compress(b", ", mtime=0)  # json.dumps' own separator: the text is the one-process text

@@ -4,13 +4,17 @@
 
 # %% ../nbs/00a_progress.ipynb #7dfcd4bd
 from __future__ import annotations
-import logging, math, sys, time
+import logging, math, multiprocessing as mp, signal, sys, time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from tqdm.std import tqdm as std_tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
+from .config import UserError
+
 
 # %% auto #0
-__all__ = ['progress_mode', 'LogProgress', 'progress', 'progress_logging']
+__all__ = ['progress_mode', 'LogProgress', 'progress', 'progress_logging', 'WorkerDied', 'process_map']
 
 # %% ../nbs/00a_progress.ipynb #d275c82c
 def _in_notebook() -> bool:
@@ -139,3 +143,31 @@ def progress_logging(loggers=None):  # default: the root logger and the package'
             for h in lg.handlers:
                 if h not in old: h.setLevel(level)  # tqdm's handler does not copy the console handler's level
         yield
+
+# %% ../nbs/00a_progress.ipynb #d2cd209a
+class WorkerDied(UserError):
+    "A worker process ended without a Python error (killed, most often by the out-of-memory killer, or crashed)."
+
+def _how(codes) -> str:
+    "Words for the dead workers' exit codes (negative: the signal that ended them)."
+    for c in codes:
+        if c is None or c == -signal.SIGTERM: continue  # still running, or ended by the pool after the death
+        if c >= 0: return f"exit code {c}"
+        try: name = signal.Signals(-c).name
+        except ValueError: name = f"signal {-c}"
+        return f"{name}, most often the out-of-memory killer" if c == -signal.SIGKILL else name
+    return "no exit code"
+
+def process_map(fn, args, workers: int, what: str = "work", chunksize: int = 1):  # what: names the step in the error
+    "Results of `fn` over `args`, in order, from `workers` processes (forked where possible); a worker that dies raises `WorkerDied`."
+    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    ex = ProcessPoolExecutor(max(1, min(workers, len(args))), mp_context=ctx)  # args: a list
+    try: yield from ex.map(fn, args, chunksize=chunksize)
+    except BrokenProcessPool:
+        procs = list((getattr(ex, "_processes", None) or {}).values())  # CPython's; only for the words of the error
+        ex.shutdown(wait=True, cancel_futures=True)  # the pool's thread reaps the workers: their exit codes are set after it
+        how = _how([p.exitcode for p in procs])
+        hint = f"rerun with fewer workers (num_workers, {workers} now) or more memory" if "memory" in how else "see the log above"
+        raise WorkerDied(f"{what}: a worker process died ({how}); nothing of this step was kept: {hint}") from None
+    finally: ex.shutdown(wait=True, cancel_futures=True)
+

@@ -4,13 +4,14 @@
 
 # %% ../nbs/01a_synthetic.ipynb #9c1d9a70
 from __future__ import annotations
-import colorsys, io, json, logging, multiprocessing as mp, random, struct, unicodedata, zipfile, zlib
+import colorsys, io, json, logging, random, struct, unicodedata, zipfile, zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from PIL import Image, ImageDraw
 from .config import KFASHION_GROUPS
 from .vocab import KFASHION_VALUES
+from .progress import process_map
 
 log = logging.getLogger(__name__)
 
@@ -310,8 +311,7 @@ def make_synthetic_kfashion(path, n_photos: int = 120, seed: int = 0, bad_cases:
     stub = _jpeg(Image.new("RGB", tuple(size), (200, 200, 200))) if image_mode == "stub" else None
     args = [(p, stub) for p in plan] if image_mode != "none" else []
     if num_workers > 1 and image_mode == "full":
-        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-        with ctx.Pool(num_workers) as pool: jpegs = pool.map(_photo_bytes, args, chunksize=16)
+        jpegs = list(process_map(_photo_bytes, args, num_workers, "drawing the photos", chunksize=16))
     else: jpegs = [_photo_bytes(a) for a in args]
     sink = _Sink(layout, names)
     try:

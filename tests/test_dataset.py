@@ -1,5 +1,5 @@
 "Index tests on generated K-Fashion data: every bad-input row, pairing, splits, cache, hostile trees, report."
-import gzip, json, logging, os, shutil, time, unicodedata
+import gzip, json, logging, os, shutil, signal, time, unicodedata
 from dataclasses import replace
 from pathlib import Path
 
@@ -319,3 +319,39 @@ def test_index_cache_written_by_forked_writers_is_the_one_process_file(tmp_path,
     assert many.read_bytes() != one.read_bytes()  # the forked path ran: several gzip members
     back = D._load_index(index.root, many, index.fingerprint)
     assert back.items == index.items and back.records == index.records and back.skipped == index.skipped
+
+
+# ---- a worker that dies (multiprocessing.Pool waited forever for its task) ---------------------------------------
+def _killed(*_):
+    "What the out-of-memory killer does to a worker, done from inside it."
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+@pytest.fixture
+def deadline():
+    "Fails a test that hangs instead of hanging the suite."
+    def _hung(*_): raise TimeoutError("hung: the build waited for a dead worker")
+    old = signal.signal(signal.SIGALRM, _hung); signal.alarm(120)
+    yield
+    signal.alarm(0); signal.signal(signal.SIGALRM, old)
+
+
+@pytest.mark.parametrize("step, name", [("_hash_labels", "hashing the labels"), ("_parse_safe", "parsing the labels")])
+def test_a_killed_index_worker_stops_the_build_with_one_error(datasets, tmp_path, monkeypatch, deadline, step, name):
+    monkeypatch.setattr(dataset, "_PARALLEL_MIN", 1); monkeypatch.setattr(dataset, "_PARALLEL_HASH_MIN", 1)
+    monkeypatch.setattr(dataset, step, _killed)  # forked workers see the patched module
+    with pytest.raises(UserError) as e:
+        build_index(datasets["split"], CFG, cache_dir=tmp_path / "c", num_workers=2)
+    assert str(e.value) == (f"{name}: a worker process died (SIGKILL, most often the out-of-memory killer); nothing of this "
+                            "step was kept: rerun with fewer workers (num_workers, 2 now) or more memory")
+    assert not list(tmp_path.rglob("*.json.gz"))  # no partial index cached
+    monkeypatch.undo()
+    assert build_index(datasets["split"], CFG, cache_dir=tmp_path / "c", num_workers=2).records  # the next run builds
+
+
+def test_a_killed_worker_is_one_line_from_the_cli(datasets, tmp_path, monkeypatch, deadline, capsys):
+    from fashion_json_encoder.cli import main
+    monkeypatch.setattr(dataset, "_PARALLEL_MIN", 1); monkeypatch.setattr(dataset, "_parse_safe", _killed)
+    assert main(["inspect_data", "--dataset_path", str(datasets["split"]), "--cache_dir", str(tmp_path), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: parsing the labels: a worker process died (SIGKILL") and "\n" not in err, err
