@@ -90,10 +90,11 @@ class DatasetIndex:
 
 @contextmanager
 def _gc_paused():
-    "No cyclic garbage collection while millions of small acyclic objects are made (each full pass walks them all again)."
+    "No cyclic garbage collection while millions of small acyclic objects are made; they then go straight to the oldest generation."
     was = gc.isenabled(); gc.disable()
     try: yield
     finally:
+        if not gc.get_freeze_count(): gc.freeze(); gc.unfreeze()  # moves every tracked object to the oldest generation, unwalked
         if was: gc.enable()
 
 _CACHE_VERSION, _PARALLEL_MIN, _PARALLEL_HASH_MIN = 2, 2000, 50_000
@@ -148,11 +149,9 @@ def _parse_all(root, pairs, opts, workers: int, show: bool = False) -> list:  # 
     out = []
     with progress(total=len(pairs), desc="parsing labels", unit="label", enable=show, logger=log, leave=False) as bar:
         def collect(rs): out.extend(rs); bar.update(len(rs))
-        if not pool_:
-            for c in chunks: collect(_parse_chunk(c))
-        else:
-            with _gc_paused():  # paused in this process only (pausing it in the workers too: no gain)
-                for rs in process_map(_parse_chunk, chunks, workers, "parsing the labels"): collect(rs)
+        with _gc_paused():  # in this process only (pausing it in the workers too: no gain)
+            for rs in (process_map(_parse_chunk, chunks, workers, "parsing the labels") if pool_ else map(_parse_chunk, chunks)):
+                collect(rs)
     return out
 
 # %% ../nbs/01e_dataset.ipynb #3fddfcaa

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from .config import Config
-from .vocab import Vocab, collate_json
+from .vocab import Vocab
 from .data import CropDataset, collate_crops
 
 log = logging.getLogger(__name__)
@@ -40,8 +40,7 @@ class PairedData:
 
 def make_paired(items: list, vocab: Vocab, features: torch.Tensor | None = None) -> PairedData:
     "Encode and collate every item's JSON once."
-    names = list(vocab.fields)
-    return PairedData(collate_json([vocab.encode(it.json) for it in items], names), features, list(items))
+    return PairedData(vocab.encode_batch([it.json for it in items]), features, list(items))
 
 # %% ../nbs/04a_paired.ipynb #161f8ca8
 def standalone_targets(json_ids: dict, dim: int = Config.output_dim, seed: int = 0) -> torch.Tensor:

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from .config import Config, update_config
 from .checkpoints import state_digest
-from .vocab import collate_json
+
 from .synthetic import make_synthetic_kfashion
 from .paired import crop_batches, embed_rows
 from .training import Trainer
@@ -54,7 +54,7 @@ def sanity_check(cfg: Config | None = None, dataset_path=None, progress: bool = 
         trainer = Trainer(cfg, vocab, tr, va, work / "run", tower=prep.tower, progress=progress, info=prep.info)
         enc, tower = trainer.encoder, prep.tower
         probe = [{}, {f: "값" for f in vocab.fields}] + [it.json for it in tr.items[:6]]
-        out = enc({k: v.to(trainer.device) for k, v in collate_json([vocab.encode(j) for j in probe], list(vocab.fields)).items()})
+        out = enc({k: v.to(trainer.device) for k, v in vocab.encode_batch(probe).items()})
         checks.append(Check("every field type handled (single, multi, missing)",
                             all(kinds.values()) and bool(torch.isfinite(out).all()),
                             ", ".join(f"{k}: {v}" for k, v in kinds.items())))

@@ -4,10 +4,11 @@
 
 # %% ../nbs/01b_vocab.ipynb #aee68fbb
 from __future__ import annotations
-import functools, json, logging, re, unicodedata
+import functools, itertools, json, logging, re, unicodedata
 from collections import Counter
 from pathlib import Path
 import torch
+from fastcore.basics import patch
 from .config import UserError, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,14 @@ def field_values(item_json: dict, field: str) -> list:
     out = [normalise_value(x) for x in vals if x is not None and str(x).strip()]
     return list(dict.fromkeys(out))
 
+def _raw_keys(jsons: list, field: str) -> list:
+    "Each item's raw value of `field` as a hashable key (a list becomes a tuple); raises TypeError for an unhashable value."
+    return [tuple(v) if type(v) is list else v for v in (j.get(field) for j in jsons)]
+
+def _plain(key) -> bool:
+    "Whether equal keys mean equal values here: None, str, a tuple of str (1 == True == 1.0 would merge distinct values)."
+    return key is None or type(key) is str or (type(key) is tuple and all(type(x) is str for x in key))
+
 # %% ../nbs/01b_vocab.ipynb #dc115be8
 PAD, UNK = 0, 1  # reserved ids in every field vocabulary
 _UNK_TOKEN = "<unk>"
@@ -80,9 +89,15 @@ class Vocab:
     @classmethod
     def build(cls, jsons, field_names) -> Vocab:
         "Vocabulary of every field in `field_names` from training item JSONs."
-        counts = {f: Counter() for f in field_names}
-        for j in jsons:
-            for f in field_names: counts[f].update(field_values(j, f))
+        jsons, counts = list(jsons), {f: Counter() for f in field_names}
+        for f, c in counts.items():  # each distinct raw value is normalised once, counted as often as it occurs
+            try: raw = Counter(_raw_keys(jsons, f))
+            except TypeError: raw = None  # an unhashable value (a dict in a list ...): item by item
+            if raw is not None and all(map(_plain, raw)):
+                for k, m in raw.items():
+                    for x in field_values({f: k}, f): c[x] += m
+            else:
+                for j in jsons: c.update(field_values(j, f))
         return cls({f: sorted(c, key=lambda v: (-c[v], v)) for f, c in counts.items()})
 
     @property
@@ -129,14 +144,37 @@ class Vocab:
         return out
 
 # %% ../nbs/01b_vocab.ipynb #89dc2588
+def _pad(rows: list) -> torch.Tensor:
+    "(B, L) LongTensor of the id lists `rows`, PAD-padded; L is the longest list, at least 1."
+    lens = [len(r) for r in rows]
+    t = torch.full((len(rows), max(lens, default=0) or 1), PAD, dtype=torch.long)  # (B, L) value ids
+    flat = torch.tensor(list(itertools.chain.from_iterable(rows)), dtype=torch.long)
+    if len(flat):  # one scatter: row b's ids go to columns 0..len-1 of row b
+        n = torch.tensor(lens)
+        row = torch.repeat_interleave(torch.arange(len(rows)), n)
+        t[row, torch.arange(len(flat)) - torch.repeat_interleave(n.cumsum(0) - n, n)] = flat
+    return t
+
 def collate_json(encoded: list, field_names) -> dict:
     "Pad encoded items into one `LongTensor` (B, L_f) per field."
+    return {f: _pad([e.get(f, []) for e in encoded]) for f in field_names}
+
+@patch
+def encode_batch(self: Vocab, jsons: list) -> dict:
+    "`collate_json([self.encode(j) for j in jsons], fields)`, encoding each field's distinct raw values once."
     out = {}
-    for f in field_names:
-        rows = [e.get(f, []) for e in encoded]
-        t = torch.full((len(rows), max([1] + [len(r) for r in rows])), PAD, dtype=torch.long)  # (B, L_f) value ids
-        for i, r in enumerate(rows): t[i, :len(r)] = torch.as_tensor(r, dtype=torch.long)
-        out[f] = t
+    for f, stoi in self.stoi.items():
+        try: keys = _raw_keys(jsons, f); raw = Counter(keys)
+        except TypeError: raw = None  # an unhashable value: item by item
+        if raw is None or not all(map(_plain, raw)):
+            keys, raw = list(range(len(jsons))), Counter(range(len(jsons)))
+            vals = {i: field_values(j, f) for i, j in enumerate(jsons)}
+        else: vals = {k: field_values({f: k}, f) for k in raw}
+        ids = {k: [stoi.get(x, UNK) for x in vs] for k, vs in vals.items()}
+        for k, vs in vals.items():  # unseen values are counted once per item, as `encode` counts them
+            for x in vs:
+                if x not in stoi: self.unknown[(f, x)] += raw[k]
+        out[f] = _pad([ids[k] for k in keys])
     return out
 
 # %% ../nbs/01b_vocab.ipynb #10b65c09

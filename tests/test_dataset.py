@@ -227,6 +227,24 @@ def test_damaged_index_cache_is_one_warning_and_rebuilt(tmp_path, caplog, damage
     assert build_index(root, CFG, cache_dir=cache).from_cache  # the rebuilt cache is whole again
 
 
+@pytest.mark.parametrize("cached", [False, True])
+def test_index_objects_start_in_the_oldest_gc_generation(tmp_path, cached):
+    "Made with the collector paused, the items go straight to the oldest generation: no young collection walks them after the build."
+    import gc
+    root = make_synthetic_kfashion(tmp_path / "kf", n_photos=30, seed=4, image_mode="stub")
+    if cached: build_index(root, CFG, cache_dir=tmp_path / "c")
+    idx = build_index(root, CFG, cache_dir=tmp_path / "c")
+    assert idx.from_cache == cached and gc.isenabled()
+    young = {id(o) for g in (0, 1) for o in gc.get_objects(generation=g)}
+    made = [o for its in idx.items.values() for it in its for o in (it, it.json)]
+    assert len(made) > 60 and not [o for o in made if id(o) in young]
+    mine = [[]]; gc.freeze()  # a caller's own frozen objects stay frozen: the promotion then does not run
+    try:
+        build_index(root, CFG, cache_dir=tmp_path / "c")
+        assert gc.get_freeze_count() >= 1 and not any(o is mine for o in gc.get_objects())
+    finally: gc.unfreeze()
+
+
 # ---- hostile file trees and labels ---------------------------------------------------------------------------------
 def test_symlinks_followed_broken_ones_counted_no_folder_twice(datasets, tmp_path):
     base = build_index(datasets["unzipped"], CFG)

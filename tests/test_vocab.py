@@ -72,3 +72,27 @@ def test_collate_pads_multi_and_empty_fields(encoded):
 def test_collate_all_empty_gives_one_pad_column():
     b = collate_json([{"style": []}, {}], ["style", "detail"])
     assert b["style"].tolist() == [[PAD], [PAD]] and b["detail"].shape == (2, 1)
+
+
+# -- a whole split at once: each distinct raw value encoded once -------------------------------------------------
+_odd = st.one_of(st.integers(0, 2), st.booleans(), st.sampled_from([1.0, 0.0]), st.none())  # 1 == True == 1.0, all distinct here
+_raw = st.one_of(st.none(), _value, _odd, st.lists(st.one_of(_value, _odd), max_size=4), st.tuples(_value, _value),
+                 st.lists(st.dictionaries(st.just("k"), _value, max_size=1), max_size=2))  # unhashable
+_any_item = st.dictionaries(st.sampled_from(FIELDS), _raw, max_size=4)
+
+
+@given(st.lists(_item, max_size=10), st.lists(_any_item, max_size=30))
+def test_build_and_encode_batch_equal_item_by_item(train, jsons):
+    "`Vocab.build` counts and `encode_batch` ids and unknown counts are those of the per-item definitions, whatever the values."
+    train = train + jsons[:5]
+    counts = {f: Counter(x for j in train for x in field_values(j, f)) for f in FIELDS}
+    v = Vocab.build(train, FIELDS)
+    assert v.fields == {f: sorted(c, key=lambda x: (-c[x], x)) for f, c in counts.items()}
+    one, many = Vocab(v.fields), Vocab(v.fields)
+    jsons = jsons + jsons[::-1]  # every raw value at least twice: unseen ones are counted per item
+    rows = [one.encode(j) for j in jsons]
+    got = many.encode_batch(jsons)
+    assert many.unknown == one.unknown
+    for f in FIELDS:
+        width = max([1] + [len(r[f]) for r in rows])
+        assert got[f].dtype == torch.long and got[f].tolist() == [r[f] + [PAD] * (width - len(r[f])) for r in rows]

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn, Tensor
 from ..config import Config
-from ..vocab import PAD, UNK, Vocab, collate_json
+from ..vocab import PAD, UNK, Vocab
 
 log = logging.getLogger(__name__)
 
@@ -118,8 +118,8 @@ def encode_json(items: list[dict],  # item JSONs, e.g. {"category": "블라우�
     try:
         out = [torch.empty(0, encoder.output_dim, device=device)]
         for i in range(0, len(items), batch_size):
-            enc = [vocab.encode(it) for it in items[i:i + batch_size]]
-            batch = {f: ids.to(device) for f, ids in collate_json(enc, encoder.field_names).items()}  # {f: (b, L_f)}
+            ids = vocab.encode_batch(items[i:i + batch_size])
+            batch = {f: ids[f].to(device) for f in encoder.field_names}  # {f: (b, L_f)}
             out.append(encoder(batch))
         return torch.cat(out)  # (N, output_dim)
     finally:
