@@ -16,9 +16,7 @@ W equally fast cores as main + workers / W, scaled by the label count: an estima
 divides perfectly; the measured wall time on this machine is printed beside it.
 After each build the bench times the cyclic garbage collector during a fixed piece of the caller's work (3M small
 lists, 1 in 50 kept): the index's millions of objects are walked by whichever collections come next, so that time is
-the index's cost too, paid outside `build_index`. Then it times what a run does next with the index: the vocabulary
-and both splits' ids (`Vocab.build`, `make_paired`), serial work in the main process of every `train.py` and
-`evaluate`.
+the index's cost too, paid outside `build_index`. A run's whole start-up on existing caches is `bench_startup.py`'s.
 `--before DIR` runs the same measurement with the package in DIR (a checkout's package folder, e.g. the previous
 release's) on the same generated data, in a subprocess, and prints both side by side.
 """
@@ -27,9 +25,6 @@ from pathlib import Path
 
 from fashion_json_encoder.config import Config
 from fashion_json_encoder.dataset import build_index, scan_dataset
-from fashion_json_encoder.vocab import Vocab
-try: from fashion_json_encoder.paired import make_paired
-except ImportError: from fashion_json_encoder.training import make_paired  # an older package
 from fashion_json_encoder.synthetic import make_synthetic_kfashion
 
 RELEASE_LABELS = 967_806 + 120_975  # Training + Validation (docs/kfashion-format.md)
@@ -62,12 +57,8 @@ def measure(root, cache, workers):
     gc_first = gc_after()
     t = time.time(); again = build_index(root, cfg, cache_dir=cache); t_cached = time.time() - t
     gc_cached = gc_after()
-    t = time.time()  # what a run does next with the index: the vocabulary, then each split's ids (prepare_data, evaluation)
-    vocab = Vocab.build([it.json for it in again.items["train"]], list(cfg.fields))
-    for s in ("train", "val"): make_paired(again.items[s], vocab)
-    t_startup = time.time() - t
     assert again.from_cache and not first.from_cache and again.items == first.items
-    return {"first_seconds": t_first, "cached_seconds": t_cached, "gc_first": gc_first, "gc_cached": gc_cached, "startup": t_startup, "scan_seconds": t_scan, "zips": len(zips),
+    return {"first_seconds": t_first, "cached_seconds": t_cached, "gc_first": gc_first, "gc_cached": gc_cached, "scan_seconds": t_scan, "zips": len(zips),
             "scan_labels": len(scan[0]), "scan_images": len(scan[1]), "items": sum(map(len, first.items.values())),
             "main_cpu": c1 - c0, "workers_cpu": (k1.children_user + k1.children_system) - (k0.children_user + k0.children_system),
             "steps": getattr(first, "timings", {}), "cache_mib": sum(p.stat().st_size for p in Path(cache).glob("*.json.gz")) / 2**20}
@@ -87,9 +78,6 @@ def report(tag, f, n, a):
     if "gc_first" in f:
         print(f"[{tag}] the garbage collector afterwards, in the caller's next 3M allocations: {f['gc_first']:.2f}s after the first "
               f"build, {f['gc_cached']:.2f}s after the cached one")
-    if "startup" in f:
-        print(f"[{tag}] then a run's start-up: the vocabulary and both splits' ids (Vocab.build, make_paired): {f['startup']:.2f}s; "
-              f"the release: {f['startup'] * RELEASE_LABELS / n:.0f}s")
     return proj
 
 
@@ -139,12 +127,8 @@ def main(argv=None):
             b, t = before["cached_seconds"] + before["gc_cached"], f["cached_seconds"] + f["gc_cached"]
             print(f"this / before, cached build plus the collector's time after it: {b:.2f}s -> {t:.2f}s ({b / t:.2f}x); "
                   f"the release: {b * RELEASE_LABELS / a.n:.0f}s -> {t * RELEASE_LABELS / a.n:.0f}s")
-        if "startup" in before:
-            print(f"this / before, a run's start-up after the index: {before['startup']:.2f}s -> {f['startup']:.2f}s "
-                  f"({before['startup'] / f['startup']:.2f}x); the release: {before['startup'] * RELEASE_LABELS / a.n:.0f}s -> "
-                  f"{f['startup'] * RELEASE_LABELS / a.n:.0f}s")
     print(f"SUMMARY n={a.n} layout={a.layout} workers={a.workers} cpus={os.cpu_count()} first={f['first_seconds']:.1f}s "
-          f"({a.n / f['first_seconds']:.0f} labels/s) cached={f['cached_seconds']:.2f}s gc_after_cached={f['gc_cached']:.2f}s startup={f['startup']:.2f}s items={f['items']} "
+          f"({a.n / f['first_seconds']:.0f} labels/s) cached={f['cached_seconds']:.2f}s gc_after_cached={f['gc_cached']:.2f}s items={f['items']} "
           f"main_cpu_us_per_label={f['main_cpu'] / a.n * 1e6:.0f} workers_cpu_us_per_label={f['workers_cpu'] / a.n * 1e6:.0f} "
           f"projected_release_s@{a.project_workers}={proj:.0f}")
     if a.json:

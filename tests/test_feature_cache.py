@@ -442,3 +442,35 @@ def test_a_cpu_share_of_a_gpu_decode_build_is_decoded_by_the_workers(tower, tmp_
     with caplog.at_level("WARNING", logger="fashion_json_encoder"):
         alone = _build(items, tower, tmp_path / "w0", cpu_share=0.5, num_workers=0)   # no workers: nothing to run beside the GPU
     assert alone.decode_stats["gpu_decoded"] == 12 and any("needs DataLoader workers" in r.getMessage() for r in caplog.records)
+
+
+@pytest.fixture(scope="module")
+def photo_zip(tmp_path_factory):
+    "A zip holding two members, and a loose JPEG beside it."
+    import zipfile
+    d = tmp_path_factory.mktemp("ids")
+    with zipfile.ZipFile(d / "원천데이터_1.zip", "w") as z:
+        z.writestr("모던/1.jpg", b"\xff\xd8 one"); z.writestr("모던/2.jpg", b"\xff\xd8 two two")
+    (d / "loose.jpg").write_bytes(b"\xff\xd8 loose")
+    return d
+
+
+_crop_value = st.one_of(st.integers(-5, 10**12), st.floats(-1e3, 1e3, allow_nan=False), st.booleans())
+
+
+@given(st.lists(st.tuples(st.text(max_size=12),  # any key: quotes, backslashes, control characters, Hangul, surrogates
+                          st.sampled_from(["원천데이터_1.zip::모던/1.jpg", "원천데이터_1.zip::모던/2.jpg", "loose.jpg",
+                                           "원천데이터_1.zip::모던/9.jpg", "missing.jpg", "없는.zip::a.jpg"]),
+                          st.one_of(st.tuples(*[st.integers(0, 10**6)] * 4), st.tuples(*[_crop_value] * 4))), max_size=12))
+def test_record_ids_are_the_per_item_record_ids(photo_zip, rows):
+    "The split-at-once ids (the record text written directly) are `record_id`'s, byte for byte, for any key and crop."
+    from fashion_json_encoder.models.feature_cache import record_id, record_ids
+    items = []
+    for key, rel, crop in rows:
+        try: items.append(Item(key, str(photo_zip / rel), "상의", (0., 0., 1., 1.), crop, {}, key))
+        except Exception: continue
+    want = []
+    for it in items:
+        try: want.append(record_id(it))
+        except UnicodeEncodeError: return  # a lone surrogate: neither can hash it (json.dumps keeps it, encode() refuses)
+    assert record_ids(items) == want

@@ -11,22 +11,23 @@ from pathlib import Path
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
+from json.encoder import encode_basestring as _json_str  # json.dumps' string text (ensure_ascii=False)
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from ..progress import progress as progress_bar
 from ..config import Config, UserError, atomic_path, atomic_write_text
 from ..checkpoints import first_line, state_digest
 from .image_encoder import CLIPImageEncoder, check_precision
-from ..archives import member_stat
+from ..archives import member_stat, open_archive, split_member
 from ..decode import PhotoDataset, collate_photos, crop_tensor, decode_crops, decode_jpegs, photo_groups, resolve_decode
 from ..distributed import barrier, get_rank, get_world_size, main_first
 
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'CACHE_VERSION', 'HOST_BUDGET', 'cache_key', 'cache_path', 'record_id', 'plan_photo_chunks', 'chunk_digest',
-           'write_chunk', 'load_chunk', 'read_chunks', 'FeatureCache', 'host_memory_available', 'is_mapped',
-           'feature_buffer', 'compact_rows', 'build_feature_cache', 'cache_contents']
+__all__ = ['log', 'CACHE_VERSION', 'HOST_BUDGET', 'cache_key', 'cache_path', 'record_id', 'record_ids', 'plan_photo_chunks',
+           'chunk_digest', 'write_chunk', 'load_chunk', 'read_chunks', 'FeatureCache', 'host_memory_available',
+           'is_mapped', 'feature_buffer', 'compact_rows', 'build_feature_cache', 'cache_contents']
 
 # %% ../../nbs/03a_feature_cache.ipynb #1cb94a9f
 CACHE_VERSION = 2  # bump when the on-disk format or the crops change (2: no black column where a draft-scaled crop met the photo's edge)
@@ -49,6 +50,25 @@ def record_id(item) -> str | None:
     if st is None: return None
     rec = [item.key, list(item.crop), *st]
     return hashlib.blake2b(json.dumps(rec, ensure_ascii=False).encode(), digest_size=12).hexdigest()
+
+def record_ids(items: list) -> list:
+    "`[record_id(it) for it in items]`, with one look at each archive and the record text written directly (the same bytes)."
+    ids, archives = [], {}
+    for it in items:
+        path, key, crop = it.image_path, it.key, it.crop
+        archive, name = split_member(path)
+        try:
+            if name is None: s = os.stat(path); st = (s.st_size, s.st_mtime_ns)
+            else:
+                a = archives.get(archive)
+                if a is None: a = archives[archive] = open_archive(archive)  # its version is checked once per call
+                e = a.entry(name); st = (e.file_size, e.CRC)
+        except (OSError, KeyError): ids.append(None); continue
+        if type(key) is str and len(crop) == 4 and all(type(x) is int for x in crop):  # json.dumps' own text for these types
+            text = f"[{_json_str(key)}, [{crop[0]}, {crop[1]}, {crop[2]}, {crop[3]}], {st[0]}, {st[1]}]"
+            ids.append(hashlib.blake2b(text.encode(), digest_size=12).hexdigest())
+        else: ids.append(record_id(it))
+    return ids
 
 # %% ../../nbs/03a_feature_cache.ipynb #7035f772
 def plan_photo_chunks(sizes: list, chunk_size: int, rank: int = 0, world_size: int = 1) -> list:  # sizes: crops per photo
@@ -377,7 +397,7 @@ def build_feature_cache(items: list,  # `Item`s (key, image_path, crop are read)
     key = cache_key(tower, crop_padding, decode)
     root = cache_path(cache_dir, key); root.mkdir(parents=True, exist_ok=True)
     with main_first(): _write_manifest(root, key)
-    ids, want = [record_id(it) for it in items], {}
+    ids, want = record_ids(items), {}
     for i, r in enumerate(ids):
         if r is not None: want.setdefault(r, []).append(i)   # record id -> its items' rows (one unless an item repeats)
     out = feature_buffer(len(items), tower.output_dim, root, mmap)  # (len(items), D): every row the chunks hold, in item order

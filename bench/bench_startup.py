@@ -1,0 +1,94 @@
+"""A run's start-up once its caches exist: what every `train.py` (and, for one split, `evaluate`) does before the first step.
+
+    python bench/bench_startup.py [--n 20000] [--workers 2] [--dir /tmp/kf_startup] [--repeat 3] [--before DIR] [--keep]
+
+Writes (or reuses) `--n` generated photos as the release's zips (small flat JPEGs: decoding is not what this
+measures), then runs `prepare_data` once to build the index cache and the feature cache (a tiny open_clip tower,
+random weights), and then times `prepare_data` again `--repeat` times, each in a fresh process: the cached
+index load, the garbage collector's walks of its objects, the vocabulary, the feature cache's record ids and
+chunk reads, and both splits' JSON ids. Also the garbage collector's time, and each step's share.
+`--before DIR` runs the same timed calls with the package in DIR (a checkout's package folder, e.g. the previous
+release's) on the same data and caches, interleaved with this one's, and prints the ratio. Figures at the
+release's size (1,088,781 photos) are the measured ones scaled by the photo count: the work is linear in it.
+"""
+import argparse, gc, json, os, subprocess, sys, tempfile, time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+RELEASE_PHOTOS = 1_088_781
+
+
+def one_run(root: str, out: str, workers: int) -> dict:
+    "Seconds of one cached `prepare_data` in this process, with the collector's share and the item counts."
+    import logging
+    logging.basicConfig(level=logging.ERROR)
+    from fashion_json_encoder.config import Config
+    from fashion_json_encoder.prepare import prepare_data
+    from fashion_json_encoder.models.image_encoder import CLIPImageEncoder, tiny_clip_config
+    tower = CLIPImageEncoder(pretrained="none", model_cfg=tiny_clip_config(), seed=0)
+    spent, start = [0.0], [0.0]
+    def clock(phase, info):
+        if phase == "start": start[0] = time.perf_counter()
+        else: spent[0] += time.perf_counter() - start[0]
+    gc.collect(); gc.callbacks.append(clock)
+    t = time.perf_counter()
+    p = prepare_data(Config(num_workers=workers, clip_pretrained="none"), root, out, tower=tower, progress=False)
+    secs = time.perf_counter() - t
+    gc.callbacks.remove(clock)
+    return {"seconds": secs, "gc_seconds": spent[0], "train": len(p.train), "val": len(p.val),
+            "built": p.info["timings"].get("cache_build_seconds", 0.0), "index_seconds": p.info["timings"].get("index_seconds", 0.0)}
+
+
+def in_process(pkg, root, out, workers) -> dict:
+    "`one_run` in a fresh interpreter, with `pkg`'s parent first on the path when given."
+    env = dict(os.environ)
+    if pkg: env["PYTHONPATH"] = os.pathsep.join([str(Path(pkg).resolve().parent)] + env.get("PYTHONPATH", "").split(os.pathsep))
+    code = f"import json, sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import bench_startup as b; " \
+           f"print(json.dumps(b.one_run({root!r}, {out!r}, {workers})))"
+    with tempfile.TemporaryDirectory() as d:
+        r = subprocess.run([sys.executable, "-c", code], env=env, cwd=d, capture_output=True, text=True)
+    if r.returncode: sys.exit(f"run failed:\n{r.stderr[-3000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=20_000, help="photos to generate")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--dir", default="/tmp/kf_startup")
+    ap.add_argument("--repeat", type=int, default=3, help="timed runs of each package (the best is reported)")
+    ap.add_argument("--before", help="also time the package in this folder, interleaved")
+    ap.add_argument("--keep", action="store_true", help="keep the generated data and caches")
+    a = ap.parse_args(argv)
+    from fashion_json_encoder.synthetic import make_synthetic_kfashion
+    root, out = Path(a.dir) / "kfashion", str(Path(a.dir) / "run")
+    made = Path(a.dir) / f"made-{a.n}"
+    if not made.exists():
+        import shutil; shutil.rmtree(a.dir, ignore_errors=True)
+        t = time.time()
+        make_synthetic_kfashion(root, n_photos=a.n, seed=0, image_mode="stub", layout="zips", size=(64, 80))
+        made.touch(); print(f"generated {a.n} photos (release zips) in {time.time() - t:.1f}s")
+    first = in_process(None, str(root), out, a.workers)
+    print(f"caches ready ({first['train']:,} train / {first['val']:,} val crops; that run built features for {first['built']:.1f}s)")
+    sides = {"this": None} | ({"before": a.before} if a.before else {})
+    if a.before: in_process(a.before, str(root), out, a.workers)  # its own index cache, should its key differ
+    runs = {k: [] for k in sides}
+    for _ in range(a.repeat):
+        for k, pkg in sides.items(): runs[k].append(in_process(pkg, str(root), out, a.workers))
+    scale = RELEASE_PHOTOS / a.n
+    for k, rs in runs.items():
+        best = min(rs, key=lambda r: r["seconds"])
+        each = ", ".join(f"{r['seconds']:.2f}" for r in rs)
+        print(f"[{k}] cached start-up (prepare_data): {best['seconds']:.2f}s (runs: {each}); "
+              f"index load {best['index_seconds']:.2f}s; the garbage collector {best['gc_seconds']:.2f}s; "
+              f"the release: {best['seconds'] * scale:.0f}s")
+    if a.before:
+        t, b = (min(r["seconds"] for r in runs[k]) for k in ("this", "before"))
+        print(f"this / before: {b:.2f}s -> {t:.2f}s ({b / t:.2f}x); the release: {b * scale:.0f}s -> {t * scale:.0f}s")
+    t = min(r["seconds"] for r in runs["this"])
+    print(f"SUMMARY n={a.n} crops={first['train'] + first['val']} startup={t:.2f}s release_projection={t * scale:.0f}s")
+    if not a.keep:
+        import shutil; shutil.rmtree(a.dir, ignore_errors=True)
+
+
+if __name__ == "__main__": sys.exit(main())
