@@ -269,9 +269,9 @@ def member_stat(path) -> tuple | None:
 _LABEL_EXT, _IMAGE_EXT = (".json",), (".jpg", ".jpeg")
 
 def walk_files(root, exts: tuple,                 # exts: lower-case name endings to keep, e.g. (".zip",)
-               skipped: Counter | None = None):   # receives broken_link and repeated_folder counts
-    "(relpath, stat) of each file under `root` named *exts, following symlinks; broken links skipped, each folder walked once."
-    root, skipped, broken = str(root), Counter() if skipped is None else skipped, []
+               skipped: Counter | None = None):   # receives broken_link, repeated_folder and undecodable_name counts
+    "(relpath, stat) of each file under `root` named *exts, following symlinks; broken links and names that are not UTF-8 skipped."
+    root, skipped, broken, odd = str(root), Counter() if skipped is None else skipped, [], []
     st = os.stat(root)
     n, seen, stack, links = len(os.path.join(root, "")), {(st.st_dev, st.st_ino)}, [root], []
     while stack or links:
@@ -293,12 +293,26 @@ def walk_files(root, exts: tuple,                 # exts: lower-case name ending
                         else: seen.add((st.st_dev, st.st_ino)); stack.append(e.path)
                     elif e.name.lower().endswith(exts):
                         st = e.stat()
-                        if stat.S_ISREG(st.st_mode): yield e.path[n:].replace(os.sep, "/"), st
+                        if not stat.S_ISREG(st.st_mode): continue
+                        rel = e.path[n:].replace(os.sep, "/")
+                        if not rel.isascii() and not _utf8(rel): odd.append(e.path); continue
+                        yield rel, st
                     elif e.is_symlink() and not os.path.exists(e.path): broken.append(e.path)
                 except OSError: broken.append(e.path)
     if broken:
         skipped["broken_link"] += len(broken)
         log.warning("%s: %d broken symbolic link(s) skipped (missing target or a loop), e.g. %s", root, len(broken), broken[0])
+    if odd:
+        skipped["undecodable_name"] += len(odd)
+        log.warning("%s: %d file(s) skipped whose name is not UTF-8, e.g. %s: CP949 names from a Korean Windows zip unzipped "
+                    "without `unzip -O cp949`; point --dataset_path at the zips as downloaded, or rename them "
+                    "(`convmv -f cp949 -t utf8 -r --notest FOLDER`)", root, len(odd), odd[0].encode("utf-8", "backslashreplace").decode())
+
+def _utf8(s: str) -> bool:
+    "Whether a name from the file system was valid UTF-8 (else it holds the surrogates Python decodes stray bytes to)."
+    try: s.encode("utf-8")
+    except UnicodeEncodeError: return False
+    return True
 
 def find_archives(root, skipped: Counter | None = None) -> list:  # skipped: receives walk_files' counts
     "[(relpath, size, mtime_ns)] of the *.zip files under `root`, sorted."

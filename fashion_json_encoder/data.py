@@ -53,6 +53,7 @@ SKIP_REASONS = {  # reason -> what was skipped (stable names: reports and tests 
     "bad_member": "archive member with a CRC error, an absurd declared size or cut short (photo skipped)",
     "label_too_large": "label file over LABEL_MAX_BYTES (16 MiB; real labels are a few KB) (photo skipped, unread)",
     "broken_link": "symbolic link whose target is missing or loops (skipped; the log names one)",
+    "undecodable_name": "file whose name (or folder's) is not UTF-8: CP949 bytes from a Korean Windows zip unzipped without `-O cp949` (skipped; the log names one)",
     "repeated_folder": "folder reached again through a symbolic link, e.g. a link to an ancestor (not walked twice)",
 }
 

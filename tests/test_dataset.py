@@ -1,5 +1,5 @@
 "Index tests on generated K-Fashion data: every bad-input row, pairing, splits, cache, hostile trees, report."
-import gzip, json, logging, os, shutil, signal, time, unicodedata
+import gzip, json, logging, os, shutil, signal, sys, time, unicodedata
 from dataclasses import replace
 from pathlib import Path
 
@@ -246,6 +246,23 @@ def test_index_objects_start_in_the_oldest_gc_generation(tmp_path, cached):
 
 
 # ---- hostile file trees and labels ---------------------------------------------------------------------------------
+@pytest.mark.skipif(sys.platform in ("darwin", "win32"), reason="names there are always Unicode")
+def test_names_that_are_not_utf8_are_skipped_counted_and_named(tmp_path, caplog):
+    "A Korean Windows zip unzipped on Linux without `-O cp949` leaves CP949 bytes for names: they crashed the index build."
+    root = make_synthetic_kfashion(tmp_path / "kf", n_photos=16, seed=1, image_mode="stub")
+    style = next(p for p in sorted((root / "Training").rglob("*")) if p.is_dir() and any(p.glob("*.json")))
+    files = [p for p in style.iterdir() if p.suffix in (".json", ".jpg")]
+    os.rename(bytes(style), os.path.join(bytes(style.parent), style.name.encode("cp949")))
+    with caplog.at_level(logging.WARNING):
+        idx = build_index(root, CFG, cache_dir=tmp_path / "c")
+    assert idx.skipped["undecodable_name"] == len(files) > 0
+    keys = [it.key for its in idx.items.values() for it in its]
+    assert keys and all(k.encode("utf-8") for k in keys) and style.name not in {k.split("/")[0] for k in keys}
+    line = next(r.getMessage() for r in caplog.records if "not UTF-8" in r.getMessage())
+    assert f"{len(files)} file(s) skipped" in line and "unzip -O cp949" in line and "\n" not in line
+    assert "undecodable_name" in format_report(data_report(idx))
+
+
 def test_symlinks_followed_broken_ones_counted_no_folder_twice(datasets, tmp_path):
     base = build_index(datasets["unzipped"], CFG)
     root = Path(shutil.copytree(datasets["unzipped"], tmp_path / "kf"))
