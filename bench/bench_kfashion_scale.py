@@ -1,7 +1,7 @@
 """Train and evaluate at K-Fashion's real size on generated cached features (issue 11, section 4).
 
 Usage: python bench/bench_kfashion_scale.py [--scale 0.1] [--train 1450000] [--val 180000] [--epochs 2] [--device auto]
-                                            [--cache-rate 31.2] [--index-rate 5751] [--json OUT.json]
+                                            [--cache-rate 31.2] [--index-rate 5751] [--startup-rate 10500] [--json OUT.json]
 
 Items follow K-Fashion-like marginals (21 categories, 23 styles with 1-2 values, 7 fits, 0-3 materials of 28, 0-3
 details of 40, Zipf-skewed, some fields missing), drawn vectorised; each item's "cached tower feature" is a noisy unit
@@ -10,8 +10,10 @@ decoded: this measures everything after the feature cache. The project's real Tr
 epochs and `--epochs` contrastive epochs with per-epoch validation (the config's seeded `val_subset`), then the final
 whole-split evaluation, then a search index over train + val and one query.
 Prints samples/s, seconds per epoch, per-epoch validation seconds, final evaluation seconds, peak host and GPU
-memory, and a projected full run (index + cache build at the given rates + 5 standalone and 95 contrastive epochs +
-final evaluation) for the machine it ran on. With --scale s < 1 the sizes are multiplied by s and the projection
+memory, and a projected full run (index + cache build + the run's start-up at the given rates + 5 standalone and 95
+contrastive epochs + final evaluation) for the machine it ran on. The start-up term (the vocabulary, the feature
+cache's record ids, both splits' ids: serial work of the main process) is `bench_startup.py`'s cached start-up,
+which also loads the index again: a slight over-count. With --scale s < 1 the sizes are multiplied by s and the projection
 scales epoch times by 1/s and the final evaluation by 1/s^2 (it is quadratic in the val size).
 Works against older versions of the package too (keys it lacks are skipped), so one script measures before and after.
 """
@@ -122,6 +124,8 @@ def main(argv=None):
     ap.add_argument("--cache-rate", type=float, default=31.2, help="crops/s of the feature-cache build on this machine "
                     "(bench_decode / bench_cache; default: this README's 2-core bf16 figure)")
     ap.add_argument("--index-rate", type=float, default=5751, help="labels/s of the index build (bench_index)")
+    ap.add_argument("--startup-rate", type=float, default=10_500, help="photos/s of a run's cached start-up: vocabulary, record "
+                    "ids, both splits' ids (bench_startup.py; default: this project's 2-core CPU machine, 2026-11-27)")
     ap.add_argument("--full-epochs", default="5,95", help="standalone,contrastive epochs of the projected full run")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--bare", type=int, default=1, help="also time a bare loop of the same steps (0: skip)")
@@ -197,13 +201,13 @@ def main(argv=None):
     f = 1 / a.scale
     val_full = val_sec if (res.get("validation") or {}).get("per_epoch") == "subset" else val_sec * f * f
     proj_final = (t_final if not math.isnan(t_final) else val_sec) * f * f
-    proj = {"index": FULL_PHOTOS / a.index_rate, "cache build": FULL_CROPS / a.cache_rate,
+    proj = {"index": FULL_PHOTOS / a.index_rate, "cache build": FULL_CROPS / a.cache_rate, "start-up": FULL_PHOTOS / a.startup_rate,
             "standalone epochs": S * ((sec_st if st else sec_co) * f + val_full + other), "contrastive epochs": C * (sec_co * f + val_full + other),
             "final evaluation": proj_final}
     total = sum(proj.values())
     print(f"PROJECTED full run on this machine ({FULL_CROPS:,} crops, {S} + {C} epochs, batch {cfg.batch_size}): {fmt_s(total)} = "
           + " + ".join(f"{k} {fmt_s(v)}" for k, v in proj.items())
-          + f"  [index at {a.index_rate:,.0f} labels/s, cache at {a.cache_rate:,.0f} crops/s, given]")
+          + f"  [index at {a.index_rate:,.0f} labels/s, cache at {a.cache_rate:,.0f} crops/s, start-up at {a.startup_rate:,.0f} photos/s, given]")
     print(f"SUMMARY {dev.type}: {sps:,.0f} samples/s at batch {cfg.batch_size}; validation {100 * val_sec / sec_co:.1f} % of an epoch; "
           f"final eval {t_final:.1f} s for {n_va:,}; projected full run {fmt_s(total)}")
     if a.json:
