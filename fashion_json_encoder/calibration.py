@@ -11,7 +11,7 @@ from .config import atomic_path
 from .checkpoints import encoder_digest, first_line, side_path, state_digest
 from .vocab import Vocab
 from .models.json_encoder import encode_json
-from .evaluation import canonical_json
+from .evaluation import canonical_jsons
 from .querybank import bank_from_counts, calibrate
 
 log = logging.getLogger(__name__)
@@ -31,7 +31,7 @@ def calibrate_checkpoint(checkpoint_path, encoder, vocab: Vocab, train_jsons: li
                          digest: str | None = None) -> dict:  # digest: `encoder_digest(encoder)` when the caller has it
     "Querybank from the training JSONs, β and the prior choice on val; saved as `<checkpoint>.calibration.pt`."
     fields = list(vocab.fields)
-    bank_strings, bank_logw = bank_from_counts(Counter(canonical_json(j, fields) for j in train_jsons))
+    bank_strings, bank_logw = bank_from_counts(Counter(canonical_jsons(train_jsons, fields)))
     bank = encode_json([json.loads(s) for s in bank_strings], vocab, encoder).float().cpu()
     calib = {"bank_strings": bank_strings, "bank_logw": bank_logw, "bank": bank, "encoder": digest or encoder_digest(encoder)}
     calib.update(calibrate(image, text, bank, bank_logw, json_prior(strings, calib)))

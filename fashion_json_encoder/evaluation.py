@@ -8,11 +8,12 @@ import json, math
 import numpy as np
 import torch
 from .progress import progress
-from .vocab import field_values
+from .vocab import _plain, _raw_keys, field_values
+from json.encoder import encode_basestring as _json_str  # json.dumps' string text (ensure_ascii=False)
 
 # %% auto #0
-__all__ = ['canonical_json', 'json_groups', 'retrieval_ranks', 'paired_ranks', 'rank_metrics', 'querybank_biases',
-           'querybank_bias', 'gallery_metrics', 'format_metrics']
+__all__ = ['canonical_json', 'canonical_jsons', 'json_groups', 'retrieval_ranks', 'paired_ranks', 'rank_metrics',
+           'querybank_biases', 'querybank_bias', 'gallery_metrics', 'format_metrics']
 
 # %% ../nbs/06_evaluation.ipynb #8b372c0f
 def canonical_json(item_json: dict, fields=None) -> str:
@@ -20,6 +21,20 @@ def canonical_json(item_json: dict, fields=None) -> str:
     fields = fields or sorted(item_json)
     d = {f: sorted(field_values(item_json, f)) for f in fields}
     return json.dumps({f: v for f, v in sorted(d.items()) if v}, ensure_ascii=False, separators=(",", ":"))
+
+def canonical_jsons(jsons: list, fields: list) -> list:
+    "`[canonical_json(j, fields) for j in jsons]`, each field's distinct raw values normalised and written once."
+    if not fields: return [canonical_json(j) for j in jsons]  # each item's own keys
+    parts = []  # per field: each item's `"field":[values]` text, or "" when the field is empty
+    for f in sorted(fields):
+        try: keys = _raw_keys(jsons, f); memo = dict.fromkeys(keys)
+        except TypeError: keys = memo = None  # an unhashable value: item by item
+        if memo is None or not all(map(_plain, memo)): keys, memo = range(len(jsons)), {i: jsons[i].get(f) for i in range(len(jsons))}
+        else: memo = {k: k for k in memo}
+        head = _json_str(f) + ":["
+        text = {k: (head + ",".join(map(_json_str, vs)) + "]") if (vs := sorted(field_values({f: v}, f))) else "" for k, v in memo.items()}
+        parts.append([text[k] for k in keys])
+    return ["{" + ",".join(p for p in row if p) + "}" for row in zip(*parts)]
 
 def json_groups(strings: list) -> torch.Tensor:
     "(N,) id of each item's distinct JSON string, numbered by first appearance."

@@ -17,7 +17,7 @@ from .data import clip_box, crop_box
 from .search_index import SearchIndex, build_search_index, dataset_fingerprint
 from .models.json_encoder import encode_json
 from .models.image_encoder import make_tower
-from .evaluation import canonical_json
+from .evaluation import canonical_jsons
 from .calibration import calibrate_checkpoint, load_calibration
 from .paired import embed_rows
 from .prepare import prepare_data
@@ -195,7 +195,7 @@ class Searcher:
         if calibration is None and len(prep.val) >= 2:
             vi, vt = F.normalize(prep.val.features.float(), dim=1), embed_rows(self.encoder, prep.val, "cpu")
             calibration = calibrate_checkpoint(self.checkpoint_path, self.encoder, self.vocab, [it.json for it in prep.train.items],
-                                                    vi, vt, [canonical_json(it.json, list(self.vocab.fields)) for it in prep.val.items],
+                                                    vi, vt, canonical_jsons([it.json for it in prep.val.items], list(self.vocab.fields)),
                                                     self.digest)
         data = dataset_fingerprint(self.dataset_path, self.cfg, prep.index.fingerprint)   # the walk `prepare_data` made, not another
         index = build_search_index(prep.train.items + prep.val.items, torch.cat([prep.train.features, prep.val.features]),

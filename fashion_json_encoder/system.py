@@ -13,7 +13,7 @@ from .config import (Config, UserError, atomic_write_text, check_writable, load_
 from .checkpoints import RunDir, claim_run_dir, load_checkpoint, load_encoder, side_path
 from .vocab import Vocab
 from .models.image_encoder import make_tower
-from .evaluation import canonical_json, gallery_metrics, json_groups
+from .evaluation import canonical_jsons, gallery_metrics, json_groups
 from .querybank import crossfit_normalised_metrics, save_embeddings as write_npz
 from .calibration import calibrate_checkpoint, json_prior, load_calibration
 from .paired import embed_rows, with_tower_features
@@ -94,7 +94,7 @@ def evaluate_checkpoint(checkpoint_path, dataset_path=None, split: str = "val", 
     img = F.normalize(data.features.float(), dim=1)
     txt = embed_rows(enc, data, dev)
     jsons, scale = [it.json for it in data.items], float(st["logit_scale"].exp())
-    strings = [canonical_json(j, list(vocab.fields)) for j in jsons]; groups = json_groups(strings)
+    strings = canonical_jsons(jsons, list(vocab.fields)); groups = json_groups(strings)
     # querybank: the beta that `search` deploys is chosen on the whole val split and saved next to the checkpoint; the
     # normalised numbers reported here are a two-fold cross-fit (each half scored by the other half's beta), never in-sample
     img_d, txt_d = img.to(dev), txt.to(dev)   # ranking on the GPU when there is one (same numbers as on the CPU)
