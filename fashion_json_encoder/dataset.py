@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from .config import Config, UserError, KFASHION_GROUPS, atomic_path
-from .archives import MEMBER_SEP, archive_key, scan_archives, walk_files
+from .archives import MEMBER_SEP, _utf8, archive_key, scan_archives, walk_files
 from .data import Item, SKIP_REASONS, _label_file, parse_photo
 from .vocab import Vocab
 from .progress import process_map, progress
@@ -149,7 +149,7 @@ def _parse_all(root, pairs, opts, workers: int, show: bool = False) -> list:  # 
     out = []
     with progress(total=len(pairs), desc="parsing labels", unit="label", enable=show, logger=log, leave=False) as bar:
         def collect(rs): out.extend(rs); bar.update(len(rs))
-        with _gc_paused():  # in this process only (pausing it in the workers too: no gain)
+        with _gc_paused():  # forked workers start with it paused too (parsing makes no cycles)
             for rs in (process_map(_parse_chunk, chunks, workers, "parsing the labels") if pool_ else map(_parse_chunk, chunks)):
                 collect(rs)
     return out
@@ -233,6 +233,9 @@ def _load_index(root: Path, path: Path, fp: str) -> DatasetIndex:
 def _scan(dataset_path, cfg: Config, workers: int) -> tuple:
     "(root, archives, walk skips, labels, images, fingerprint) of a dataset folder: one walk and the content hashes."
     root = Path(dataset_path).expanduser().resolve()
+    if not _utf8(str(root)):
+        raise UserError(f"{str(root).encode('utf-8', 'backslashreplace').decode()}: the dataset path is not UTF-8 (CP949 bytes from "
+                        f"an unzip on Linux?); rename it, e.g. `convmv -f cp949 -t utf8 -r --notest FOLDER`")
     if not root.is_dir():
         raise UserError(f"{root}: dataset path does not exist or is not a folder (expected a K-Fashion folder with label *.json files)")
     archives, walk = [], Counter()

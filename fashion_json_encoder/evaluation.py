@@ -24,9 +24,10 @@ def canonical_json(item_json: dict, fields=None) -> str:
 
 def canonical_jsons(jsons: list, fields: list) -> list:
     "`[canonical_json(j, fields) for j in jsons]`, each field's distinct raw values normalised and written once."
+    jsons = list(jsons)
     if not fields: return [canonical_json(j) for j in jsons]  # each item's own keys
     parts = []  # per field: each item's `"field":[values]` text, or "" when the field is empty
-    for f in sorted(fields):
+    for f in sorted(set(fields)):
         try: keys = _raw_keys(jsons, f); memo = dict.fromkeys(keys)
         except TypeError: keys = memo = None  # an unhashable value: item by item
         if memo is None or not all(map(_plain, memo)): keys, memo = range(len(jsons)), {i: jsons[i].get(f) for i in range(len(jsons))}

@@ -12,9 +12,11 @@ from tqdm.std import tqdm as std_tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 from .config import UserError
 
+log = logging.getLogger(__name__)
+
 
 # %% auto #0
-__all__ = ['progress_mode', 'LogProgress', 'progress', 'progress_logging', 'WorkerDied', 'process_map']
+__all__ = ['log', 'progress_mode', 'LogProgress', 'progress', 'progress_logging', 'WorkerDied', 'process_map']
 
 # %% ../nbs/00a_progress.ipynb #d275c82c
 def _in_notebook() -> bool:
@@ -158,16 +160,34 @@ def _how(codes) -> str:
         return f"{name}, most often the out-of-memory killer" if c == -signal.SIGKILL else name
     return "no exit code"
 
-def process_map(fn, args, workers: int, what: str = "work", chunksize: int = 1):  # what: names the step in the error
+def _run_chunk(fn, chunk: list) -> list: return [fn(a) for a in chunk]
+
+def process_map(fn, args: list, workers: int, what: str = "work", chunksize: int = 1):  # what: names the step in the error
     "Results of `fn` over `args`, in order, from `workers` processes (forked where possible); a worker that dies raises `WorkerDied`."
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-    ex = ProcessPoolExecutor(max(1, min(workers, len(args))), mp_context=ctx)  # args: a list
-    try: yield from ex.map(fn, args, chunksize=chunksize)
-    except BrokenProcessPool:
-        procs = list((getattr(ex, "_processes", None) or {}).values())  # CPython's; only for the words of the error
-        ex.shutdown(wait=True, cancel_futures=True)  # the pool's thread reaps the workers: their exit codes are set after it
+    ex = ProcessPoolExecutor(max(1, min(workers, len(args))), mp_context=ctx)
+    procs, end = [], "stopped"  # stopped: the consumer left early (an error of its own, Ctrl-C)
+    try:
+        fs = [ex.submit(_run_chunk, fn, args[i:i + chunksize]) for i in range(0, len(args), chunksize)]
+        procs = list((getattr(ex, "_processes", None) or {}).values())  # CPython's: for the error's words and the clean-up
+        for f in fs: yield from f.result()  # nothing is cancelled while a broken pool fails its futures (Python 3.11 races there)
+        end = "done"
+    except BrokenProcessPool as e:
+        end = "broken"
+        procs = procs or list((getattr(ex, "_processes", None) or {}).values())  # it broke while tasks were still submitted
+        ex.shutdown(wait=True)  # the pool's thread fails the pending futures, ends the other workers and reaps them all
+        _reap(procs)
         how = _how([p.exitcode for p in procs])
+        if how == "no exit code": log.error("%s: the worker pool broke: %s", what, e.__cause__ or e)
         hint = f"rerun with fewer workers (num_workers, {workers} now) or more memory" if "memory" in how else "see the log above"
         raise WorkerDied(f"{what}: a worker process died ({how}); nothing of this step was kept: {hint}") from None
-    finally: ex.shutdown(wait=True, cancel_futures=True)
+    finally:
+        if end == "stopped": _reap(procs, kill=True)  # as Pool's exit: the workers end now (the pool then breaks, unread)
+        if end != "broken": ex.shutdown(wait=True)
+
+def _reap(procs: list, kill: bool = False):
+    "Wait for the workers; end any still running (`kill`: all of them), should the pool's own thread have failed to."
+    for p in procs:
+        if kill or p.is_alive(): p.kill()
+        p.join()
 

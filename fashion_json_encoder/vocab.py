@@ -162,7 +162,7 @@ def collate_json(encoded: list, field_names) -> dict:
 @patch
 def encode_batch(self: Vocab, jsons: list) -> dict:
     "`collate_json([self.encode(j) for j in jsons], fields)`, encoding each field's distinct raw values once."
-    out = {}
+    jsons, out = list(jsons), {}
     for f, stoi in self.stoi.items():
         try: keys = _raw_keys(jsons, f); raw = Counter(keys)
         except TypeError: raw = None  # an unhashable value: item by item

@@ -261,6 +261,10 @@ def test_names_that_are_not_utf8_are_skipped_counted_and_named(tmp_path, caplog)
     line = next(r.getMessage() for r in caplog.records if "not UTF-8" in r.getMessage())
     assert f"{len(files)} file(s) skipped" in line and "unzip -O cp949" in line and "\n" not in line
     assert "undecodable_name" in format_report(data_report(idx))
+    odd = Path(os.fsdecode(os.path.join(bytes(tmp_path), "데이터".encode("cp949"))))  # the dataset folder itself
+    os.rename(bytes(root), bytes(odd))
+    with pytest.raises(UserError, match=r"the dataset path is not UTF-8 .*convmv") as e: build_index(odd, CFG, cache_dir=tmp_path / "c")
+    str(e.value).encode("utf-8")  # printable as it is
 
 
 def test_symlinks_followed_broken_ones_counted_no_folder_twice(datasets, tmp_path):

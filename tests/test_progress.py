@@ -131,3 +131,30 @@ def test_epoch_style_progress_logs_only_long_stretches(log, caplog):
     assert _msgs(caplog) == []
     for _ in progress(range(100), desc="epoch 2", logger=log, mode="log", clock=clock, every_pct=None, closing=False): clock.t += 1.0
     assert [m.split(":")[0] for m in _msgs(caplog)] == ["epoch 2"] * 3
+
+
+_KILLED_MANY = """
+import multiprocessing as mp, os, signal, sys
+from fashion_json_encoder.progress import process_map, WorkerDied
+def work(x):
+    if x == int(sys.argv[1]): os.kill(os.getpid(), signal.SIGKILL)
+    return x
+if __name__ == "__main__":
+    for _ in range(5):
+        try: list(process_map(work, list(range(2000)), 2, "step")); print("no error")
+        except WorkerDied as e: print(e)
+        assert not mp.active_children(), "a worker outlived the pool"
+        left = iter(process_map(abs, list(range(-500, 500)), 2, "early")); next(left); left.close()  # a consumer that leaves early
+        assert not mp.active_children(), "a worker outlived an early stop"
+"""
+
+
+@pytest.mark.parametrize("at", [5, 1500])  # while tasks are still submitted; long after
+def test_a_worker_killed_among_many_tasks_ends_the_step_and_the_process(tmp_path, at):
+    "With hundreds of pending tasks, Python 3.11's pool raced its own clean-up: the process hung at exit with a worker alive."
+    import subprocess, sys
+    script = tmp_path / "killed.py"; script.write_text(_KILLED_MANY)
+    r = subprocess.run([sys.executable, str(script), str(at)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.splitlines() == ["step: a worker process died (SIGKILL, most often the out-of-memory killer); nothing of this step "
+                                     "was kept: rerun with fewer workers (num_workers, 2 now) or more memory"] * 5, r.stdout
