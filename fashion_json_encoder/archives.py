@@ -256,12 +256,17 @@ def read_bytes(path, max_bytes: int = IMAGE_MAX_BYTES) -> bytes:
     try: return open_archive(archive).read(name, max_bytes)
     except KeyError: raise FileNotFoundError(f"{path}: no such member") from None
 
-def member_stat(path) -> tuple | None:
+def member_stat(path,
+                opened: dict | None = None) -> tuple | None:  # opened: archive path -> Archive, for one pass over many members
     "(size, CRC-32) of a member path, (size, mtime_ns) of a file; None if it is missing or its archive is unreadable."
     archive, name = split_member(path)
     try:
         if name is None: st = os.stat(path); return st.st_size, st.st_mtime_ns
-        e = open_archive(archive).entry(name)
+        a = None if opened is None else opened.get(archive)
+        if a is None:
+            a = open_archive(archive)  # a `stat` checks its version: with `opened`, once per pass
+            if opened is not None: opened[archive] = a
+        e = a.entry(name)
     except (OSError, KeyError): return None
     return e.file_size, e.CRC
 

@@ -8,7 +8,7 @@ import json, math
 import numpy as np
 import torch
 from .progress import progress
-from .vocab import _plain, _raw_keys, field_values
+from .vocab import _values_by_key, field_values
 from json.encoder import encode_basestring as _json_str  # json.dumps' string text (ensure_ascii=False)
 
 # %% auto #0
@@ -28,12 +28,9 @@ def canonical_jsons(jsons: list, fields: list) -> list:
     if not fields: return [canonical_json(j) for j in jsons]  # each item's own keys
     parts = []  # per field: each item's `"field":[values]` text, or "" when the field is empty
     for f in sorted(set(fields)):
-        try: keys = _raw_keys(jsons, f); memo = dict.fromkeys(keys)
-        except TypeError: keys = memo = None  # an unhashable value: item by item
-        if memo is None or not all(map(_plain, memo)): keys, memo = range(len(jsons)), {i: jsons[i].get(f) for i in range(len(jsons))}
-        else: memo = {k: k for k in memo}
+        keys, vals = _values_by_key(jsons, f)
         head = _json_str(f) + ":["
-        text = {k: (head + ",".join(map(_json_str, vs)) + "]") if (vs := sorted(field_values({f: v}, f))) else "" for k, v in memo.items()}
+        text = {k: head + ",".join(map(_json_str, sorted(vs))) + "]" if vs else "" for k, vs in vals.items()}
         parts.append([text[k] for k in keys])
     return ["{" + ",".join(p for p in row if p) + "}" for row in zip(*parts)]
 

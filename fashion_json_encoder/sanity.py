@@ -10,7 +10,6 @@ from pathlib import Path
 import torch
 from .config import Config, update_config
 from .checkpoints import state_digest
-
 from .synthetic import make_synthetic_kfashion
 from .paired import crop_batches, embed_rows
 from .training import Trainer

@@ -67,13 +67,18 @@ def field_values(item_json: dict, field: str) -> list:
     out = [normalise_value(x) for x in vals if x is not None and str(x).strip()]
     return list(dict.fromkeys(out))
 
-def _raw_keys(jsons: list, field: str) -> list:
-    "Each item's raw value of `field` as a hashable key (a list becomes a tuple); raises TypeError for an unhashable value."
-    return [tuple(v) if type(v) is list else v for v in (j.get(field) for j in jsons)]
-
 def _plain(key) -> bool:
     "Whether equal keys mean equal values here: None, str, a tuple of str (1 == True == 1.0 would merge distinct values)."
     return key is None or type(key) is str or (type(key) is tuple and all(type(x) is str for x in key))
+
+def _values_by_key(jsons: list, field: str) -> tuple:
+    "(each item's key, {key: `field_values` of it}): equal raw values of `field` share a key, normalised once."
+    try:
+        keys = [tuple(v) if type(v) is list else v for v in (j.get(field) for j in jsons)]  # a list becomes a tuple
+        distinct = dict.fromkeys(keys)
+    except TypeError: distinct = None  # an unhashable value (a dict in a list ...)
+    if distinct is not None and all(map(_plain, distinct)): return keys, {k: field_values({field: k}, field) for k in distinct}
+    return range(len(jsons)), {i: field_values(j, field) for i, j in enumerate(jsons)}  # item by item
 
 # %% ../nbs/01b_vocab.ipynb #dc115be8
 PAD, UNK = 0, 1  # reserved ids in every field vocabulary
@@ -91,13 +96,9 @@ class Vocab:
         "Vocabulary of every field in `field_names` from training item JSONs."
         jsons, counts = list(jsons), {f: Counter() for f in field_names}
         for f, c in counts.items():  # each distinct raw value is normalised once, counted as often as it occurs
-            try: raw = Counter(_raw_keys(jsons, f))
-            except TypeError: raw = None  # an unhashable value (a dict in a list ...): item by item
-            if raw is not None and all(map(_plain, raw)):
-                for k, m in raw.items():
-                    for x in field_values({f: k}, f): c[x] += m
-            else:
-                for j in jsons: c.update(field_values(j, f))
+            keys, vals = _values_by_key(jsons, f)
+            for k, m in Counter(keys).items():
+                for x in vals[k]: c[x] += m
         return cls({f: sorted(c, key=lambda v: (-c[v], v)) for f, c in counts.items()})
 
     @property
@@ -164,12 +165,7 @@ def encode_batch(self: Vocab, jsons: list) -> dict:
     "`collate_json([self.encode(j) for j in jsons], fields)`, encoding each field's distinct raw values once."
     jsons, out = list(jsons), {}
     for f, stoi in self.stoi.items():
-        try: keys = _raw_keys(jsons, f); raw = Counter(keys)
-        except TypeError: raw = None  # an unhashable value: item by item
-        if raw is None or not all(map(_plain, raw)):
-            keys, raw = list(range(len(jsons))), Counter(range(len(jsons)))
-            vals = {i: field_values(j, f) for i, j in enumerate(jsons)}
-        else: vals = {k: field_values({f: k}, f) for k in raw}
+        keys, vals = _values_by_key(jsons, f); raw = Counter(keys)
         ids = {k: [stoi.get(x, UNK) for x in vs] for k, vs in vals.items()}
         for k, vs in vals.items():  # unseen values are counted once per item, as `encode` counts them
             for x in vs:

@@ -18,7 +18,7 @@ from ..progress import progress as progress_bar
 from ..config import Config, UserError, atomic_path, atomic_write_text
 from ..checkpoints import first_line, state_digest
 from .image_encoder import CLIPImageEncoder, check_precision
-from ..archives import member_stat, open_archive, split_member
+from ..archives import member_stat
 from ..decode import PhotoDataset, collate_photos, crop_tensor, decode_crops, decode_jpegs, photo_groups, resolve_decode
 from ..distributed import barrier, get_rank, get_world_size, main_first
 
@@ -53,21 +53,15 @@ def record_id(item) -> str | None:
 
 def record_ids(items: list) -> list:
     "`[record_id(it) for it in items]`, with one look at each archive and the record text written directly (the same bytes)."
-    ids, archives = [], {}
+    ids, opened = [], {}
     for it in items:
-        path, key, crop = it.image_path, it.key, it.crop
-        archive, name = split_member(path)
-        try:
-            if name is None: s = os.stat(path); st = (s.st_size, s.st_mtime_ns)
-            else:
-                a = archives.get(archive)
-                if a is None: a = archives[archive] = open_archive(archive)  # its version is checked once per call
-                e = a.entry(name); st = (e.file_size, e.CRC)
-        except (OSError, KeyError): ids.append(None); continue
+        st = member_stat(it.image_path, opened)
+        if st is None: ids.append(None); continue
+        key, crop = it.key, it.crop
         if type(key) is str and len(crop) == 4 and all(type(x) is int for x in crop):  # json.dumps' own text for these types
             text = f"[{_json_str(key)}, [{crop[0]}, {crop[1]}, {crop[2]}, {crop[3]}], {st[0]}, {st[1]}]"
-            ids.append(hashlib.blake2b(text.encode(), digest_size=12).hexdigest())
-        else: ids.append(record_id(it))
+        else: text = json.dumps([key, list(crop), *st], ensure_ascii=False)
+        ids.append(hashlib.blake2b(text.encode(), digest_size=12).hexdigest())
     return ids
 
 # %% ../../nbs/03a_feature_cache.ipynb #7035f772

@@ -119,7 +119,8 @@ def encode_json(items: list[dict],  # item JSONs, e.g. {"category": "블라우�
         out = [torch.empty(0, encoder.output_dim, device=device)]
         for i in range(0, len(items), batch_size):
             chunk = items[i:i + batch_size]; ids = vocab.encode_batch(chunk)
-            batch = {f: ids.get(f, torch.zeros(len(chunk), 1, dtype=torch.long)).to(device) for f in encoder.field_names}  # {f: (b, L_f)}, PAD where the vocab lacks f
+            batch = {f: (ids[f] if f in ids else torch.zeros(len(chunk), 1, dtype=torch.long)).to(device)  # {f: (b, L_f)}
+                     for f in encoder.field_names}  # a field the vocabulary lacks: PAD
             out.append(encoder(batch))
         return torch.cat(out)  # (N, output_dim)
     finally:
