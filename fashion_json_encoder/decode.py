@@ -4,7 +4,8 @@
 
 # %% ../nbs/01d_decode.ipynb #5a250212
 from __future__ import annotations
-import io, logging, math, re
+import gc, io, logging, math, re
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -14,8 +15,8 @@ from .data import DECODE_ERRORS, scaled_box
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'photo_groups', 'decode_crops', 'gpu_refusal', 'on_cpu_share', 'PhotoDataset', 'collate_photos', 'draft_scales',
-           'crop_tensor', 'decode_jpegs', 'gpu_transform_ok', 'resolve_decode']
+__all__ = ['log', 'photo_groups', 'decode_crops', 'gpu_refusal', 'on_cpu_share', 'freeze_inherited', 'PhotoDataset',
+           'collate_photos', 'draft_scales', 'crop_tensor', 'decode_jpegs', 'gpu_transform_ok', 'resolve_decode']
 
 # %% ../nbs/01d_decode.ipynb #aef92ea8
 def photo_groups(rows: list, items: list) -> list:
@@ -69,6 +70,10 @@ def on_cpu_share(p: int, share: float) -> bool:
     "Whether photo `p` is one of the `share` of photos decoded on the CPU: a golden-ratio sequence, even over any stretch."
     return share > 0 and ((p + 1) * 0.6180339887498949) % 1.0 < share
 
+def freeze_inherited(worker_id: int | None = None):
+    "A forked DataLoader worker's `worker_init_fn`: the objects it inherits are never walked by its garbage collector."
+    gc.freeze()  # a full collection writes every object's header: the worker would copy the parent's whole heap
+
 class PhotoDataset(torch.utils.data.Dataset):
     "Photo p -> every crop of it: pixel tensors (mode 'cpu') or the JPEG bytes for `decode_jpegs` (mode 'gpu')."
     def __init__(self, items, groups,                # groups: lists of indices into `items`, one per photo
@@ -77,27 +82,39 @@ class PhotoDataset(torch.utils.data.Dataset):
                  cpu_share: float = 0.0):            # mode 'gpu': this share of the photos is decoded here, on the CPU
         assert mode in ("cpu", "gpu"), f"mode must be cpu or gpu, got {mode!r}"
         assert 0 <= cpu_share <= 1, f"cpu_share must be a share between 0 and 1, got {cpu_share!r}"
-        self.items, self.groups, self.transform, self.min_side, self.mode, self.load_fn = items, groups, transform, min_side, mode, load_fn
-        self.cpu_share = cpu_share
-    def __len__(self): return len(self.groups)
+        self.transform, self.min_side, self.mode, self.load_fn, self.cpu_share = transform, min_side, mode, load_fn, cpu_share
+        # A worker reads flat arrays, not the items: reading a Python object in a forked worker writes its page (the
+        # reference count), so looking items up would copy the index into every worker, page by page.
+        self.items = items if load_fn else None  # load_fn takes items
+        self._starts = np.cumsum([0] + [len(g) for g in groups])  # photo p's crops: rows _starts[p]:_starts[p + 1]
+        self._rows = np.fromiter((r for g in groups for r in g), dtype=np.int64, count=int(self._starts[-1]))
+        paths = [items[g[0]].image_path.encode("utf-8", "surrogateescape") for g in groups]
+        self._path_ends, self._paths = np.cumsum([0] + [len(s) for s in paths]), b"".join(paths)
+        crops = [items[r].crop for g in groups for r in g]
+        if all(len(c) == 4 and all(type(v) is int for v in c) for c in crops): self._crops = np.array(crops, dtype=np.int64).reshape(-1, 4)
+        else:  # not four integers (a float box): the crops as given
+            self._crops = np.empty(len(crops), dtype=object)
+            for j, c in enumerate(crops): self._crops[j] = c
+    def __len__(self): return len(self._starts) - 1
+    def path(self, p: int) -> str: return self._paths[self._path_ends[p]:self._path_ends[p + 1]].decode("utf-8", "surrogateescape")
     def __getitem__(self, p) -> dict:
-        rows = self.groups[p]
+        s, e = self._starts[p], self._starts[p + 1]
+        rows, path = self._rows[s:e].tolist(), self.path(p)
         out = {"rows": [], "pixels": [], "jpeg": None, "gpu_rows": [], "crops": [], "scales": [], "bad": [], "decodes": 0,
                "fallback": None, "shared": False}
         try:
             if self.load_fn: ims, n = [self.load_fn(self.items[r], self.min_side) for r in rows], len(rows)
             else:
-                data = read_bytes(self.items[rows[0]].image_path, IMAGE_MAX_BYTES)
+                data, crops = read_bytes(path, IMAGE_MAX_BYTES), [tuple(c) for c in self._crops[s:e].tolist()]
                 if self.mode == "gpu" and on_cpu_share(p, self.cpu_share): out["shared"] = True
                 elif self.mode == "gpu" and not (why := gpu_refusal(data)):
-                    crops = [self.items[r].crop for r in rows]
-                    out.update(jpeg=torch.frombuffer(bytearray(data), dtype=torch.uint8), gpu_rows=list(rows), crops=crops,
+                    out.update(jpeg=torch.frombuffer(bytearray(data), dtype=torch.uint8), gpu_rows=rows, crops=crops,
                                scales=draft_scales(data, crops, self.min_side))
                     return out
                 if self.mode == "gpu" and not out["shared"]: out["fallback"] = why
-                ims, n = decode_crops(data, [self.items[r].crop for r in rows], self.min_side)
-            out.update(rows=list(rows), pixels=[self.transform(im) if self.transform else im for im in ims], decodes=n)
-        except DECODE_ERRORS as e: out["bad"] = [(r, *_reason(e, self.items[rows[0]].image_path)) for r in rows]  # a broken photo skips all its crops
+                ims, n = decode_crops(data, crops, self.min_side)
+            out.update(rows=rows, pixels=[self.transform(im) if self.transform else im for im in ims], decodes=n)
+        except DECODE_ERRORS as e: out["bad"] = [(r, *_reason(e, path)) for r in rows]  # a broken photo skips all its crops
         return out
 
 def collate_photos(batch: list) -> dict:

@@ -144,3 +144,51 @@ def test_the_cpu_share_is_even_over_any_stretch_of_photos(share, start, n):
     got = sum(on_cpu_share(p, share) for p in range(start, start + n))
     assert abs(got - share * n) <= 4
     assert not any(on_cpu_share(p, 0.0) for p in range(start, start + 50)) and all(on_cpu_share(p, 1.0) for p in range(start, start + 50))
+
+
+class _Unpicklable(Item):
+    "An item a DataLoader worker must never receive (nor read: reading a Python object in a fork writes its page)."
+    def __reduce__(self): raise AssertionError("an item went to a worker")
+
+
+_crop = st.one_of(st.tuples(*[st.integers(0, 2000)] * 4), st.tuples(*[st.floats(0, 2000, allow_nan=False)] * 4))
+_name = st.text(st.characters(codec="utf-8", exclude_characters="\0/"), min_size=1, max_size=12) | st.sampled_from(["원천데이터_1.zip::레트로/1.jpg", "a\udcc0b.jpg"])
+
+
+@settings(max_examples=60, deadline=None)
+@given(photos=st.lists(st.tuples(_name, st.lists(_crop, min_size=1, max_size=3)), max_size=8), cpu_share=st.sampled_from([0.0, 1.0]))
+def test_photo_dataset_gives_each_photos_path_rows_and_crops_without_holding_items(photos, cpu_share):
+    from fashion_json_encoder.decode import PhotoDataset
+    import pickle
+    items, groups = [], []
+    for j, (name, crops) in enumerate(photos):
+        groups.append([])
+        for c in crops:
+            groups[-1].append(len(items)); items.append(_Unpicklable(f"k{len(items)}", f"/nowhere/{j}/{name}", "상의", c, c, {}, "l"))
+    ds = PhotoDataset(items, groups, None, 224, mode="gpu", cpu_share=cpu_share)
+    ds = pickle.loads(pickle.dumps(ds))   # what a spawned worker gets: no item in it
+    assert len(ds) == len(groups)
+    for p, g in enumerate(groups):
+        assert ds.path(p) == items[g[0]].image_path
+        out = ds[p]   # no such file: every crop of the photo is skipped with the photo's path in the message
+        assert [b[0] for b in out["bad"]] == g and all(items[g[0]].image_path in b[2] for b in out["bad"])
+        s, e = ds._starts[p], ds._starts[p + 1]
+        assert [tuple(c) for c in ds._crops[s:e].tolist()] == [items[r].crop for r in g]
+        assert all(type(v) is type(w) for r, c in zip(g, ds._crops[s:e].tolist()) for v, w in zip(c, items[r].crop))
+
+
+def test_gpu_mode_serves_the_items_crops_and_a_worker_freezes_what_it_inherits(photo):
+    import gc
+    from fashion_json_encoder.decode import PhotoDataset, collate_photos, freeze_inherited
+    crops = [(0, 0, 400, 520), (100, 200, 500, 700), (7, 9, 799, 1039)]
+    items = [_Unpicklable(f"k{j}", str(photo), "상의", c, c, {}, "l") for j, c in enumerate(crops)]
+    ds = PhotoDataset(items, [[0, 2], [1]], None, 224, mode="gpu")
+    out = [ds[0], ds[1]]
+    assert [o["gpu_rows"] for o in out] == [[0, 2], [1]] and [o["crops"] for o in out] == [[crops[0], crops[2]], [crops[1]]]
+    assert out[0]["scales"] == draft_scales(photo.read_bytes(), [crops[0], crops[2]], 224)
+
+    class Frozen(torch.utils.data.Dataset):
+        def __len__(self): return 2
+        def __getitem__(self, i): return gc.get_freeze_count()
+    dl = torch.utils.data.DataLoader(Frozen(), batch_size=None, num_workers=1, worker_init_fn=freeze_inherited)
+    assert all(n > 1000 for n in dl)   # the worker's inherited objects: frozen, never walked by its collector

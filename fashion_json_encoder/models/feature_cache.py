@@ -19,7 +19,7 @@ from ..config import Config, UserError, atomic_path, atomic_write_text
 from ..checkpoints import first_line, state_digest
 from .image_encoder import CLIPImageEncoder, check_precision
 from ..archives import member_stat
-from ..decode import PhotoDataset, collate_photos, crop_tensor, decode_crops, decode_jpegs, photo_groups, resolve_decode
+from ..decode import PhotoDataset, collate_photos, crop_tensor, freeze_inherited, decode_crops, decode_jpegs, photo_groups, resolve_decode
 from ..distributed import barrier, get_rank, get_world_size, main_first
 
 log = logging.getLogger(__name__)
@@ -308,7 +308,8 @@ def _encode_missing(items, ids, todo, tower, root, batch_size, num_workers, prog
     if not batches: return
     ds = PhotoDataset(sub, groups, tower.preprocess, tower.image_size, decode, load_fn, cpu_share=cpu_share)
     dl = DataLoader(ds, batch_sampler=batches, num_workers=num_workers, collate_fn=collate_photos,
-                    pin_memory=tower.device.type == "cuda", prefetch_factor=4 if num_workers else None)
+                    pin_memory=tower.device.type == "cuda", prefetch_factor=4 if num_workers else None,
+                    worker_init_fn=freeze_inherited)  # workers read arrays, not the index (`PhotoDataset`), and never walk it
     sizes = [sum(len(groups[p]) for p in c) for c in chunks]
     bar = progress_bar(total=sum(sizes), unit="img", desc="CLIP features", enable=progress, logger=log)  # a bar, or log lines
     checked, ci, done, got_ids, got, skipped = tower.precision == "fp32", 0, 0, [], [], {}
