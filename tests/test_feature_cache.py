@@ -474,3 +474,23 @@ def test_record_ids_are_the_per_item_record_ids(photo_zip, rows):
         try: want.append(record_id(it))
         except UnicodeEncodeError: return  # a lone surrogate: neither can hash it (json.dumps keeps it, encode() refuses)
     assert record_ids(items) == want
+
+
+def test_a_cached_build_keeps_no_tracked_object_per_record(tower, tmp_path, monkeypatch):
+    "At the release's size a million live lists or (Path, row) tuples set off the collector's full walks of the whole index."
+    import gc
+    from fashion_json_encoder.models import feature_cache as fcm
+    photos = _jpegs(tmp_path / "img", 4)
+    items = [_item(f"k{i}", photos[i % 4].image_path, (i % 7, i % 5, 60 + i % 11, 80 + i % 13)) for i in range(1500)]   # 1,500 records
+    first = _build(items, tower, tmp_path / "c", batch_size=256, chunk_size=512)
+    rows, _ = read_chunks(first.path)
+    gc.collect()
+    assert len(rows) == 1500 and not any(gc.is_tracked(v) for v in rows.values())
+    live, real = [], fcm.compact_rows
+    def probe(out, keep):  # called while the build's per-record tables are alive
+        gc.collect(); live.append(len(gc.get_objects())); return real(out, keep)
+    monkeypatch.setattr(fcm, "compact_rows", probe)
+    gc.collect(); before = len(gc.get_objects())
+    fc = _build(items, tower, tmp_path / "c", batch_size=256, chunk_size=512)
+    assert fc.n_computed == 0 and torch.equal(fc.features, first.features)
+    assert live[0] - before < 150, f"{live[0] - before} tracked objects alive for 1,500 records"

@@ -109,7 +109,7 @@ _DAMAGED = (ValueError, KeyError, TypeError, RuntimeError, SafetensorError)  # a
 def read_chunks(root: Path, verified: dict | None = None,  # verified: {path: ((size, mtime_ns), ids, skipped)} of the chunks this build read or wrote; updated here
                 upgrade: bool = False,  # upgrade: rewrite a chunk written before checksums with one
                 sink=None) -> tuple:  # sink(ids, features): given each chunk read here, once it passed `load_chunk`; nothing is kept
-    "Index of the chunks in `root` that pass `load_chunk`: ({record id: (chunk path, row)}, {record id: [item key, reason, detail]})."
+    "Index of the chunks in `root` that pass `load_chunk`: ({record id: (chunk path as str, row)}, {record id: [item key, reason, detail]})."
     rows, skipped, verified = {}, {}, {} if verified is None else verified
     for f in sorted(Path(root).glob("chunk_*.safetensors")):
         sig = feats = None
@@ -138,7 +138,8 @@ def read_chunks(root: Path, verified: dict | None = None,  # verified: {path: ((
         if feats is not None:  # read and verified just now; outside the `try`: an error in the sink is not the chunk's fault
             if sink is not None: sink(ids, feats)
             verified[f] = (sig, ids, sk)
-        rows.update({r: (f, i) for i, r in enumerate(ids)}); skipped.update(sk)
+        fs = str(f)  # (str, int) tuples are untracked by the collector: a million live ones would set off its full walks
+        rows.update({r: (fs, i) for i, r in enumerate(ids)}); skipped.update(sk)
     return rows, skipped
 
 # %% ../../nbs/03a_feature_cache.ipynb #7153d1f5
@@ -392,15 +393,17 @@ def build_feature_cache(items: list,  # `Item`s (key, image_path, crop are read)
     key = cache_key(tower, crop_padding, decode)
     root = cache_path(cache_dir, key); root.mkdir(parents=True, exist_ok=True)
     with main_first(): _write_manifest(root, key)
-    ids, want = record_ids(items), {}
-    for i, r in enumerate(ids):
-        if r is not None: want.setdefault(r, []).append(i)   # record id -> its items' rows (one unless an item repeats)
+    ids, want, again = record_ids(items), {}, {}   # record id -> its item's row; -> the rows of its repeats (an item listed twice)
+    for i, r in enumerate(ids):  # ints, not a list per record: a million live lists would set off the collector's full walks
+        if r is None: continue
+        if r in want: again.setdefault(r, []).append(i)
+        else: want[r] = i
     out = feature_buffer(len(items), tower.output_dim, root, mmap)  # (len(items), D): every row the chunks hold, in item order
     filled = torch.zeros(len(items), dtype=torch.bool)
 
     def sink(got, feats):  # a verified (or just written) chunk: its rows go straight to their items' rows
         last = {r: j for j, r in enumerate(got) if r in want}   # a record twice in one chunk (a repeated item): its last row
-        pairs = [(j, i) for r, j in last.items() for i in want[r]]
+        pairs = [(j, want[r]) for r, j in last.items()] + ([(j, i) for r, j in last.items() for i in again.get(r, ())] if again else [])
         if not pairs: return
         src, dst = torch.tensor(pairs).T
         out[dst] = feats[src]; filled[dst] = True
