@@ -494,3 +494,25 @@ def test_a_cached_build_keeps_no_tracked_object_per_record(tower, tmp_path, monk
     fc = _build(items, tower, tmp_path / "c", batch_size=256, chunk_size=512)
     assert fc.n_computed == 0 and torch.equal(fc.features, first.features)
     assert live[0] - before < 150, f"{live[0] - before} tracked objects alive for 1,500 records"
+
+
+def test_a_split_reads_only_its_own_chunks_of_the_shared_folder(items, tower, tmp_path, monkeypatch, caplog):
+    "Train and val share the cache folder; each split's build reads (and verifies) its own chunks, not the other's."
+    from fashion_json_encoder.models import feature_cache as fcm
+    train, val = items[:8], items[8:]
+    t0, v0 = _build(train, tower, tmp_path / "c", chunk_size=4), _build(val, tower, tmp_path / "c", chunk_size=4)
+    theirs = {f: ids for f, (ids, _, _) in fcm.cache_contents(t0.path).items()}
+    own = {s: {f for f, ids in theirs.items() if set(ids) <= set(fcm.record_ids(part))} for s, part in (("train", train), ("val", val))}
+    assert len(own["train"]) == 2 and len(own["val"]) == 1
+    victim = t0.path / next(iter(own["train"]))   # a damaged train chunk: the val build does not look at it
+    b = bytearray(victim.read_bytes()); b[_data_start(victim) + 101] ^= 0x40; victim.write_bytes(bytes(b))
+    read, real = [], fcm.load_chunk
+    monkeypatch.setattr(fcm, "load_chunk", lambda p: read.append(Path(p).name) or real(p))
+    with caplog.at_level("WARNING", logger="fashion_json_encoder"): v1 = _build(val, tower, tmp_path / "c", chunk_size=4)
+    assert read == sorted(own["val"]) and v1.n_computed == 0 and torch.equal(v1.features, v0.features)
+    assert victim.exists() and not caplog.records
+    read.clear()
+    with caplog.at_level("WARNING", logger="fashion_json_encoder"): t1 = _build(train, tower, tmp_path / "c", chunk_size=4)
+    assert sorted(read) == sorted(own["train"]) and t1.n_computed == 4 and torch.equal(t1.features, t0.features)
+    assert any(victim.name in r.getMessage() and "damaged" in r.getMessage() for r in caplog.records)
+    real(victim)   # written again, whole (same records, same name)

@@ -106,9 +106,18 @@ def _sig(f: Path) -> tuple: st = f.stat(); return st.st_size, st.st_mtime_ns
 
 _DAMAGED = (ValueError, KeyError, TypeError, RuntimeError, SafetensorError)  # a chunk whose contents fail verification raises one of these (JSON errors are ValueErrors)
 
+def _holds_none_of(f: Path, wanted) -> bool:
+    "Whether chunk `f`'s header (its record ids and skipped records) names none of `wanted`; False when the header is unreadable."
+    try:
+        with safe_open(str(f), "pt") as s: meta = s.metadata() or {}
+        ids, skipped = json.loads(meta["ids"]), json.loads(meta["skipped"])
+        return isinstance(ids, list) and isinstance(skipped, dict) and not any(r in wanted for r in ids) and not any(r in wanted for r in skipped)
+    except (*_DAMAGED, OSError): return False  # read in full, and judged, by the caller
+
 def read_chunks(root: Path, verified: dict | None = None,  # verified: {path: ((size, mtime_ns), ids, skipped)} of the chunks this build read or wrote; updated here
                 upgrade: bool = False,  # upgrade: rewrite a chunk written before checksums with one
-                sink=None) -> tuple:  # sink(ids, features): given each chunk read here, once it passed `load_chunk`; nothing is kept
+                sink=None,  # sink(ids, features): given each chunk read here, once it passed `load_chunk`; nothing is kept
+                wanted=None) -> tuple:  # record ids (a set or dict): a chunk whose header names none of them is passed over unread
     "Index of the chunks in `root` that pass `load_chunk`: ({record id: (chunk path as str, row)}, {record id: [item key, reason, detail]})."
     rows, skipped, verified = {}, {}, {} if verified is None else verified
     for f in sorted(Path(root).glob("chunk_*.safetensors")):
@@ -119,6 +128,7 @@ def read_chunks(root: Path, verified: dict | None = None,  # verified: {path: ((
                 if v[1] is None: continue  # could not be read earlier in this build (warned then)
                 ids, sk = v[1], v[2]
             else:
+                if wanted is not None and _holds_none_of(f, wanted): continue  # the other split's chunk (they share the folder)
                 feats, ids, sk, summed = load_chunk(f)  # the one read (and verification) of this chunk in this build
                 if not summed and upgrade:  # same contents under the same name: an atomic replace that adds the checksum
                     try:
@@ -409,7 +419,7 @@ def build_feature_cache(items: list,  # `Item`s (key, image_path, crop are read)
         out[dst] = feats[src]; filled[dst] = True
 
     verified = {}  # chunks this build read (each once) or wrote
-    rows, skipped = read_chunks(root, verified, upgrade=rank == 0, sink=sink)
+    rows, skipped = read_chunks(root, verified, upgrade=rank == 0, sink=sink, wanted=want)
     todo = [i for i, r in enumerate(ids) if r is not None and r not in rows and r not in skipped]
     n_cached = sum(r in rows for r in ids)
     if rank == 0: log.info("feature cache %s: %d of %d crops cached, %d to encode (%s decode)", root, n_cached, len(items), len(todo), decode)
@@ -422,7 +432,7 @@ def build_feature_cache(items: list,  # `Item`s (key, image_path, crop are read)
         _encode_missing(items, ids, todo, tower, root, batch_size, num_workers, progress and rank == 0, chunk_size,
                         load_fn, rank, world_size, decode, per_photo, stats, verified, sink, share)
         barrier()  # the union of the ranks' chunks is the whole cache
-        rows, skipped = read_chunks(root, verified, sink=sink)
+        rows, skipped = read_chunks(root, verified, sink=sink, wanted=want)
         if stats.get("gpu_decode_fallback") or any(k.startswith("gpu_decode_fallback_") for k in stats):
             log.info("GPU decode: %d photos decoded on the CPU instead (%s)", sum(v for k, v in stats.items() if k.startswith("gpu_decode_fallback")),
                      {k: v for k, v in stats.items() if k.startswith("gpu_decode_fallback")})
