@@ -11,8 +11,8 @@ from .config import atomic_path
 from .checkpoints import encoder_digest, first_line, side_path, state_digest
 from .vocab import Vocab
 from .models.json_encoder import encode_json
-from .evaluation import canonical_jsons
-from .querybank import bank_from_counts, calibrate
+from .evaluation import canonical_jsons, querybank_biases
+from .querybank import BETAS, bank_from_counts, calibrate
 
 log = logging.getLogger(__name__)
 
@@ -28,13 +28,16 @@ def json_prior(strings: list, calib: dict) -> torch.Tensor:
 def _calib_digest(c: dict) -> str: return state_digest({k: v for k, v in c.items() if k != "sha256"})
 
 def calibrate_checkpoint(checkpoint_path, encoder, vocab: Vocab, train_jsons: list, image, text, strings: list,
-                         digest: str | None = None) -> dict:  # digest: `encoder_digest(encoder)` when the caller has it
+                         digest: str | None = None,  # digest: `encoder_digest(encoder)` when the caller has it
+                         biases: dict | None = None) -> dict:  # biases: a dict to receive {β: (N,)} querybank biases of `image`, for a caller that scores it again
     "Querybank from the training JSONs, β and the prior choice on val; saved as `<checkpoint>.calibration.pt`."
     fields = list(vocab.fields)
     bank_strings, bank_logw = bank_from_counts(Counter(canonical_jsons(train_jsons, fields)))
     bank = encode_json([json.loads(s) for s in bank_strings], vocab, encoder).float().cpu()
     calib = {"bank_strings": bank_strings, "bank_logw": bank_logw, "bank": bank, "encoder": digest or encoder_digest(encoder)}
-    calib.update(calibrate(image, text, bank, bank_logw, json_prior(strings, calib)))
+    qb = querybank_biases(image, bank, BETAS, bank_logw)   # the products of `image` with the bank: the cost of it all
+    if biases is not None: biases.update(qb)
+    calib.update(calibrate(image, text, bank, bank_logw, json_prior(strings, calib), biases=qb))
     with atomic_path(side_path(checkpoint_path, "calibration")) as tmp: torch.save(calib | {"sha256": _calib_digest(calib)}, tmp)
     log.info("querybank of %d training JSONs: beta %.1f chosen on val, JSON prior %s (val image->json MRR %+.4f)",
              len(bank_strings), calib["beta"], "kept" if calib["use_prior"] else "dropped", calib["prior_gain"])

@@ -56,9 +56,10 @@ def strict_ranks(image: torch.Tensor, text: torch.Tensor,  # (N, D) unit-norm pa
             else: cnt[c0:c0 + c] += _tile_counts(x, None, thr[c0:c0 + c])[1].to(dev)
     return [_last_if_nan(p[4], p[3]) for p in plans]
 
-def calibrate(image, text, bank, bank_logw=None, prior=None, betas=BETAS, chunk=None) -> dict:
+def calibrate(image, text, bank, bank_logw=None, prior=None, betas=BETAS, chunk=None,
+              biases: dict | None = None) -> dict:  # {β: (N,)} `querybank_biases` of `image` for `betas`, when the caller has them
     "β maximising val JSON→image MRR under querybank normalisation, and whether the prior helps image→JSON."
-    qb = querybank_biases(image, bank, betas, bank_logw, chunk)
+    qb = biases if biases is not None and all(b in biases for b in betas) else querybank_biases(image, bank, betas, bank_logw, chunk)
     scorings = [("j2i", b, qb[b]) for b in betas]
     if prior is not None: scorings += [("i2j", 1.0, None)] + [("i2j", b, prior) for b in betas]
     mrr = [rank_metrics(r)["mrr"] for r in strict_ranks(image, text, scorings, chunk and (chunk, chunk))]
@@ -130,16 +131,20 @@ def crossfit_normalised_metrics(image: torch.Tensor,  # (N, D) unit-norm gallery
                                 seed: int = 0,                # seed of the two-fold split
                                 split_by=None,                # (N,) units kept in one fold; None = the JSON groups
                                 betas=BETAS, chunk: int | None = None,
-                                split: str = "the evaluated split") -> dict:  # named in `beta_source`
+                                split: str = "the evaluated split",  # named in `beta_source`
+                                biases: dict | None = None) -> dict:  # {β: (N,)} `querybank_biases` of `image` for `betas`, when the caller has them
     "`norm_` metrics with each half scored by the β and prior switch chosen on the other half; `half_` raw alongside."
     groups, folds = _prepare(image, text, groups, split_by, seed)
     prior = None if prior is None else prior.float().to(image.device)
     idx = [(folds == f).nonzero().flatten() for f in (0, 1)]
-    cal = [calibrate(image[i], text[i], bank, bank_logw, None if prior is None else prior[i], betas, chunk) for i in idx]
+    if biases is None or not all(b in biases for b in betas):  # an image's bias depends on it and the bank alone: one pass serves both halves
+        biases = querybank_biases(image, bank, betas, bank_logw, chunk)
+    cal = [calibrate(image[i], text[i], bank, bank_logw, None if prior is None else prior[i], betas, chunk,
+                     biases={b: biases[b][i] for b in betas}) for i in idx]
     def scored_by_other(f, i):
         c = cal[1 - f]                                            # half f never sees its own choice
         i2j = {"scale": c["beta"], "bias": prior[i]} if c["use_prior"] and prior is not None else {}
-        return i2j, {"scale": c["beta"], "bias": querybank_bias(image[i], bank, c["beta"], bank_logw, chunk)}
+        return i2j, {"scale": c["beta"], "bias": biases[c["beta"]][i]}
     out = _summarise(_fold_ranks(image, text, groups, folds, chunk, scored_by_other), "norm_")
     out.update(half_metrics(image, text, groups, seed, split_by, chunk))
     n, b, u = [len(i) for i in idx], [c["beta"] for c in cal], [c["use_prior"] for c in cal]

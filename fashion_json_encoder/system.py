@@ -98,12 +98,13 @@ def evaluate_checkpoint(checkpoint_path, dataset_path=None, split: str = "val", 
     # querybank: the beta that `search` deploys is chosen on the whole val split and saved next to the checkpoint; the
     # normalised numbers reported here are a two-fold cross-fit (each half scored by the other half's beta), never in-sample
     img_d, txt_d = img.to(dev), txt.to(dev)   # ranking on the GPU when there is one (same numbers as on the CPU)
-    calib = (calibrate_checkpoint(checkpoint_path, enc, vocab, [it.json for it in prep.index.items["train"]], img_d, txt_d, strings)
+    qb = {}   # the val images' querybank biases: computed once, for the β choice and the cross-fit alike
+    calib = (calibrate_checkpoint(checkpoint_path, enc, vocab, [it.json for it in prep.index.items["train"]], img_d, txt_d, strings, biases=qb)
              if split == "val" else load_calibration(checkpoint_path, enc))
     m = gallery_metrics(img_d, txt_d, scale, groups=groups.to(dev), progress=progress)   # raw, whole gallery
     prior = json_prior(strings, calib) if calib else None
     if calib: m.update(crossfit_normalised_metrics(img_d, txt_d, calib["bank"].to(dev), calib["bank_logw"].to(dev),
-                                                   prior=prior.to(dev), groups=groups.to(dev), seed=cfg.seed, split=split))
+                                                   prior=prior.to(dev), groups=groups.to(dev), seed=cfg.seed, split=split, biases=qb or None))
     out = {"checkpoint": str(checkpoint_path), "epoch": st["epoch"], "split": split, "metrics": m, **prep.info}
     if calib: out["calibration"] = {"beta": calib["beta"], "use_prior": calib["use_prior"], "prior_gain": calib["prior_gain"],
                                     "bank_size": len(calib["bank_strings"]), "beta_mrr": calib["beta_mrr"]}

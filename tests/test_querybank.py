@@ -144,3 +144,23 @@ def test_half_metrics_keep_looks_together_and_equal_the_crossfits_raw_half():
     m = crossfit_normalised_metrics(img, txt, bank, prior=prior, groups=groups, seed=2, split_by=looks, split="val")
     h = half_metrics(img, txt, groups, seed=2, split_by=looks)
     assert all(m[k] == h[k] for k in h) and "given unit" in m["beta_source"] and "on val" in m["beta_source"]
+
+
+@given(n=st.integers(4, 40), seed=st.integers(0, 10_000), split_seed=st.integers(0, 3))
+def test_the_cross_fit_takes_the_callers_biases_and_computes_them_once(n, seed, split_seed):
+    "An image's querybank bias depends on it and the bank alone: `evaluate` computes them once, for the β choice and both halves."
+    from fashion_json_encoder import querybank as qbm
+    img, txt, bank, groups, prior = _hub_case_with_prior(n, seed)
+    lw = torch.log1p(torch.arange(len(bank)) % 5.0)
+    ref = crossfit_normalised_metrics(img, txt, bank, lw, prior=prior, groups=groups, seed=split_seed)
+    qb = querybank_biases(img, bank, BETAS, lw)
+    assert calibrate(img, txt, bank, lw, prior, biases=qb) == calibrate(img, txt, bank, lw, prior)
+    calls, real = [], qbm.querybank_biases
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(qbm, "querybank_biases", lambda *a, **k: calls.append(len(a[0])) or real(*a, **k))
+        given_ = crossfit_normalised_metrics(img, txt, bank, lw, prior=prior, groups=groups, seed=split_seed, biases=qb)
+        own = crossfit_normalised_metrics(img, txt, bank, lw, prior=prior, groups=groups, seed=split_seed)
+    assert calls == [n]   # none with the caller's biases; one pass over all the images without them (not one per half)
+    for m in (given_, own):
+        assert m["fold_beta"] == ref["fold_beta"] and m["fold_use_prior"] == ref["fold_use_prior"]
+        assert all(m[k] == pytest.approx(v, abs=1e-6) for k, v in ref.items() if isinstance(v, float)), m

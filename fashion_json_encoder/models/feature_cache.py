@@ -89,11 +89,14 @@ def write_chunk(root: Path, ids: list, features: Tensor,  # (n, D) features of t
     return path
 
 # %% ../../nbs/03a_feature_cache.ipynb #69087e32
-def load_chunk(path) -> tuple:
-    "(features (n, D) fp16, record ids, skipped, has a checksum) of one chunk; `ValueError` when it fails verification."
-    with safe_open(str(path), "pt") as s: meta, feats = s.metadata() or {}, s.get_tensor("features")
-    ids, skipped = json.loads(meta["ids"]), json.loads(meta["skipped"])
-    if not isinstance(ids, list) or not isinstance(skipped, dict): raise ValueError("metadata 'ids' is not a list or 'skipped' not a dict")
+def load_chunk(path, wanted=None) -> tuple | None:  # wanted: record ids (a set or dict)
+    "(features (n, D) fp16, record ids, skipped, has a checksum) of one chunk; `ValueError` when it fails verification; None, its features unread, when its header names none of `wanted`."
+    with safe_open(str(path), "pt") as s:
+        meta = s.metadata() or {}
+        ids, skipped = json.loads(meta["ids"]), json.loads(meta["skipped"])
+        if not isinstance(ids, list) or not isinstance(skipped, dict): raise ValueError("metadata 'ids' is not a list or 'skipped' not a dict")
+        if wanted is not None and not any(r in wanted for r in ids) and not any(r in wanted for r in skipped): return None
+        feats = s.get_tensor("features")
     if feats.dtype != torch.float16 or feats.ndim != 2 or len(feats) != len(ids):
         raise ValueError(f"{feats.dtype} features of shape {tuple(feats.shape)} for {len(ids)} record ids")
     if "sha256" in meta and chunk_digest(feats, meta) != meta["sha256"]: raise ValueError("checksum mismatch")
@@ -105,14 +108,6 @@ def load_chunk(path) -> tuple:
 def _sig(f: Path) -> tuple: st = f.stat(); return st.st_size, st.st_mtime_ns
 
 _DAMAGED = (ValueError, KeyError, TypeError, RuntimeError, SafetensorError)  # a chunk whose contents fail verification raises one of these (JSON errors are ValueErrors)
-
-def _holds_none_of(f: Path, wanted) -> bool:
-    "Whether chunk `f`'s header (its record ids and skipped records) names none of `wanted`; False when the header is unreadable."
-    try:
-        with safe_open(str(f), "pt") as s: meta = s.metadata() or {}
-        ids, skipped = json.loads(meta["ids"]), json.loads(meta["skipped"])
-        return isinstance(ids, list) and isinstance(skipped, dict) and not any(r in wanted for r in ids) and not any(r in wanted for r in skipped)
-    except (*_DAMAGED, OSError): return False  # read in full, and judged, by the caller
 
 def read_chunks(root: Path, verified: dict | None = None,  # verified: {path: ((size, mtime_ns), ids, skipped)} of the chunks this build read or wrote; updated here
                 upgrade: bool = False,  # upgrade: rewrite a chunk written before checksums with one
@@ -128,8 +123,8 @@ def read_chunks(root: Path, verified: dict | None = None,  # verified: {path: ((
                 if v[1] is None: continue  # could not be read earlier in this build (warned then)
                 ids, sk = v[1], v[2]
             else:
-                if wanted is not None and _holds_none_of(f, wanted): continue  # the other split's chunk (they share the folder)
-                feats, ids, sk, summed = load_chunk(f)  # the one read (and verification) of this chunk in this build
+                if (got := load_chunk(f, wanted)) is None: continue  # the other split's chunk (they share the folder): only its header read
+                feats, ids, sk, summed = got  # the one read (and verification) of this chunk in this build
                 if not summed and upgrade:  # same contents under the same name: an atomic replace that adds the checksum
                     try:
                         if (p := write_chunk(root, ids, feats, sk)) != f: f.unlink(); f = p
