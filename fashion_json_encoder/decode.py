@@ -88,16 +88,19 @@ class PhotoDataset(torch.utils.data.Dataset):
         self.items = items if load_fn else None  # load_fn takes items
         self._starts = np.cumsum([0] + [len(g) for g in groups])  # photo p's crops: rows _starts[p]:_starts[p + 1]
         self._rows = np.fromiter((r for g in groups for r in g), dtype=np.int64, count=int(self._starts[-1]))
-        paths = [items[g[0]].image_path.encode("utf-8", "surrogateescape") for g in groups]
+        paths = [b"" if load_fn or not len(g) else str(items[g[0]].image_path).encode("utf-8", "surrogatepass") for g in groups]  # any str round-trips
         self._path_ends, self._paths = np.cumsum([0] + [len(s) for s in paths]), b"".join(paths)
-        crops = [items[r].crop for g in groups for r in g]
-        if all(len(c) == 4 and all(type(v) is int for v in c) for c in crops): self._crops = np.array(crops, dtype=np.int64).reshape(-1, 4)
-        else:  # not four integers (a float box): the crops as given
+        crops = [] if load_fn else [items[r].crop for g in groups for r in g]
+        try:
+            if not all(len(c) == 4 and all(type(v) is int for v in c) for c in crops): raise TypeError
+            self._crops = np.array(crops, dtype=np.int64).reshape(-1, 4)
+        except (TypeError, OverflowError):  # not four integers of int64 (a float box): the crops as given
             self._crops = np.empty(len(crops), dtype=object)
             for j, c in enumerate(crops): self._crops[j] = c
     def __len__(self): return len(self._starts) - 1
-    def path(self, p: int) -> str: return self._paths[self._path_ends[p]:self._path_ends[p + 1]].decode("utf-8", "surrogateescape")
+    def path(self, p: int) -> str: return self._paths[self._path_ends[p]:self._path_ends[p + 1]].decode("utf-8", "surrogatepass")
     def __getitem__(self, p) -> dict:
+        p = range(len(self))[p]  # a negative index counts from the end; out of range raises IndexError
         s, e = self._starts[p], self._starts[p + 1]
         rows, path = self._rows[s:e].tolist(), self.path(p)
         out = {"rows": [], "pixels": [], "jpeg": None, "gpu_rows": [], "crops": [], "scales": [], "bad": [], "decodes": 0,

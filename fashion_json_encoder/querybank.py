@@ -139,6 +139,9 @@ def crossfit_normalised_metrics(image: torch.Tensor,  # (N, D) unit-norm gallery
     idx = [(folds == f).nonzero().flatten() for f in (0, 1)]
     if biases is None or not all(b in biases for b in betas):  # an image's bias depends on it and the bank alone: one pass serves both halves
         biases = querybank_biases(image, bank, betas, bank_logw, chunk)
+    if any(len(biases[b]) != len(image) for b in betas):
+        raise ValueError(f"biases for {sorted({len(biases[b]) for b in betas})} images given with {len(image)} images")
+    biases = {b: biases[b].to(image.device) for b in betas}
     cal = [calibrate(image[i], text[i], bank, bank_logw, None if prior is None else prior[i], betas, chunk,
                      biases={b: biases[b][i] for b in betas}) for i in idx]
     def scored_by_other(f, i):

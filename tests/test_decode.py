@@ -192,3 +192,17 @@ def test_gpu_mode_serves_the_items_crops_and_a_worker_freezes_what_it_inherits(p
         def __getitem__(self, i): return gc.get_freeze_count()
     dl = torch.utils.data.DataLoader(Frozen(), batch_size=None, num_workers=1, worker_init_fn=freeze_inherited)
     assert all(n > 1000 for n in dl)   # the worker's inherited objects: frozen, never walked by its collector
+
+
+def test_photo_dataset_takes_what_items_held_before(photo):
+    "Review: a Path as image_path, any lone surrogate, a negative index, an empty group, a load_fn with bare items."
+    from fashion_json_encoder.decode import PhotoDataset
+    odd = "/nowhere/a\ud800b\udcc3.jpg"
+    items = [Item("a", photo, "상의", (0, 0, 5, 5), (0, 0, 5, 5), {}, "l"), Item("b", odd, "상의", (0, 0, 5, 5), (0, 0, 5, 5), {}, "l")]
+    ds = PhotoDataset(items, [[0], [1], []], None, 224)
+    assert ds.path(0) == str(photo) and ds.path(1) == odd and len(ds) == 3
+    assert ds[0]["rows"] == [0] and ds[-3]["rows"] == [0] and [b[:2] for b in ds[-2]["bad"]] == [(1, "bad_image")]
+    assert ds[2]["rows"] == [] and ds[2]["bad"] == []
+    with pytest.raises(IndexError): ds[3]
+    bare = PhotoDataset([object(), object()], [[0, 1]], None, load_fn=lambda it, side: Image.new("RGB", (4, 4)))
+    assert bare[0]["rows"] == [0, 1] and bare[0]["decodes"] == 2

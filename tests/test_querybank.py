@@ -164,3 +164,10 @@ def test_the_cross_fit_takes_the_callers_biases_and_computes_them_once(n, seed, 
     for m in (given_, own):
         assert m["fold_beta"] == ref["fold_beta"] and m["fold_use_prior"] == ref["fold_use_prior"]
         assert all(m[k] == pytest.approx(v, abs=1e-6) for k, v in ref.items() if isinstance(v, float)), m
+
+
+def test_biases_for_other_images_are_refused():
+    img, txt, bank = make_hub_case(n=40, seed=2)
+    qb = querybank_biases(img[:30], bank, BETAS)
+    with pytest.raises(ValueError, match="biases for \\[30\\] images given with 40 images"):
+        crossfit_normalised_metrics(img, txt, bank, groups=torch.arange(40), biases=qb)
