@@ -11,8 +11,8 @@ them on (`biases=`), a `--before DIR` package (a checkout's package folder) as i
 the number of image rows that went through `querybank_biases`, the ratio, and checks that both chose the same β and
 agree on every metric to 1e-5.
 """
-import argparse, inspect, json, os, subprocess, sys, tempfile, time
-from pathlib import Path
+import argparse, inspect, os, sys, time
+from benchlib import in_fresh_process
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -51,17 +51,6 @@ def one_run(n: int, bank_n: int, device: str, seed: int = 0) -> dict:
             "metrics": {k: v for k, v in m.items() if isinstance(v, float)}, "fold_beta": m["fold_beta"]}
 
 
-def in_process(pkg, n, bank_n, device) -> dict:
-    env = dict(os.environ)
-    if pkg: env["PYTHONPATH"] = os.pathsep.join([str(Path(pkg).resolve().parent)] + env.get("PYTHONPATH", "").split(os.pathsep))
-    code = f"import json, sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import bench_querybank as b; " \
-           f"print(json.dumps(b.one_run({n}, {bank_n}, {device!r})))"
-    with tempfile.TemporaryDirectory() as d:
-        r = subprocess.run([sys.executable, "-c", code], env=env, cwd=d, capture_output=True, text=True)
-    if r.returncode: sys.exit(f"run failed:\n{r.stderr[-3000:]}")
-    return json.loads(r.stdout.strip().splitlines()[-1])
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=10_000, help="val items")
@@ -73,7 +62,7 @@ def main(argv=None):
     sides = {"this": None} | ({"before": a.before} if a.before else {})
     runs = {k: [] for k in sides}
     for _ in range(a.repeat):
-        for k, pkg in sides.items(): runs[k].append(in_process(pkg, a.n, a.bank, a.device))
+        for k, pkg in sides.items(): runs[k].append(in_fresh_process("bench_querybank", "one_run", a.n, a.bank, a.device, pkg=pkg))
     for k, rs in runs.items():
         print(f"[{k}] {a.n:,} val items x {a.bank:,} bank JSONs on {a.device}: " + ", ".join(f"{r['seconds']:.1f}s" for r in rs) +
               f"; {rs[0]['rows']:,} image rows through querybank_biases; beta {rs[0]['beta']:g}, fold betas {rs[0]['fold_beta']}")

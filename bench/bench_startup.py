@@ -11,8 +11,9 @@ chunk reads, and both splits' JSON ids. Also the garbage collector's time, and e
 release's) on the same data and caches, interleaved with this one's, and prints the ratio. Figures at the
 release's size (1,088,781 photos) are the measured ones scaled by the photo count: the work is linear in it.
 """
-import argparse, gc, json, os, subprocess, sys, tempfile, time
+import gc, os, sys, time
 from pathlib import Path
+from benchlib import in_fresh_process, release_parser, stub_release
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 RELEASE_PHOTOS = 1_088_781
@@ -44,43 +45,17 @@ def one_run(root: str, out: str, workers: int) -> dict:
             "built": p.info["timings"].get("cache_build_seconds", 0.0), "index_seconds": p.info["timings"].get("index_seconds", 0.0)}
 
 
-def in_process(pkg, root, out, workers) -> dict:
-    "`one_run` in a fresh interpreter, with `pkg`'s parent first on the path when given."
-    env = dict(os.environ)
-    if pkg: env["PYTHONPATH"] = os.pathsep.join([str(Path(pkg).resolve().parent)] + env.get("PYTHONPATH", "").split(os.pathsep))
-    code = f"import json, sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import bench_startup as b; " \
-           f"print(json.dumps(b.one_run({root!r}, {out!r}, {workers})))"
-    with tempfile.TemporaryDirectory() as d:
-        r = subprocess.run([sys.executable, "-c", code], env=env, cwd=d, capture_output=True, text=True)
-    if r.returncode: sys.exit(f"run failed:\n{r.stderr[-3000:]}")
-    return json.loads(r.stdout.strip().splitlines()[-1])
-
-
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--n", type=int, default=20_000, help="photos to generate")
-    ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--dir", default="/tmp/kf_startup")
-    ap.add_argument("--repeat", type=int, default=3, help="timed runs of each package (the best is reported)")
-    ap.add_argument("--before", help="also time the package in this folder, interleaved")
-    ap.add_argument("--keep", action="store_true", help="keep the generated data and caches")
-    a = ap.parse_args(argv)
-    from fashion_json_encoder.synthetic import make_synthetic_kfashion
-    root, out = Path(a.dir) / "kfashion", str(Path(a.dir) / "run")
-    made = Path(a.dir) / f"made-{a.n}"
-    if not made.exists():
-        import shutil; shutil.rmtree(a.dir, ignore_errors=True)
-        t = time.time()
-        make_synthetic_kfashion(root, n_photos=a.n, seed=0, image_mode="stub", layout="zips", size=(64, 80))
-        made.touch(); print(f"generated {a.n} photos (release zips) in {time.time() - t:.1f}s")
-    first = in_process(None, str(root), out, a.workers)
+    a = release_parser(__doc__, 20_000, "/tmp/kf_startup", 3).parse_args(argv)
+    root, out = stub_release(a.dir, a.n), str(Path(a.dir) / "run")
+    first = in_fresh_process("bench_startup", "one_run", str(root), out, a.workers)
     print(f"caches ready ({first['train']:,} train / {first['val']:,} val crops; that run encoded {first['encoded']:,} crops in {first['built']:.1f}s)")
     sides = {"this": None} | ({"before": a.before} if a.before else {})
-    if a.before: in_process(a.before, str(root), out, a.workers)  # its own index cache, should its key differ
+    if a.before: in_fresh_process("bench_startup", "one_run", str(root), out, a.workers, pkg=a.before)  # its own index cache, should its key differ
     runs = {k: [] for k in sides}
     for _ in range(a.repeat):
         for k, pkg in sides.items():
-            r = in_process(pkg, str(root), out, a.workers)
+            r = in_fresh_process("bench_startup", "one_run", str(root), out, a.workers, pkg=pkg)
             if not r["index_cached"] or r["encoded"]:  # e.g. a --before package whose index key differs replaces this one's cache
                 sys.exit(f"[{k}] a timed run rebuilt the index or encoded crops: not a cached start-up")
             runs[k].append(r)

@@ -17,8 +17,9 @@ the release's 1.45M training crops (it grows with the items a worker touches: li
 with the build's seconds (no slowdown is the other half of it).
 `--before DIR` runs the same with the package in DIR (a checkout's package folder), interleaved, `--repeat` times.
 """
-import argparse, json, os, subprocess, sys, tempfile, threading, time
+import os, sys, tempfile, threading, time
 from pathlib import Path
+from benchlib import in_fresh_process, release_parser, stub_release
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 RELEASE_TRAIN_CROPS = 1_450_000
@@ -88,42 +89,16 @@ def one_run(root: str, out: str, workers: int) -> dict:
             "workers": list(seen.values())}
 
 
-def in_process(pkg, root, out, workers) -> dict:
-    "`one_run` in a fresh interpreter, with `pkg`'s parent first on the path when given."
-    env = dict(os.environ)
-    if pkg: env["PYTHONPATH"] = os.pathsep.join([str(Path(pkg).resolve().parent)] + env.get("PYTHONPATH", "").split(os.pathsep))
-    code = f"import json, sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import bench_worker_memory as b; " \
-           f"print(json.dumps(b.one_run({root!r}, {out!r}, {workers})))"
-    with tempfile.TemporaryDirectory() as d:
-        r = subprocess.run([sys.executable, "-c", code], env=env, cwd=d, capture_output=True, text=True)
-    if r.returncode: sys.exit(f"run failed:\n{r.stderr[-3000:]}")
-    return json.loads(r.stdout.strip().splitlines()[-1])
-
-
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--n", type=int, default=100_000, help="photos to generate")
-    ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--dir", default="/tmp/kf_workers")
-    ap.add_argument("--repeat", type=int, default=1, help="runs of each side (interleaved)")
-    ap.add_argument("--before", help="also run the package in this folder, interleaved")
-    ap.add_argument("--keep", action="store_true", help="keep the generated data")
-    a = ap.parse_args(argv)
+    a = release_parser(__doc__, 100_000, "/tmp/kf_workers", 1).parse_args(argv)
     if not Path("/proc/self/smaps_rollup").exists(): sys.exit("needs Linux's /proc/PID/smaps_rollup")
-    from fashion_json_encoder.synthetic import make_synthetic_kfashion
-    root, out = Path(a.dir) / "kfashion", Path(a.dir) / "run"
-    made = Path(a.dir) / f"made-{a.n}"
-    if not made.exists():
-        import shutil; shutil.rmtree(a.dir, ignore_errors=True)
-        t = time.time()
-        make_synthetic_kfashion(root, n_photos=a.n, seed=0, image_mode="stub", layout="zips", size=(64, 80), num_workers=a.workers)
-        made.touch(); print(f"generated {a.n} photos (release zips) in {time.time() - t:.1f}s")
+    root, out = stub_release(a.dir, a.n, a.workers), Path(a.dir) / "run"
     out.mkdir(parents=True, exist_ok=True)
     sides = {"this": None} | ({"before": a.before} if a.before else {})
     runs = {k: [] for k in sides}
     for _ in range(a.repeat):
         for k, pkg in sides.items():
-            r = in_process(pkg, str(root), str(out), a.workers)
+            r = in_fresh_process("bench_worker_memory", "one_run", str(root), str(out), a.workers, pkg=pkg)
             if not r["workers"]: sys.exit(f"[{k}] no worker was sampled")
             runs[k].append(r)
     growth = {}
