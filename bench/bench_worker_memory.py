@@ -79,13 +79,12 @@ def one_run(root: str, out: str, workers: int) -> dict:
                 s["peak"], s["anon"] = max(s["peak"], m), a
             time.sleep(0.5)
     th = threading.Thread(target=sample, daemon=True); th.start()
-    main0 = uss_mib(os.getpid())
     with tempfile.TemporaryDirectory(dir=out) as d:
         t = time.perf_counter()
         c = build_feature_cache(items, tower, d, num_workers=workers, progress=False, decode="cpu")
         secs = time.perf_counter() - t
     stop.set(); th.join()
-    return {"crops": len(items), "encoded": c.n_computed, "seconds": secs, "main_uss_mib": main0,
+    return {"crops": len(items), "encoded": c.n_computed, "seconds": secs,
             "workers": list(seen.values())}
 
 

@@ -117,7 +117,8 @@ class PhotoDataset(torch.utils.data.Dataset):
                 if self.mode == "gpu" and not out["shared"]: out["fallback"] = why
                 ims, n = decode_crops(data, crops, self.min_side)
             out.update(rows=rows, pixels=[self.transform(im) if self.transform else im for im in ims], decodes=n)
-        except DECODE_ERRORS as e: out["bad"] = [(r, *_reason(e, path)) for r in rows]  # a broken photo skips all its crops
+        except DECODE_ERRORS as e:  # a broken photo skips all its crops; a load_fn's items carry their own path
+            out["bad"] = [(r, *_reason(e, str(self.items[rows[0]].image_path) if self.load_fn else path)) for r in rows]
         return out
 
 def collate_photos(batch: list) -> dict:

@@ -56,10 +56,17 @@ def strict_ranks(image: torch.Tensor, text: torch.Tensor,  # (N, D) unit-norm pa
             else: cnt[c0:c0 + c] += _tile_counts(x, None, thr[c0:c0 + c])[1].to(dev)
     return [_last_if_nan(p[4], p[3]) for p in plans]
 
+def _biases(image, bank, betas, bank_logw, chunk, given: dict | None) -> dict:
+    "{β: (N,)} querybank biases of `image`: the caller's (`given`, when it holds every β) on the image's device, else computed."
+    if given is None or not all(b in given for b in betas): return querybank_biases(image, bank, betas, bank_logw, chunk)
+    if any(len(given[b]) != len(image) for b in betas):
+        raise ValueError(f"biases for {sorted({len(given[b]) for b in betas})} images given with {len(image)} images")
+    return {b: given[b].to(image.device) for b in betas}
+
 def calibrate(image, text, bank, bank_logw=None, prior=None, betas=BETAS, chunk=None,
               biases: dict | None = None) -> dict:  # {β: (N,)} `querybank_biases` of `image` for `betas`, when the caller has them
     "β maximising val JSON→image MRR under querybank normalisation, and whether the prior helps image→JSON."
-    qb = biases if biases is not None and all(b in biases for b in betas) else querybank_biases(image, bank, betas, bank_logw, chunk)
+    qb = _biases(image, bank, betas, bank_logw, chunk, biases)
     scorings = [("j2i", b, qb[b]) for b in betas]
     if prior is not None: scorings += [("i2j", 1.0, None)] + [("i2j", b, prior) for b in betas]
     mrr = [rank_metrics(r)["mrr"] for r in strict_ranks(image, text, scorings, chunk and (chunk, chunk))]
@@ -137,11 +144,7 @@ def crossfit_normalised_metrics(image: torch.Tensor,  # (N, D) unit-norm gallery
     groups, folds = _prepare(image, text, groups, split_by, seed)
     prior = None if prior is None else prior.float().to(image.device)
     idx = [(folds == f).nonzero().flatten() for f in (0, 1)]
-    if biases is None or not all(b in biases for b in betas):  # an image's bias depends on it and the bank alone: one pass serves both halves
-        biases = querybank_biases(image, bank, betas, bank_logw, chunk)
-    if any(len(biases[b]) != len(image) for b in betas):
-        raise ValueError(f"biases for {sorted({len(biases[b]) for b in betas})} images given with {len(image)} images")
-    biases = {b: biases[b].to(image.device) for b in betas}
+    biases = _biases(image, bank, betas, bank_logw, chunk, biases)  # an image's bias depends on it and the bank alone: one pass serves both halves
     cal = [calibrate(image[i], text[i], bank, bank_logw, None if prior is None else prior[i], betas, chunk,
                      biases={b: biases[b][i] for b in betas}) for i in idx]
     def scored_by_other(f, i):

@@ -190,8 +190,9 @@ def test_gpu_mode_serves_the_items_crops_and_a_worker_freezes_what_it_inherits(p
     class Frozen(torch.utils.data.Dataset):
         def __len__(self): return 2
         def __getitem__(self, i): return gc.get_freeze_count()
-    dl = torch.utils.data.DataLoader(Frozen(), batch_size=None, num_workers=1, worker_init_fn=freeze_inherited)
-    assert all(n > 1000 for n in dl)   # the worker's inherited objects: frozen, never walked by its collector
+    plain = list(torch.utils.data.DataLoader(Frozen(), batch_size=None, num_workers=1))   # what the parent froze itself, if anything
+    frozen = list(torch.utils.data.DataLoader(Frozen(), batch_size=None, num_workers=1, worker_init_fn=freeze_inherited))
+    assert all(n > p + 1000 for n, p in zip(frozen, plain))   # the worker's inherited objects: frozen, never walked by its collector
 
 
 def test_photo_dataset_takes_what_items_held_before(photo):
@@ -206,3 +207,6 @@ def test_photo_dataset_takes_what_items_held_before(photo):
     with pytest.raises(IndexError): ds[3]
     bare = PhotoDataset([object(), object()], [[0, 1]], None, load_fn=lambda it, side: Image.new("RGB", (4, 4)))
     assert bare[0]["rows"] == [0, 1] and bare[0]["decodes"] == 2
+    def broken(it, side): raise OSError("cannot identify image file")
+    failed = PhotoDataset(items, [[1]], None, load_fn=broken)[0]["bad"]   # a load_fn's failure still names the photo
+    assert [b[:2] for b in failed] == [(1, "bad_image")] and odd in failed[0][2]
