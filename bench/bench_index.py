@@ -1,7 +1,7 @@
 """Index build time for N generated K-Fashion labels: first (parsing) run and cached run, and where the time goes.
 
     python bench/bench_index.py [--n 100000] [--workers 2] [--dir /tmp/kf_bench] [--images stub|none|full]
-                                [--layout split|zips] [--keep] [--json OUT.json] [--before DIR] [--project-workers 16]
+                                [--layout split|zips] [--keep] [--json OUT.json] [--before DIR] [--project-workers 16] [--cold]
 
 Labels are real-format synthetic labels (make_synthetic_kfashion). Images default to `stub`: one small flat JPEG of the
 right size written for every photo, so pairing works; JPEGs are not decoded while indexing unless verify_images is on,
@@ -19,6 +19,9 @@ lists, 1 in 50 kept): the index's millions of objects are walked by whichever co
 the index's cost too, paid outside `build_index`. A run's whole start-up on existing caches is `bench_startup.py`'s.
 `--before DIR` runs the same measurement with the package in DIR (a checkout's package folder, e.g. the previous
 release's) on the same generated data, in a subprocess, and prints both side by side.
+`--cold` (root on Linux) also times the cached build from a cold page cache (`/proc/sys/vm/drop_caches` first), as the
+first run after a reboot, or a dataset on a disk bigger than the memory, finds it: the unzipped tree's labels are then
+read from the disk, if they are read at all.
 """
 import argparse, gc, json, logging, os, shutil, subprocess, sys, tempfile, time
 from pathlib import Path
@@ -46,8 +49,14 @@ def gc_after(allocs: int = 3_000_000) -> float:
     return spent[0]
 
 
-def measure(root, cache, workers):
-    "Figures of a first and a cached build of `root` with `workers` processes."
+def drop_page_cache():
+    "Write dirty pages out and drop the page cache, dentries and inodes (Linux, root): the next reads come from the disk."
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as f: f.write("3\n")
+
+
+def measure(root, cache, workers, cold: bool = False):
+    "Figures of a first and a cached build of `root` with `workers` processes (and a cached build from a cold page cache)."
     cfg = Config(num_workers=workers)
     zips = []
     t = time.time(); scan = scan_dataset(root, zips); t_scan = time.time() - t
@@ -61,8 +70,13 @@ def measure(root, cache, workers):
     t = time.time(); again = build_index(root, cfg, cache_dir=cache); t_cached = time.time() - t
     gc_cached = gc_after()
     assert again.from_cache and not from_cache
+    t_cold = None
+    if cold:
+        del again; gc.collect(); drop_page_cache()
+        t = time.time(); again = build_index(root, cfg, cache_dir=cache); t_cold = time.time() - t
+        assert again.from_cache
     assert made == [(it.key, it.crop, json.dumps(it.json, sort_keys=True)) for its in again.items.values() for it in its]
-    return {"first_seconds": t_first, "cached_seconds": t_cached, "gc_first": gc_first, "gc_cached": gc_cached, "scan_seconds": t_scan, "zips": len(zips),
+    return {"first_seconds": t_first, "cached_seconds": t_cached, "cold_seconds": t_cold, "gc_first": gc_first, "gc_cached": gc_cached, "scan_seconds": t_scan, "zips": len(zips),
             "scan_labels": len(scan[0]), "scan_images": len(scan[1]), "items": n_items,
             "main_cpu": c1 - c0, "workers_cpu": (k1.children_user + k1.children_system) - (k0.children_user + k0.children_system),
             "steps": steps, "cache_mib": sum(p.stat().st_size for p in Path(cache).glob("*.json.gz")) / 2**20}
@@ -79,6 +93,8 @@ def report(tag, f, n, a):
     print(f"[{tag}]   projected first build of the release ({RELEASE_LABELS} labels) on {w} such cores: {proj:.0f}s")
     print(f"[{tag}] cached build: {f['cached_seconds']:.2f}s (cache file {f['cache_mib']:.1f} MiB); "
           f"the release: {f['cached_seconds'] * RELEASE_LABELS / n:.0f}s")
+    if f.get("cold_seconds"):
+        print(f"[{tag}] cached build from a cold page cache: {f['cold_seconds']:.2f}s; the release: {f['cold_seconds'] * RELEASE_LABELS / n:.0f}s")
     if "gc_first" in f:
         print(f"[{tag}] the garbage collector afterwards, in the caller's next 3M allocations: {f['gc_first']:.2f}s after the first "
               f"build, {f['gc_cached']:.2f}s after the cached one")
@@ -96,6 +112,7 @@ def main(argv=None):
     ap.add_argument("--json", help="write the figures here")
     ap.add_argument("--before", help="also measure the package in this folder (its parent goes first on PYTHONPATH)")
     ap.add_argument("--project-workers", type=int, default=16, help="cores of the machine to project the release's build for")
+    ap.add_argument("--cold", action="store_true", help="also time a cached build after dropping the page cache (root, Linux)")
     ap.add_argument("--figures-only", action="store_true", help=argparse.SUPPRESS)  # the --before subprocess: JSON to --json
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -108,7 +125,9 @@ def main(argv=None):
         made.touch()
         print(f"generated {a.n} labels ({a.images} images, {a.layout} layout) in {time.time() - t:.1f}s")
     shutil.rmtree(cache, ignore_errors=True)
-    f = measure(root, cache, a.workers)
+    if a.cold and not os.access("/proc/sys/vm/drop_caches", os.W_OK):
+        sys.exit("--cold drops the page cache: it needs root on Linux (/proc/sys/vm/drop_caches is not writable here)")
+    f = measure(root, cache, a.workers, a.cold)
     shutil.rmtree(cache, ignore_errors=True)
     if a.figures_only:
         Path(a.json).write_text(json.dumps(f)); return
@@ -119,7 +138,7 @@ def main(argv=None):
         with tempfile.TemporaryDirectory() as d:
             out = Path(d) / "before.json"
             args = [sys.executable, __file__, "--n", str(a.n), "--workers", str(a.workers), "--dir", a.dir, "--images", a.images,
-                    "--layout", a.layout, "--figures-only", "--json", str(out)]
+                    "--layout", a.layout, "--figures-only", "--json", str(out)] + (["--cold"] if a.cold else [])
             env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(pkg.parent)] + os.environ.get("PYTHONPATH", "").split(os.pathsep)))
             subprocess.run(args, check=True, env=env, cwd=d)
             before = json.loads(out.read_text())
@@ -127,12 +146,16 @@ def main(argv=None):
         print(f"this / before: first build {before['first_seconds'] / f['first_seconds']:.2f}x faster, this process's CPU "
               f"{before['main_cpu'] / f['main_cpu']:.2f}x less, workers' CPU {before['workers_cpu'] / f['workers_cpu']:.2f}x less, "
               f"projected release build {proj_b:.0f}s -> {proj:.0f}s, cached build {before['cached_seconds'] / f['cached_seconds']:.2f}x faster")
+        if a.cold and before.get("cold_seconds"):
+            print(f"this / before, cached build from a cold page cache: {before['cold_seconds']:.2f}s -> {f['cold_seconds']:.2f}s "
+                  f"({before['cold_seconds'] / f['cold_seconds']:.2f}x); the release: {before['cold_seconds'] * RELEASE_LABELS / a.n:.0f}s -> "
+                  f"{f['cold_seconds'] * RELEASE_LABELS / a.n:.0f}s")
         if "gc_first" in before:
             b, t = before["cached_seconds"] + before["gc_cached"], f["cached_seconds"] + f["gc_cached"]
             print(f"this / before, cached build plus the collector's time after it: {b:.2f}s -> {t:.2f}s ({b / t:.2f}x); "
                   f"the release: {b * RELEASE_LABELS / a.n:.0f}s -> {t * RELEASE_LABELS / a.n:.0f}s")
     print(f"SUMMARY n={a.n} layout={a.layout} workers={a.workers} cpus={os.cpu_count()} first={f['first_seconds']:.1f}s "
-          f"({a.n / f['first_seconds']:.0f} labels/s) cached={f['cached_seconds']:.2f}s gc_after_cached={f['gc_cached']:.2f}s items={f['items']} "
+          f"({a.n / f['first_seconds']:.0f} labels/s) cached={f['cached_seconds']:.2f}s cold={f['cold_seconds'] or 0:.2f}s gc_after_cached={f['gc_cached']:.2f}s items={f['items']} "
           f"main_cpu_us_per_label={f['main_cpu'] / a.n * 1e6:.0f} workers_cpu_us_per_label={f['workers_cpu'] / a.n * 1e6:.0f} "
           f"projected_release_s@{a.project_workers}={proj:.0f}")
     if a.json:

@@ -4,12 +4,12 @@
 
 # %% ../nbs/01e_dataset.ipynb #cf8e683d
 from __future__ import annotations
-import functools, gc, gzip, hashlib, json, logging, multiprocessing as mp, os, time, unicodedata
+import functools, gc, gzip, hashlib, json, logging, multiprocessing as mp, os, string, time, unicodedata
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from .config import Config, UserError, KFASHION_GROUPS, atomic_path
+from .config import Config, UserError, KFASHION_GROUPS, atomic_path, atomic_write_text
 from .archives import MEMBER_SEP, _utf8, archive_key, scan_archives, walk_files
 from .data import Item, SKIP_REASONS, _label_file, parse_photo
 from .vocab import Vocab
@@ -28,13 +28,13 @@ _IMAGE_EXT = (".jpg", ".jpeg")
 
 def scan_dataset(root, archives: list | None = None,  # archives: a list that receives the *.zip files found
                  skipped: Counter | None = None) -> tuple:  # skipped: receives broken_link / repeated_folder counts
-    "([(relpath, size, mtime_ns)] of label files, the same for JPEGs) under `root`, sorted; symlinks followed safely."
+    "([(relpath, size, mtime_ns, ctime_ns)] of label files, [(relpath, size, mtime_ns)] of JPEGs and zips) under `root`, sorted; symlinks followed safely."
     labels, images = [], []
     exts = (".json",) + _IMAGE_EXT + ((".zip",) if archives is not None else ())
     for rel, st in walk_files(root, exts, skipped):
         low = rel.lower()
-        dest = labels if low.endswith(".json") else images if low.endswith(_IMAGE_EXT) else archives
-        dest.append((rel, st.st_size, st.st_mtime_ns))
+        if low.endswith(".json"): labels.append((rel, st.st_size, st.st_mtime_ns, st.st_ctime_ns))  # ctime: see `_label_digests`
+        else: (images if low.endswith(_IMAGE_EXT) else archives).append((rel, st.st_size, st.st_mtime_ns))
     if archives is not None: archives.sort()
     return sorted(labels), sorted(images)
 
@@ -109,20 +109,55 @@ def _hash_labels(args) -> bytes:
     "Digest of a chunk of labels: path, size and bytes of each."
     root, chunk = args
     h = hashlib.blake2b(digest_size=20)
-    for rel, size, _ in chunk: b = _label_bytes(root + rel); h.update(f"{rel}\t{size}\t{len(b)}\n".encode()); h.update(b)
+    for rel, size, *_ in chunk: b = _label_bytes(root + rel); h.update(f"{rel}\t{size}\t{len(b)}\n".encode()); h.update(b)
     return h.digest()
 
-def _fingerprint(root, labels, images, cfg: Config, archives=(), walk: Counter | None = None, workers: int = 0) -> str:
+_LABEL_CHUNK, _MEMO_VERSION = 4096, 1
+_SETTLED_NS = 5 * 10**9  # a label whose change time is this recent may change again within the same tick of the file system's clock
+
+def _stamp(chunk) -> str:
+    "Key of a chunk of labels as the file system describes them: each path, size, mtime and change time (ctime)."
+    h = hashlib.blake2b(digest_size=20)
+    for rel, size, mtime, ctime in chunk: h.update(f"{rel}\t{size}\t{mtime}\t{ctime}\n".encode())
+    return h.hexdigest()
+
+def _label_digests(root: str, labels: list, workers: int = 0,
+                   memo: Path | None = None) -> list:  # memo: a JSON file of chunk stamps -> digests (read and updated)
+    "`_hash_labels` of each chunk of `labels`; with `memo`, only chunks whose stamp it lacks are read (POSIX: ctime changes with the bytes)."
+    chunks = [labels[i:i + _LABEL_CHUNK] for i in range(0, len(labels), _LABEL_CHUNK)]
+    memo = memo if memo is not None and os.name == "posix" else None  # Windows' st_ctime is the creation time: always read
+    known, stamps, now = {}, [None] * len(chunks), time.time_ns()
+    if memo is not None:
+        try:
+            d = json.loads(Path(memo).read_text(encoding="utf-8"))
+            if type(d) is dict and d.get("version") == _MEMO_VERSION and type(d.get("chunks")) is dict:
+                known = {s: v for s, v in d["chunks"].items() if type(v) is str and len(v) == 40 and not v.strip(string.hexdigits)}
+        except (OSError, ValueError): pass  # none yet, or damaged: read every label (and write a new memo below)
+        stamps = [_stamp(c) for c in chunks]
+    todo = [i for i, s in enumerate(stamps) if type(known.get(s)) is not str]
+    args = [(root, chunks[i]) for i in todo]
+    if workers > 1 and sum(len(a[1]) for a in args) >= _PARALLEL_HASH_MIN:  # ~20 us a label: a pool pays off from about a second
+        fresh = process_map(_hash_labels, args, workers, "hashing the labels")
+    else: fresh = map(_hash_labels, args)
+    digests = [None if s is None else known.get(s) for s in stamps]
+    for i, d in zip(todo, fresh): digests[i] = d.hex()
+    if memo is not None and todo:  # a chunk with a label changed in the last seconds is read again next time, not remembered
+        keep = {s: d for s, d, c in zip(stamps, digests, chunks) if max(l[3] for l in c) < now - _SETTLED_NS}
+        try:
+            Path(memo).parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(memo, json.dumps({"version": _MEMO_VERSION, "chunks": keep}) + "\n")
+        except OSError as e: log.warning("%s: cannot save the label digests (%s); they are read again next time", memo, e)
+    if memo is not None: log.debug("labels: %d of %d chunks read, the others known from %s", len(todo), len(chunks), memo)
+    return [bytes.fromhex(d) for d in digests]
+
+def _fingerprint(root, labels, images, cfg: Config, archives=(), walk: Counter | None = None, workers: int = 0,
+                 memo: Path | None = None) -> str:  # memo: see `_label_digests`
     "Cache key: the config keys that shape the index, each label's bytes, each JPEG's size+mtime, each zip's directory."
     h = hashlib.blake2b(f"v{_CACHE_VERSION}".encode(), digest_size=20)
     keys = {k: getattr(cfg, k) for k in ("fields", "target_categories", "crop_padding", "val_fraction", "seed", "verify_images")}
     h.update(json.dumps([keys, sorted((walk or {}).items())], sort_keys=True, ensure_ascii=False).encode())
     r = os.path.join(str(root), "")
-    args = [(r, labels[i:i + 4096]) for i in range(0, len(labels), 4096)]  # content, not mtime: `cp -p` keeps both size and mtime
-    if workers > 1 and len(labels) >= _PARALLEL_HASH_MIN:  # ~20 us a label: a pool pays off from about a second
-        digests = process_map(_hash_labels, args, workers, "hashing the labels")
-    else: digests = map(_hash_labels, args)
-    for d in digests: h.update(d)
+    for d in _label_digests(r, labels, workers, memo): h.update(d)  # content, not mtime: `cp -p` keeps both size and mtime
     for rel, size, mtime in images: h.update(f"img\t{rel}\t{size}\t{mtime}\n".encode())
     for rel, size, _ in archives:  # a zip's directory holds each member's size and CRC-32
         try: k = archive_key(r + rel)
@@ -230,7 +265,11 @@ def _load_index(root: Path, path: Path, fp: str) -> DatasetIndex:
     return DatasetIndex(root, items, records, Counter(skipped), Counter(stats), fp, True)
 
 # %% ../nbs/01e_dataset.ipynb #8439385f
-def _scan(dataset_path, cfg: Config, workers: int) -> tuple:
+def _memo_path(cache_dir, root) -> Path | None:
+    "Where the label digests of dataset folder `root` are remembered between runs (`_label_digests`); None without a cache folder."
+    return None if cache_dir is None else Path(cache_dir) / f"labels-{hashlib.sha1(str(root).encode()).hexdigest()[:8]}.json"
+
+def _scan(dataset_path, cfg: Config, workers: int, cache_dir=None) -> tuple:
     "(root, archives, walk skips, labels, images, fingerprint) of a dataset folder: one walk and the content hashes."
     root = Path(dataset_path).expanduser().resolve()
     if not _utf8(str(root)):
@@ -243,17 +282,19 @@ def _scan(dataset_path, cfg: Config, workers: int) -> tuple:
     if not labels and not archives:
         raise UserError(f"{root}: no K-Fashion label files (*.json) or release zips found; expected <스타일>/<id>.json files "
                         f"under Training/, Validation/ or 라벨링데이터/, or Training/라벨링데이터.zip")
-    return root, archives, walk, labels, images, _fingerprint(root, labels, images, cfg, archives, walk, workers)
+    return root, archives, walk, labels, images, _fingerprint(root, labels, images, cfg, archives, walk, workers,
+                                                              _memo_path(cache_dir, root))
 
-def index_fingerprint(dataset_path, cfg: Config, num_workers: int = 0) -> str:
+def index_fingerprint(dataset_path, cfg: Config, num_workers: int = 0,
+                      cache_dir=None) -> str:  # cache_dir: `build_index`'s, where the label digests are remembered
     "What `build_index` keys its cache on: each label's bytes, each zip's directory, each photo's size and mtime, the config."
-    return _scan(dataset_path, cfg, num_workers)[-1]
+    return _scan(dataset_path, cfg, num_workers, cache_dir)[-1]
 
 def build_index(dataset_path, cfg: Config, cache_dir=None, num_workers: int | None = None,
                 progress: bool = False) -> DatasetIndex:  # progress: show the label parsing (a bar, or log lines)
     "Index a K-Fashion folder into train/val `Item`s, counting every skip; cached in `cache_dir` when given."
     t0, workers = time.time(), cfg.num_workers if num_workers is None else num_workers
-    root, archives, walk, labels, images, fp = _scan(dataset_path, cfg, workers)
+    root, archives, walk, labels, images, fp = _scan(dataset_path, cfg, workers, cache_dir)
     cpath = _cache_path(cache_dir, root, fp) if cache_dir else None
     if cpath and cpath.exists():
         try:

@@ -175,7 +175,7 @@ class Searcher:
         except ValueError as e: log.warning("%s: cannot use the saved search index (%s), rebuilding it", p, e); return None
         if ix.encoder != self.digest: log.info("%s: built for another encoder, rebuilding it", p); return None
         if not self.dataset_path: return ix
-        try: data = dataset_fingerprint(self.dataset_path, self.cfg)
+        try: data = dataset_fingerprint(self.dataset_path, self.cfg, cache_dir=RunDir.of(self.checkpoint_path).cache)
         except (OSError, UserError) as e:
             if not self._recorded_data: return None  # the folder the user named: building says what is wrong with it
             log.warning("%s: dataset not readable (%s); searching the index as it was built", self.dataset_path, e); return ix

@@ -22,10 +22,11 @@ __all__ = ['log', 'INDEX_FORMAT', 'APPROX_THRESHOLD', 'IVF_NPROBE', 'EXACT_BEYON
 
 # %% ../nbs/06e_search_index.ipynb #acc2c97b
 def dataset_fingerprint(dataset_path, cfg,                # cfg: the checkpoint's config (which items a label gives)
-                        fingerprint: str | None = None) -> str:  # the folder's `index_fingerprint` when already computed
+                        fingerprint: str | None = None,  # the folder's `index_fingerprint` when already computed
+                        cache_dir=None) -> str:          # the run's cache folder: its remembered label digests (`build_index`'s)
     "Short hash of the resolved folder and its content as `build_index` keys it (label bytes, zip directories, photos)."
     root = Path(dataset_path).expanduser().resolve()
-    return hashlib.sha256(f"{root}\n{fingerprint or index_fingerprint(root, cfg)}".encode()).hexdigest()[:16]
+    return hashlib.sha256(f"{root}\n{fingerprint or index_fingerprint(root, cfg, cache_dir=cache_dir)}".encode()).hexdigest()[:16]
 
 INDEX_FORMAT = "fashion-json-encoder/index-3"  # index-1 had no checksum and no data fingerprint, index-2 a checksum of another kind
 _PREVIOUS = {"fashion-json-encoder/index-1": "without checksum or data fingerprint",

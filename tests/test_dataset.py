@@ -202,6 +202,92 @@ def test_index_cache_is_keyed_on_label_content(tmp_path):
     assert build_index(root, CFG, cache_dir=cache).from_cache
 
 
+
+def _reads(monkeypatch) -> list:
+    "Paths of the labels the fingerprint reads from now on."
+    real, seen = dataset._label_bytes, []
+    monkeypatch.setattr(dataset, "_label_bytes", lambda path: seen.append(path) or real(path))
+    return seen
+
+
+def _rewrite(path: Path, data: bytes, keep_mtime: bool = False):
+    "Write `data` to `path` (mtime kept when asked, as `cp -p` does) until its change time differs: a coarse clock can repeat it."
+    before = path.stat() if path.exists() else None
+    for _ in range(200):
+        path.write_bytes(data)
+        if keep_mtime: os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+        if before is None or path.stat().st_ctime_ns != before.st_ctime_ns: return
+        time.sleep(0.01)
+    raise AssertionError(f"{path}: the file system kept its change time")
+
+
+def test_cached_start_reads_no_label(tmp_path, monkeypatch):
+    "Label digests are remembered under each chunk's stamp (size, mtime, ctime): an unchanged tree is not read again."
+    monkeypatch.setattr(dataset, "_SETTLED_NS", -10**12)  # every label counts as settled (written long ago)
+    root = make_synthetic_kfashion(tmp_path / "kf", n_photos=15, seed=5)
+    cache, labels = tmp_path / "cache", sorted(root.rglob("*.json"))
+    first = build_index(root, CFG, cache_dir=cache)
+    seen = _reads(monkeypatch)
+    again = build_index(root, CFG, cache_dir=cache)
+    assert again.from_cache and again.fingerprint == first.fingerprint and seen == []
+    assert dataset.index_fingerprint(root, CFG, cache_dir=cache) == first.fingerprint and seen == []
+    assert dataset.index_fingerprint(root, CFG) == first.fingerprint and len(seen) == len(labels)  # no cache folder: all read
+    seen.clear()
+    os.utime(labels[3], ns=(time.time_ns(), time.time_ns()))  # a touch: the chunk is read again, the index is the same
+    touched = build_index(root, CFG, cache_dir=cache)
+    assert touched.from_cache and touched.fingerprint == first.fingerprint and len(seen) == len(labels)
+    seen.clear()
+    assert build_index(root, CFG, cache_dir=cache).from_cache and seen == []  # and remembered again
+    st_ = labels[3].stat()
+    look = _rename_look(labels[3])  # `cp -p` of a corrected label: same size, same mtime, only the ctime tells
+    os.utime(labels[3], ns=(st_.st_atime_ns, st_.st_mtime_ns))
+    assert (labels[3].stat().st_size, labels[3].stat().st_mtime_ns) == (st_.st_size, st_.st_mtime_ns)
+    changed = build_index(root, CFG, cache_dir=cache)
+    assert not changed.from_cache and any(it.look == look for its in changed.items.values() for it in its)
+
+
+def test_labels_changed_in_the_last_seconds_are_not_remembered(tmp_path, monkeypatch):
+    "A label whose ctime is within `_SETTLED_NS` of the read may change again within the clock's tick: read every time."
+    root = make_synthetic_kfashion(tmp_path / "kf", n_photos=6, seed=5)  # written just now
+    cache = tmp_path / "cache"
+    build_index(root, CFG, cache_dir=cache)
+    assert json.loads(next(cache.glob("labels-*.json")).read_text())["chunks"] == {}
+    seen = _reads(monkeypatch)
+    assert build_index(root, CFG, cache_dir=cache).from_cache and len(seen) == len(list(root.rglob("*.json")))
+
+
+_EDITS = st.lists(st.tuples(st.sampled_from(["same_size_kept_mtime", "touch", "other_bytes", "delete", "add"]),
+                            st.integers(0, 7)), max_size=6)
+
+
+@given(_EDITS, st.integers(1, 3))
+def test_remembered_digests_equal_reading_every_label(edits, chunk):
+    "After any edits between runs, the fingerprint with remembered digests is the one that reads every label (memo damaged too)."
+    import tempfile
+    with tempfile.TemporaryDirectory() as d, pytest.MonkeyPatch.context() as mp:
+        mp.setattr(dataset, "_SETTLED_NS", -10**12); mp.setattr(dataset, "_LABEL_CHUNK", chunk)
+        root, memo = Path(d) / "kf", Path(d) / "cache" / "labels.json"
+        for i in range(5): (root / "s").mkdir(parents=True, exist_ok=True); (root / "s" / f"{i}.json").write_bytes(b'{"a": %d}' % i)
+        def both():
+            labels = dataset.scan_dataset(root)[0]
+            return dataset._label_digests(str(root) + "/", labels, memo=memo), dataset._label_digests(str(root) + "/", labels)
+        kept, fresh = both(); assert kept == fresh
+        for n, (op, k) in enumerate(edits):
+            files = sorted((root / "s").glob("*.json"))
+            f = files[k % len(files)] if files else None
+            if op == "add" or f is None: _rewrite(root / "s" / f"new{n}.json", b'{"b": %d}' % n)
+            elif op == "delete": f.unlink()
+            elif op == "touch": os.utime(f, ns=(time.time_ns(), f.stat().st_mtime_ns + 10**9))
+            else:
+                raw = f.read_bytes()
+                new = bytes(reversed(raw)) if op == "same_size_kept_mtime" else raw + b" "
+                _rewrite(f, new, keep_mtime=op == "same_size_kept_mtime")
+            kept, fresh = both(); assert kept == fresh
+        memo.write_text('{"version": 1, "chunks": {"x": 5, "y": "zz"}}')  # a damaged memo is ignored entry by entry
+        kept, fresh = both(); assert kept == fresh
+        memo.write_text("not json")
+        kept, fresh = both(); assert kept == fresh
+
 _DAMAGES = ["truncated", "garbage", "flipped_byte", "not_json", "not_a_dict", "missing_key", "items_not_dict",
             "bad_item", "other_fingerprint"]
 

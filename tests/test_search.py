@@ -1,5 +1,5 @@
 "Search, tagging and evaluate extras on a tiny trained model: API and CLI, one-line errors, reproducible embeddings, baseline."
-import json
+import json, os, time
 from pathlib import Path
 import numpy as np
 import pytest
@@ -385,6 +385,19 @@ def test_a_rebuild_walks_the_dataset_once_beyond_the_staleness_check(own_run, mo
     assert len(calls) == 2                                       # the staleness check, then the build (was 3)
     calls.clear(); Searcher(ckpt, ds, tower=tower).index        # the fingerprint the build saved is the one a check computes:
     assert len(calls) == 1 and again.data == search_index.dataset_fingerprint(ds, s.cfg)   # one walk, nothing rebuilt
+
+
+def test_the_staleness_check_reads_no_unchanged_label(own_run, monkeypatch):
+    "A saved index's check on an unzipped tree reads only the labels whose stamp changed (the run's remembered digests)."
+    from fashion_json_encoder import dataset
+    ckpt, ds, tower = own_run
+    monkeypatch.setattr(dataset, "_SETTLED_NS", -10**12)   # the generated labels count as written long ago
+    Searcher(ckpt, ds, tower=tower).index                  # a build (or check) remembers the digests
+    real, read = dataset._label_bytes, []
+    monkeypatch.setattr(dataset, "_label_bytes", lambda p: read.append(p) or real(p))
+    assert Searcher(ckpt, ds, tower=tower).saved_index() is not None and read == []
+    label = next(Path(ds).rglob("*.json")); os.utime(label, ns=(time.time_ns(), time.time_ns()))   # touched, same bytes
+    assert Searcher(ckpt, ds, tower=tower).saved_index() is not None and 0 < len(read) <= dataset._LABEL_CHUNK
 
 
 def test_calibration_read_only_for_a_build_and_the_encoder_hashed_once(run, monkeypatch):
