@@ -1,5 +1,5 @@
 "Tests of the on-disk CLIP feature cache (fashion_json_encoder.models.feature_cache)."
-import os
+import json, os
 from pathlib import Path
 import pytest
 import torch
@@ -10,7 +10,7 @@ from safetensors import safe_open
 from fashion_json_encoder.data import Item, load_crop
 from fashion_json_encoder.models.image_encoder import CLIPImageEncoder, tiny_clip_config
 from fashion_json_encoder.models.feature_cache import (build_feature_cache, plan_photo_chunks, read_chunks, cache_path,
-                                                       cache_key, FeatureCache)
+                                                       cache_key, chunk_digest, FeatureCache)
 from fashion_json_encoder.data import CropDataset, collate_crops
 
 
@@ -314,15 +314,21 @@ def test_chunk_without_read_permission_is_kept(items, tower, tmp_path):
     assert victim.read_bytes() == before and again.n_computed == 5 and torch.equal(again.features[:12], fc.features)
 
 
-def test_damaged_metadata_chunk_is_removed(items, tower, tmp_path):
-    "A content error other than bytes (metadata of the wrong type) is still a damaged chunk: removed and re-encoded."
+@pytest.mark.parametrize("bad", ["types", "unhashable_after_wanted", "number_id", "short_skip"])
+def test_damaged_metadata_chunk_is_removed(items, tower, tmp_path, bad):
+    "A content error other than bytes (metadata of the wrong type, an id that is not a string) is still a damaged chunk: removed and re-encoded."
     from safetensors.torch import save_file
     fc = _build(items, tower, tmp_path / "c", chunk_size=4)
     victim = sorted(fc.path.glob("chunk_*.safetensors"))[0]
-    with safe_open(str(victim), "pt") as f: feats = f.get_tensor("features")
-    save_file({"features": feats}, str(victim), metadata={"ids": "{}", "skipped": "[]"})
-    again = _build(items, tower, tmp_path / "c", chunk_size=4)
+    with safe_open(str(victim), "pt") as f: feats, meta = f.get_tensor("features"), f.metadata()
+    ids = json.loads(meta["ids"])
+    if bad == "types": meta = {"ids": "{}", "skipped": "[]"}
+    elif bad == "short_skip": meta = {"ids": json.dumps(ids[1:]), "skipped": json.dumps({ids[0]: ["k"]})}; feats = feats[1:]
+    else: meta = {"ids": json.dumps(ids[:1] + [[1, 2] if bad == "unhashable_after_wanted" else 7] + ids[2:]), "skipped": "{}"}
+    save_file({"features": feats}, str(victim), metadata=meta | {"sha256": chunk_digest(feats, meta)})  # its checksum holds
+    again = _build(items, tower, tmp_path / "c", chunk_size=4)   # was: TypeError in the sink (a list after a wanted id)
     assert again.n_computed == 4 and torch.equal(again.features, fc.features)
+    assert _build(items, tower, tmp_path / "c", chunk_size=4).n_computed == 0   # the damaged chunk is gone, not read again
 
 
 @given(st.lists(st.booleans(), max_size=40), st.integers(1, 8))

@@ -95,6 +95,8 @@ def load_chunk(path, wanted=None) -> tuple | None:  # wanted: record ids (a set 
         meta = s.metadata() or {}
         ids, skipped = json.loads(meta["ids"]), json.loads(meta["skipped"])
         if not isinstance(ids, list) or not isinstance(skipped, dict): raise ValueError("metadata 'ids' is not a list or 'skipped' not a dict")
+        if not all(type(r) is str for r in ids) or not all(type(v) is list and len(v) == 3 for v in skipped.values()):
+            raise ValueError("metadata holds a record id that is not a string or a skip that is not [item key, reason, detail]")
         if wanted is not None and not any(r in wanted for r in ids) and not any(r in wanted for r in skipped): return None
         feats = s.get_tensor("features")
     if feats.dtype != torch.float16 or feats.ndim != 2 or len(feats) != len(ids):
