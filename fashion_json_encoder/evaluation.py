@@ -28,10 +28,10 @@ def canonical_jsons(jsons: list, fields: list) -> list:
     if not fields: return [canonical_json(j) for j in jsons]  # each item's own keys
     parts = []  # per field: each item's `"field":[values]` text, or "" when the field is empty
     for f in sorted(set(fields)):
-        keys, vals = _values_by_key(jsons, f)
+        codes, vals = _values_by_key(jsons, f)
         head = _json_str(f) + ":["
-        text = {k: head + ",".join(map(_json_str, sorted(vs))) + "]" if vs else "" for k, vs in vals.items()}
-        parts.append([text[k] for k in keys])
+        text = [head + ",".join(map(_json_str, sorted(vs))) + "]" if vs else "" for vs in vals]
+        parts.append([text[k] for k in codes])
     return ["{" + ",".join(p for p in row if p) + "}" for row in zip(*parts)]
 
 def json_groups(strings: list) -> torch.Tensor:

@@ -72,13 +72,16 @@ def _plain(key) -> bool:
     return key is None or type(key) is str or (type(key) is tuple and all(type(x) is str for x in key))
 
 def _values_by_key(jsons: list, field: str) -> tuple:
-    "(each item's key, {key: `field_values` of it}): equal raw values of `field` share a key, normalised once."
-    try:
-        keys = [tuple(v) if type(v) is list else v for v in (j.get(field) for j in jsons)]  # a list becomes a tuple
-        distinct = dict.fromkeys(keys)
+    "(each item's code, [`field_values` of each code]): items with equal raw values of `field` share a code, normalised once."
+    distinct = {}  # raw value (a list as a tuple) -> its code, numbered by first appearance
+    try: codes = [distinct.setdefault(tuple(v) if type(v := j.get(field)) is list else v, len(distinct)) for j in jsons]
     except TypeError: distinct = None  # an unhashable value (a dict in a list ...)
-    if distinct is not None and all(map(_plain, distinct)): return keys, {k: field_values({field: k}, field) for k in distinct}
-    return range(len(jsons)), {i: field_values(j, field) for i, j in enumerate(jsons)}  # item by item
+    if distinct is not None and all(map(_plain, distinct)): return codes, [field_values({field: k}, field) for k in distinct]
+    return list(range(len(jsons))), [field_values(j, field) for j in jsons]  # item by item
+
+def _counts(codes: list, n: int) -> list:
+    "How many items hold each of the `n` codes."
+    return torch.bincount(torch.tensor(codes, dtype=torch.long), minlength=n).tolist()
 
 # %% ../nbs/01b_vocab.ipynb #dc115be8
 PAD, UNK = 0, 1  # reserved ids in every field vocabulary
@@ -96,9 +99,9 @@ class Vocab:
         "Vocabulary of every field in `field_names` from training item JSONs."
         jsons, counts = list(jsons), {f: Counter() for f in field_names}
         for f, c in counts.items():  # each distinct raw value is normalised once, counted as often as it occurs
-            keys, vals = _values_by_key(jsons, f)
-            for k, m in Counter(keys).items():
-                for x in vals[k]: c[x] += m
+            codes, vals = _values_by_key(jsons, f)
+            for vs, m in zip(vals, _counts(codes, len(vals))):
+                for x in vs: c[x] += m
         return cls({f: sorted(c, key=lambda v: (-c[v], v)) for f, c in counts.items()})
 
     @property
@@ -162,15 +165,15 @@ def collate_json(encoded: list, field_names) -> dict:
 
 @patch
 def encode_batch(self: Vocab, jsons: list) -> dict:
-    "`collate_json([self.encode(j) for j in jsons], fields)`, encoding each field's distinct raw values once."
+    "`collate_json([self.encode(j) for j in jsons], fields)`, encoding and padding each field's distinct raw values once."
     jsons, out = list(jsons), {}
     for f, stoi in self.stoi.items():
-        keys, vals = _values_by_key(jsons, f); raw = Counter(keys)
-        ids = {k: [stoi.get(x, UNK) for x in vs] for k, vs in vals.items()}
-        for k, vs in vals.items():  # unseen values are counted once per item, as `encode` counts them
+        codes, vals = _values_by_key(jsons, f)
+        for vs, m in zip(vals, _counts(codes, len(vals))):  # unseen values are counted once per item, as `encode` counts them
             for x in vs:
-                if x not in stoi: self.unknown[(f, x)] += raw[k]
-        out[f] = _pad([ids[k] for k in keys])
+                if x not in stoi: self.unknown[(f, x)] += m
+        table = _pad([[stoi.get(x, UNK) for x in vs] for vs in vals])     # (distinct values, L): L is the items' longest list
+        out[f] = table[torch.tensor(codes, dtype=torch.long)]              # (N, L): each item's row of the table
     return out
 
 # %% ../nbs/01b_vocab.ipynb #10b65c09
