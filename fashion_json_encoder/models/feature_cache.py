@@ -52,10 +52,10 @@ def record_id(item) -> str | None:
     return hashlib.blake2b(json.dumps(rec, ensure_ascii=False).encode(), digest_size=12).hexdigest()
 
 def record_ids(items: list) -> list:
-    "`[record_id(it) for it in items]`, with one look at each archive and the record text written directly (the same bytes)."
-    ids, opened = [], {}
+    "`[record_id(it) for it in items]`, with one look at each archive, one at each photo and the record text written directly (the same bytes)."
+    ids, opened, last, st = [], {}, None, None
     for it in items:
-        st = member_stat(it.image_path, opened)
+        if it.image_path != last: last, st = it.image_path, member_stat(it.image_path, opened)  # a photo's garments are listed together
         if st is None: ids.append(None); continue
         key, crop = it.key, it.crop
         if type(key) is str and len(crop) == 4 and all(type(x) is int for x in crop):  # json.dumps' own text for these types
