@@ -29,6 +29,7 @@ from pathlib import Path
 from fashion_json_encoder.config import Config
 from fashion_json_encoder.dataset import build_index, scan_dataset
 from fashion_json_encoder.synthetic import make_synthetic_kfashion
+from benchlib import drop_page_cache
 
 RELEASE_LABELS = 967_806 + 120_975  # Training + Validation (docs/kfashion-format.md)
 
@@ -47,12 +48,6 @@ def gc_after(allocs: int = 3_000_000) -> float:
             if i % 50 == 0: keep.append(x)
     finally: gc.callbacks.remove(clock)
     return spent[0]
-
-
-def drop_page_cache():
-    "Write dirty pages out and drop the page cache, dentries and inodes (Linux, root): the next reads come from the disk."
-    os.sync()
-    with open("/proc/sys/vm/drop_caches", "w") as f: f.write("3\n")
 
 
 def measure(root, cache, workers, cold: bool = False):
@@ -125,8 +120,7 @@ def main(argv=None):
         made.touch()
         print(f"generated {a.n} labels ({a.images} images, {a.layout} layout) in {time.time() - t:.1f}s")
     shutil.rmtree(cache, ignore_errors=True)
-    if a.cold and not os.access("/proc/sys/vm/drop_caches", os.W_OK):
-        sys.exit("--cold drops the page cache: it needs root on Linux (/proc/sys/vm/drop_caches is not writable here)")
+    if a.cold: drop_page_cache()   # fails fast without root, before the first build
     f = measure(root, cache, a.workers, a.cold)
     shutil.rmtree(cache, ignore_errors=True)
     if a.figures_only:

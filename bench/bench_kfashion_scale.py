@@ -1,7 +1,7 @@
 """Train and evaluate at K-Fashion's real size on generated cached features (issue 11, section 4).
 
 Usage: python bench/bench_kfashion_scale.py [--scale 0.1] [--train 1450000] [--val 180000] [--epochs 2] [--device auto]
-                                            [--cache-rate 31.2] [--index-rate 5751] [--startup-rate 10250] [--json OUT.json]
+                                            [--cache-rate 31.2] [--index-rate 5751] [--startup-rate 18600] [--json OUT.json]
 
 Items follow K-Fashion-like marginals (21 categories, 23 styles with 1-2 values, 7 fits, 0-3 materials of 28, 0-3
 details of 40, Zipf-skewed, some fields missing), drawn vectorised; each item's "cached tower feature" is a noisy unit
@@ -124,8 +124,8 @@ def main(argv=None):
     ap.add_argument("--cache-rate", type=float, default=31.2, help="crops/s of the feature-cache build on this machine "
                     "(bench_decode / bench_cache; default: this README's 2-core bf16 figure)")
     ap.add_argument("--index-rate", type=float, default=5751, help="labels/s of the index build (bench_index)")
-    ap.add_argument("--startup-rate", type=float, default=10_250, help="photos/s of a run's cached start-up: vocabulary, record "
-                    "ids, both splits' ids (bench_startup.py; default: this project's 2-core CPU machine, 2026-11-27)")
+    ap.add_argument("--startup-rate", type=float, default=18_600, help="photos/s of a run's cached start-up: vocabulary, record "
+                    "ids, both splits' ids (bench_startup.py --n 100000; default: this project's 2-core CPU machine, zips, 2026-11-28)")
     ap.add_argument("--full-epochs", default="5,95", help="standalone,contrastive epochs of the projected full run")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--bare", type=int, default=1, help="also time a bare loop of the same steps (0: skip)")

@@ -1,6 +1,7 @@
 """A run's start-up once its caches exist: what every `train.py` (and, for one split, `evaluate`) does before the first step.
 
     python bench/bench_startup.py [--n 20000] [--workers 2] [--dir /tmp/kf_startup] [--repeat 3] [--before DIR] [--keep]
+                                  [--layout zips|split] [--cold]
 
 Writes (or reuses) `--n` generated photos as the release's zips (small flat JPEGs: decoding is not what this
 measures), then runs `prepare_data` once to build the index cache and the feature cache (a tiny open_clip tower,
@@ -10,10 +11,13 @@ chunk reads, and both splits' JSON ids. Also the garbage collector's time, and e
 `--before DIR` runs the same timed calls with the package in DIR (a checkout's package folder, e.g. the previous
 release's) on the same data and caches, interleaved with this one's, and prints the ratio. Figures at the
 release's size (1,088,781 photos) are the measured ones scaled by the photo count: the work is linear in it.
+`--layout split` writes the unzipped tree instead of the zips (its start-up walks and stats every file, and reads the
+labels whose digests it does not remember). `--cold` (root on Linux) drops the page cache before each timed run, as
+the first run after a reboot finds it: the index, the feature-cache chunks and the dataset's files come from the disk.
 """
 import gc, os, sys, time
 from pathlib import Path
-from benchlib import in_fresh_process, release_parser, stub_release
+from benchlib import drop_page_cache, in_fresh_process, release_parser, stub_release
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 RELEASE_PHOTOS = 1_088_781
@@ -46,8 +50,12 @@ def one_run(root: str, out: str, workers: int) -> dict:
 
 
 def main(argv=None):
-    a = release_parser(__doc__, 20_000, "/tmp/kf_startup", 3).parse_args(argv)
-    root, out = stub_release(a.dir, a.n), str(Path(a.dir) / "run")
+    ap = release_parser(__doc__, 20_000, "/tmp/kf_startup", 3)
+    ap.add_argument("--layout", default="zips", choices=["zips", "split"], help="the release's zips, or the unzipped tree")
+    ap.add_argument("--cold", action="store_true", help="drop the page cache before each timed run (root, Linux)")
+    a = ap.parse_args(argv)
+    if a.cold: drop_page_cache()   # fails fast without root
+    root, out = stub_release(a.dir, a.n, layout=a.layout), str(Path(a.dir) / "run")
     first = in_fresh_process("bench_startup", "one_run", str(root), out, a.workers)
     print(f"caches ready ({first['train']:,} train / {first['val']:,} val crops; that run encoded {first['encoded']:,} crops in {first['built']:.1f}s)")
     sides = {"this": None} | ({"before": a.before} if a.before else {})
@@ -55,6 +63,7 @@ def main(argv=None):
     runs = {k: [] for k in sides}
     for _ in range(a.repeat):
         for k, pkg in sides.items():
+            if a.cold: drop_page_cache()
             r = in_fresh_process("bench_startup", "one_run", str(root), out, a.workers, pkg=pkg)
             if not r["index_cached"] or r["encoded"]:  # e.g. a --before package whose index key differs replaces this one's cache
                 sys.exit(f"[{k}] a timed run rebuilt the index or encoded crops: not a cached start-up")

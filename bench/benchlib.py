@@ -6,16 +6,24 @@ from pathlib import Path
 BENCH_DIR = str(Path(__file__).resolve().parent)
 
 
-def stub_release(folder, n: int, workers: int = 0) -> Path:
-    "`n` generated photos as the release's zips (small flat JPEGs) under `folder`/kfashion, written once per `n` and reused."
-    folder = Path(folder); root, made = folder / "kfashion", folder / f"made-{n}"
+def stub_release(folder, n: int, workers: int = 0, layout: str = "zips") -> Path:
+    "`n` generated photos as the release's zips (or `layout` 'split': the unzipped tree; small flat JPEGs) under `folder`/kfashion, written once and reused."
+    folder = Path(folder); root, made = folder / "kfashion", folder / (f"made-{n}" if layout == "zips" else f"made-{n}-{layout}")
     if not made.exists():
         from fashion_json_encoder.synthetic import make_synthetic_kfashion
         shutil.rmtree(folder, ignore_errors=True)
         t = time.time()
-        make_synthetic_kfashion(root, n_photos=n, seed=0, image_mode="stub", layout="zips", size=(64, 80), num_workers=workers)
-        made.touch(); print(f"generated {n} photos (release zips) in {time.time() - t:.1f}s")
+        make_synthetic_kfashion(root, n_photos=n, seed=0, image_mode="stub", layout=layout, size=(64, 80), num_workers=workers)
+        made.touch(); print(f"generated {n} photos ({'release zips' if layout == 'zips' else 'unzipped tree'}) in {time.time() - t:.1f}s")
     return root
+
+
+def drop_page_cache():
+    "Write dirty pages out and drop the page cache, dentries and inodes (Linux, root): the next reads come from the disk."
+    if not os.access("/proc/sys/vm/drop_caches", os.W_OK):
+        sys.exit("--cold drops the page cache: it needs root on Linux (/proc/sys/vm/drop_caches is not writable here)")
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as f: f.write("3\n")
 
 
 def in_fresh_process(module: str, func: str, *args, pkg: str | None = None):
