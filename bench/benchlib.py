@@ -23,7 +23,9 @@ def drop_page_cache():
     if not os.access("/proc/sys/vm/drop_caches", os.W_OK):
         sys.exit("--cold drops the page cache: it needs root on Linux (/proc/sys/vm/drop_caches is not writable here)")
     os.sync()
-    with open("/proc/sys/vm/drop_caches", "w") as f: f.write("3\n")
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f: f.write("3\n")
+    except OSError as e: sys.exit(f"--cold cannot drop the page cache here ({e}): a container without CAP_SYS_ADMIN?")
 
 
 def in_fresh_process(module: str, func: str, *args, pkg: str | None = None):

@@ -4,7 +4,7 @@
 
 # %% ../nbs/01e_dataset.ipynb #cf8e683d
 from __future__ import annotations
-import functools, gc, gzip, hashlib, json, logging, multiprocessing as mp, os, string, time, unicodedata
+import functools, gc, gzip, hashlib, json, logging, multiprocessing as mp, os, re, string, sys, time, unicodedata
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -105,15 +105,41 @@ def _label_bytes(path) -> bytes:
     except OSError as e: return f"\0{type(e).__name__}".encode()
     return b"\0too large" if raw is None else raw
 
-def _hash_labels(args) -> bytes:
-    "Digest of a chunk of labels: path, size and bytes of each."
+def _hash_labels(args) -> tuple:
+    "(digest of a chunk of labels: path, size and bytes of each; whether every label was read, none failing with an OSError)."
     root, chunk = args
-    h = hashlib.blake2b(digest_size=20)
-    for rel, size, *_ in chunk: b = _label_bytes(root + rel); h.update(f"{rel}\t{size}\t{len(b)}\n".encode()); h.update(b)
-    return h.digest()
+    h, clean = hashlib.blake2b(digest_size=20), True
+    for rel, size, *_ in chunk:
+        b = _label_bytes(root + rel); h.update(f"{rel}\t{size}\t{len(b)}\n".encode()); h.update(b)
+        if b[:1] == b"\0" and b != b"\0too large": clean = False   # an I/O error may pass: its chunk is not remembered
+    return h.digest(), clean
 
 _LABEL_CHUNK, _MEMO_VERSION = 4096, 1
 _SETTLED_NS = 5 * 10**9  # a label whose change time is this recent may change again within the same tick of the file system's clock
+# File systems whose ctime is a real change time (set by every write, never by `utime`); on others (FAT, exFAT, NTFS via
+# FUSE, squashfs, ISO 9660, sshfs and other FUSE mounts, 9p, CIFS) a label's stamp cannot tell a `cp -p` edit: read every label
+_CTIME_FS = {"ext2", "ext3", "ext4", "xfs", "btrfs", "zfs", "f2fs", "tmpfs", "overlay", "nfs", "nfs4", "ceph", "lustre", "gpfs",
+             "jfs", "reiserfs", "bcachefs", "apfs", "hfs"}
+
+def _fs_type(path, mountinfo="/proc/self/mountinfo") -> str | None:
+    "The type of the file system holding `path` (Linux: its mount's by device number, else by the longest mount point); None where unknown."
+    try:
+        st, p = os.stat(path), os.path.realpath(path)
+        rows = [l.split(" - ", 1) for l in Path(mountinfo).read_text(encoding="utf-8", errors="replace").splitlines() if " - " in l]
+    except OSError: return None
+    dev, best = f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}", (-1, None)
+    for head, tail in rows:
+        f = head.split(); t = tail.split()[0]
+        if len(f) < 5: continue
+        if f[2] == dev: return t
+        mount = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), f[4])   # mountinfo escapes space, tab, newline, backslash
+        if (p == mount or p.startswith(mount.rstrip("/") + "/")) and len(mount) > best[0]: best = (len(mount), t)
+    return best[1]
+
+def _ctime_trusted(root) -> bool:
+    "Whether the labels under `root` have a change time that every write sets (POSIX file systems of `_CTIME_FS`; macOS)."
+    if sys.platform == "darwin": return True
+    return os.name == "posix" and _fs_type(root) in _CTIME_FS
 
 def _stamp(chunk) -> str:
     "Key of a chunk of labels as the file system describes them: each path, size, mtime and change time (ctime)."
@@ -123,30 +149,34 @@ def _stamp(chunk) -> str:
 
 def _label_digests(root: str, labels: list, workers: int = 0,
                    memo: Path | None = None) -> list:  # memo: a JSON file of chunk stamps -> digests (read and updated)
-    "`_hash_labels` of each chunk of `labels`; with `memo`, only chunks whose stamp it lacks are read (POSIX: ctime changes with the bytes)."
+    "`_hash_labels` of each chunk of `labels`; with `memo`, only chunks whose stamp it lacks are read (where ctime changes with the bytes)."
     chunks = [labels[i:i + _LABEL_CHUNK] for i in range(0, len(labels), _LABEL_CHUNK)]
-    memo = memo if memo is not None and os.name == "posix" else None  # Windows' st_ctime is the creation time: always read
+    if memo is not None and chunks and not _ctime_trusted(root):  # Windows' st_ctime is the creation time; FAT has none ...
+        log.info("%s: its file system keeps no change time (ctime) to trust, so every label is read at each start", root)
+        memo = None
     known, stamps, now = {}, [None] * len(chunks), time.time_ns()
     if memo is not None:
         try:
             d = json.loads(Path(memo).read_text(encoding="utf-8"))
             if type(d) is dict and d.get("version") == _MEMO_VERSION and type(d.get("chunks")) is dict:
                 known = {s: v for s, v in d["chunks"].items() if type(v) is str and len(v) == 40 and not v.strip(string.hexdigits)}
-        except (OSError, ValueError): pass  # none yet, or damaged: read every label (and write a new memo below)
+        except Exception: pass  # none yet, or damaged in any way (a memo is a memo): read every label, write a new memo below
         stamps = [_stamp(c) for c in chunks]
     todo = [i for i, s in enumerate(stamps) if type(known.get(s)) is not str]
     args = [(root, chunks[i]) for i in todo]
     if workers > 1 and sum(len(a[1]) for a in args) >= _PARALLEL_HASH_MIN:  # ~20 us a label: a pool pays off from about a second
         fresh = process_map(_hash_labels, args, workers, "hashing the labels")
     else: fresh = map(_hash_labels, args)
-    digests = [None if s is None else known.get(s) for s in stamps]
-    for i, d in zip(todo, fresh): digests[i] = d.hex()
-    if memo is not None and todo:  # a chunk with a label changed in the last seconds is read again next time, not remembered
-        keep = {s: d for s, d, c in zip(stamps, digests, chunks) if max(l[3] for l in c) < now - _SETTLED_NS}
+    digests, failed = [None if s is None else known.get(s) for s in stamps], set()
+    for i, (d, clean) in zip(todo, fresh):
+        digests[i] = d.hex()
+        if not clean: failed.add(i)
+    if memo is not None and todo:  # not remembered: a chunk with a label changed in the last seconds, or one that failed to read
+        keep = {s: d for i, (s, d, c) in enumerate(zip(stamps, digests, chunks)) if i not in failed and max(l[3] for l in c) < now - _SETTLED_NS}
         try:
             Path(memo).parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(memo, json.dumps({"version": _MEMO_VERSION, "chunks": keep}) + "\n")
-        except OSError as e: log.warning("%s: cannot save the label digests (%s); they are read again next time", memo, e)
+        except OSError as e: log.info("%s: cannot save the label digests (%s); they are read again next time", memo, e)
     if memo is not None: log.debug("labels: %d of %d chunks read, the others known from %s", len(todo), len(chunks), memo)
     return [bytes.fromhex(d) for d in digests]
 

@@ -210,6 +210,10 @@ def _reads(monkeypatch) -> list:
     return seen
 
 
+def _need_ctime(path):
+    if not dataset._ctime_trusted(path): pytest.skip(f"{path}: its file system keeps no change time to trust (no label memo there)")
+
+
 def _rewrite(path: Path, data: bytes, keep_mtime: bool = False):
     "Write `data` to `path` (mtime kept when asked, as `cp -p` does) until its change time differs: a coarse clock can repeat it."
     before = path.stat() if path.exists() else None
@@ -223,6 +227,7 @@ def _rewrite(path: Path, data: bytes, keep_mtime: bool = False):
 
 def test_cached_start_reads_no_label(tmp_path, monkeypatch):
     "Label digests are remembered under each chunk's stamp (size, mtime, ctime): an unchanged tree is not read again."
+    _need_ctime(tmp_path)
     monkeypatch.setattr(dataset, "_SETTLED_NS", -10**12)  # every label counts as settled (written long ago)
     root = make_synthetic_kfashion(tmp_path / "kf", n_photos=15, seed=5)
     cache, labels = tmp_path / "cache", sorted(root.rglob("*.json"))
@@ -248,6 +253,7 @@ def test_cached_start_reads_no_label(tmp_path, monkeypatch):
 
 def test_labels_changed_in_the_last_seconds_are_not_remembered(tmp_path, monkeypatch):
     "A label whose ctime is within `_SETTLED_NS` of the read may change again within the clock's tick: read every time."
+    _need_ctime(tmp_path)
     root = make_synthetic_kfashion(tmp_path / "kf", n_photos=6, seed=5)  # written just now
     cache = tmp_path / "cache"
     build_index(root, CFG, cache_dir=cache)
@@ -260,12 +266,58 @@ _EDITS = st.lists(st.tuples(st.sampled_from(["same_size_kept_mtime", "touch", "o
                             st.integers(0, 7)), max_size=6)
 
 
+def test_a_label_that_failed_to_read_is_not_remembered(tmp_path, monkeypatch):
+    "A label whose read failed (EIO, permissions) counts in its chunk's digest once, and is read again at the next start."
+    _need_ctime(tmp_path)
+    monkeypatch.setattr(dataset, "_SETTLED_NS", -10**12)
+    root, cache = make_synthetic_kfashion(tmp_path / "kf", n_photos=12, seed=5), tmp_path / "cache"
+    sick, real = next(root.rglob("100003.json")), dataset._label_file
+    def flaky(path):
+        if Path(path) == sick: raise OSError(5, "Input/output error")
+        return real(path)
+    monkeypatch.setattr(dataset, "_label_file", flaky)
+    ill = dataset.index_fingerprint(root, CFG, cache_dir=cache)
+    monkeypatch.setattr(dataset, "_label_file", real)    # the disk recovered
+    seen = _reads(monkeypatch)
+    well = dataset.index_fingerprint(root, CFG, cache_dir=cache)
+    assert well != ill and well == dataset.index_fingerprint(root, CFG) and str(sick) in map(str, seen)
+
+
+def test_no_memo_where_the_file_system_keeps_no_change_time(tmp_path, monkeypatch, caplog):
+    "On FAT, exFAT, squashfs, FUSE mounts ... ctime is no change time: every label is read at each start, nothing is remembered."
+    monkeypatch.setattr(dataset, "_SETTLED_NS", -10**12)
+    monkeypatch.setattr(dataset, "_fs_type", lambda path: "vfat")
+    root, cache = make_synthetic_kfashion(tmp_path / "kf", n_photos=6, seed=5), tmp_path / "cache"
+    build_index(root, CFG, cache_dir=cache)
+    seen = _reads(monkeypatch)
+    with caplog.at_level("INFO", logger="fashion_json_encoder"): again = build_index(root, CFG, cache_dir=cache)
+    assert again.from_cache and len(seen) == len(list(root.rglob("*.json"))) and not list(cache.glob("labels-*.json"))
+    assert "keeps no change time" in caplog.text
+
+
+def test_file_system_type_from_mountinfo(tmp_path):
+    "The mount is found by the path's device number, else by the longest mount point (escaped as mountinfo writes it)."
+    d = tmp_path / "my data"; d.mkdir()
+    st_, real = os.stat(d), os.path.realpath(d)
+    dev = f"{os.major(st_.st_dev)}:{os.minor(st_.st_dev)}"
+    esc = real.replace(" ", "\\040")
+    info = tmp_path / "mountinfo"
+    info.write_text(f"1 0 0:1 / / rw - rootfs rootfs rw\n2 1 {dev} / /elsewhere rw - xfs /dev/sdb rw\n")
+    assert dataset._fs_type(d, info) == "xfs"                       # by device number, wherever it is mounted
+    info.write_text(f"1 0 0:1 / / rw - ext4 /dev/sda rw\n2 1 0:99 / {esc} rw shared:1 - vfat /dev/sdc rw\n"
+                    f"3 1 0:98 / {esc}x rw - btrfs /dev/sdd rw\n")
+    assert dataset._fs_type(d, info) == "vfat"                      # by the longest mount point holding it (not "my datax")
+    assert dataset._fs_type(tmp_path / "missing", info) is None
+    assert dataset._fs_type(d, tmp_path / "no-mountinfo") is None
+
+
 @given(_EDITS, st.integers(1, 3))
 def test_remembered_digests_equal_reading_every_label(edits, chunk):
     "After any edits between runs, the fingerprint with remembered digests is the one that reads every label (memo damaged too)."
     import tempfile
     with tempfile.TemporaryDirectory() as d, pytest.MonkeyPatch.context() as mp:
         mp.setattr(dataset, "_SETTLED_NS", -10**12); mp.setattr(dataset, "_LABEL_CHUNK", chunk)
+        _need_ctime(d)
         root, memo = Path(d) / "kf", Path(d) / "cache" / "labels.json"
         for i in range(5): (root / "s").mkdir(parents=True, exist_ok=True); (root / "s" / f"{i}.json").write_bytes(b'{"a": %d}' % i)
         def both():
@@ -283,10 +335,14 @@ def test_remembered_digests_equal_reading_every_label(edits, chunk):
                 new = bytes(reversed(raw)) if op == "same_size_kept_mtime" else raw + b" "
                 _rewrite(f, new, keep_mtime=op == "same_size_kept_mtime")
             kept, fresh = both(); assert kept == fresh
-        memo.write_text('{"version": 1, "chunks": {"x": 5, "y": "zz"}}')  # a damaged memo is ignored entry by entry
+        labels = dataset.scan_dataset(root)[0]
+        stamps = [dataset._stamp(labels[i:i + chunk]) for i in range(0, len(labels), chunk)]
+        bad = [5, "zz", "g" * 40, "a" * 39, None, ["0" * 40]]    # a damaged memo is ignored entry by entry
+        memo.write_text(json.dumps({"version": 1, "chunks": {s: bad[i % len(bad)] for i, s in enumerate(stamps)}}))
         kept, fresh = both(); assert kept == fresh
-        memo.write_text("not json")
-        kept, fresh = both(); assert kept == fresh
+        for text in ("not json", "[" * 200_000, '{"version": 1, "chunks": []}'):   # ... and a memo damaged as a whole
+            memo.write_text(text)
+            kept, fresh = both(); assert kept == fresh
 
 _DAMAGES = ["truncated", "garbage", "flipped_byte", "not_json", "not_a_dict", "missing_key", "items_not_dict",
             "bad_item", "other_fingerprint"]

@@ -53,7 +53,7 @@ def record_id(item) -> str | None:
 
 def record_ids(items: list) -> list:
     "`[record_id(it) for it in items]`, with one look at each archive, one at each photo and the record text written directly (the same bytes)."
-    ids, opened, last, st = [], {}, None, None
+    ids, opened, last, st = [], {}, object(), None   # last: no path equals it, None included
     for it in items:
         if it.image_path != last: last, st = it.image_path, member_stat(it.image_path, opened)  # a photo's garments are listed together
         if st is None: ids.append(None); continue
