@@ -99,19 +99,19 @@ def _gc_paused():
 
 _CACHE_VERSION, _PARALLEL_MIN, _PARALLEL_HASH_MIN = 2, 2000, 50_000
 
-def _label_bytes(path) -> bytes:
-    "A label's content for the fingerprint; a marker for one that is too large or unreadable (parsing counts those)."
+def _label_bytes(path) -> tuple:
+    "(a label's content for the fingerprint, or a marker for one too large or unreadable: parsing counts those; whether reading it failed)."
     try: raw = _label_file(path)
-    except OSError as e: return f"\0{type(e).__name__}".encode()
-    return b"\0too large" if raw is None else raw
+    except OSError as e: return f"\0{type(e).__name__}".encode(), True
+    return (b"\0too large" if raw is None else raw), False
 
 def _hash_labels(args) -> tuple:
     "(digest of a chunk of labels: path, size and bytes of each; whether every label was read, none failing with an OSError)."
     root, chunk = args
     h, clean = hashlib.blake2b(digest_size=20), True
     for rel, size, *_ in chunk:
-        b = _label_bytes(root + rel); h.update(f"{rel}\t{size}\t{len(b)}\n".encode()); h.update(b)
-        if b[:1] == b"\0" and b != b"\0too large": clean = False   # an I/O error may pass: its chunk is not remembered
+        b, failed = _label_bytes(root + rel); h.update(f"{rel}\t{size}\t{len(b)}\n".encode()); h.update(b)
+        clean = clean and not failed   # an I/O error may pass: its chunk is not remembered
     return h.digest(), clean
 
 _LABEL_CHUNK, _MEMO_VERSION = 4096, 1
@@ -162,7 +162,7 @@ def _label_digests(root: str, labels: list, workers: int = 0,
                 known = {s: v for s, v in d["chunks"].items() if type(v) is str and len(v) == 40 and not v.strip(string.hexdigits)}
         except Exception: pass  # none yet, or damaged in any way (a memo is a memo): read every label, write a new memo below
         stamps = [_stamp(c) for c in chunks]
-    todo = [i for i, s in enumerate(stamps) if type(known.get(s)) is not str]
+    todo = [i for i, s in enumerate(stamps) if s not in known]   # without a memo, every chunk (stamps are None)
     args = [(root, chunks[i]) for i in todo]
     if workers > 1 and sum(len(a[1]) for a in args) >= _PARALLEL_HASH_MIN:  # ~20 us a label: a pool pays off from about a second
         fresh = process_map(_hash_labels, args, workers, "hashing the labels")
