@@ -8,7 +8,9 @@ details of 40, Zipf-skewed, some fields missing), drawn vectorised; each item's 
 vector around a direction made from its values (as in bench_quality), stored fp16 like the real cache. No JPEG is
 decoded: this measures everything after the feature cache. The project's real Trainer runs `--standalone` stage-1
 epochs and `--epochs` contrastive epochs with per-epoch validation (the config's seeded `val_subset`), then the final
-whole-split evaluation, then a search index over train + val and one query.
+whole-split evaluation, then a search index over train + val and one query, and the cost of a trained run's index's
+querybank term (every gallery item against every distinct training JSON; timed on `--qb-rows` rows with a random bank of
+the real distinct count, then scaled: on a CPU at full size it takes hours, on a GPU about a minute).
 Prints samples/s, seconds per epoch, per-epoch validation seconds, final evaluation seconds, peak host and GPU
 memory, and a projected full run (index + cache build + the run's start-up at the given rates + 5 standalone and 95
 contrastive epochs + final evaluation) for the machine it ran on. The start-up term (the vocabulary, the feature
@@ -35,6 +37,11 @@ try:   # this tree
 except ImportError:   # an older package (gpu_benches.sh's "before" run): the same names in their earlier homes
     from fashion_json_encoder.search import build_search_index
     from fashion_json_encoder.training import PairedData
+try:   # the index's querybank term, on the GPU when there is one
+    from fashion_json_encoder.search_index import gallery_bias
+except ImportError:   # before: always on the CPU, the whole gallery at once
+    from fashion_json_encoder.evaluation import querybank_bias
+    def gallery_bias(x, c, device=None): return querybank_bias(x, c["bank"], c["beta"], c["bank_logw"])
 from fashion_json_encoder.training import Trainer
 from fashion_json_encoder.vocab import Vocab
 
@@ -129,6 +136,8 @@ def main(argv=None):
     ap.add_argument("--full-epochs", default="5,95", help="standalone,contrastive epochs of the projected full run")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--bare", type=int, default=1, help="also time a bare loop of the same steps (0: skip)")
+    ap.add_argument("--qb-rows", type=int, default=0, help="gallery rows the querybank term is timed on, then scaled to the "
+                    "whole gallery (default: 20,000 on CUDA, 1,000 on a CPU)")
     ap.add_argument("--json", default=None, help="also write the measurements here")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -142,7 +151,10 @@ def main(argv=None):
     t0 = time.perf_counter()
     ids, feats = draw_items(n_tr + n_va, a.seed)
     vocab = vocab_of()
-    split = lambda sl: PairedData({f: v[sl] for f, v in ids.items()}, feats[sl], range(sl.stop - sl.start))
+    rows = np.arange(n_tr + n_va)   # each item's JSON (the trainer groups val by it, the search index keeps it)
+    items = [Item(f"s/{i}/상의", f"/data/{i}.jpg", "상의", (0., 0., 10., 10.), (0, 0, 10, 10), j, str(i))
+             for i, j in zip(rows, item_jsons(ids, vocab, rows))]
+    split = lambda sl: PairedData({f: v[sl] for f, v in ids.items()}, feats[sl], items[sl])
     train, val = split(slice(0, n_tr)), split(slice(n_tr, n_tr + n_va))
     print(f"data drawn in {time.perf_counter() - t0:.1f} s ({feats.numel() * 2 / 2**20:.0f} MiB of fp16 features)")
 
@@ -173,12 +185,19 @@ def main(argv=None):
 
         if a.bare: bare.append(bare_epoch(train, vocab, cfg, dev, a.seed))   # before and after the run: the load may change
         t2 = time.perf_counter()
-        rows = np.arange(n_tr + n_va)
-        jsons = item_jsons(ids, vocab, rows)
-        items = [Item(f"s/{i}/상의", f"/data/{i}.jpg", "상의", (0., 0., 10., 10.), (0, 0, 10, 10), j, str(i)) for i, j in zip(rows, jsons)]
         index = build_search_index(items, feats, trainer.encoder.cpu())
         t_index = time.perf_counter() - t2
         t3 = time.perf_counter(); hits = search(index, trainer.encoder, vocab, {"category": "category_0"}, k=10); t_query = time.perf_counter() - t3
+        # the index above has no querybank term; a trained run's has one: every gallery item against every distinct training
+        # JSON (the calibration's bank). Its cost, on a sample of rows with a bank of the real distinct count, scaled by rows
+        n_bank = len(torch.unique(torch.cat([v[:n_tr].sort(dim=1, descending=True).values for v in ids.values()], 1), dim=0))
+        qb_n = min(n_tr + n_va, a.qb_rows or (20_000 if dev.type == "cuda" else 1_000))
+        g = torch.Generator().manual_seed(a.seed)
+        calib = {"bank": F.normalize(torch.randn(n_bank, D, generator=g), dim=1), "bank_logw": torch.zeros(n_bank), "beta": 20.0}
+        x = F.normalize(feats[:qb_n].float(), dim=1)
+        gallery_bias(x[:8], calib, dev)   # warm-up: CUDA context, kernels
+        if dev.type == "cuda": torch.cuda.synchronize(dev)
+        t4 = time.perf_counter(); gallery_bias(x, calib, dev); t_qb = (time.perf_counter() - t4) * (n_tr + n_va) / qb_n
     gpu_peak = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else 0.0
 
     sps = n_tr / sec_co
@@ -195,6 +214,10 @@ def main(argv=None):
     print(f"final whole-split evaluation ({n_va:,} items): " + (f"{t_final:.1f} s" if not math.isnan(t_final) else "none (per-epoch validation was already whole-split)")
           + f"; val mrr best epoch {res['best_metrics']['mrr']:.4f}" + (f", whole split {fin['metrics']['mrr']:.4f}" if fin else ""))
     print(f"search index over {len(index):,} items: {t_index:.1f} s; one query {1000 * t_query:.1f} ms ({len(hits)} hits)")
+    full_qb = t_qb * FULL_CROPS / (n_tr + n_va) * (1 / a.scale)   # rows x bank size, both scale with the data
+    print(f"its querybank term ({n_tr + n_va:,} gallery items x {n_bank:,} distinct training JSONs, timed on {qb_n:,} rows, on {dev.type}): "
+          f"{fmt_s(t_qb)}; at full size ({FULL_CROPS:,} x {round(n_bank / a.scale):,}, the bank scaled by 1/scale: an over-estimate, "
+          f"distinct JSONs grow more slowly than items): {fmt_s(full_qb)} (the first search after training)")
     print(f"peak memory: host {peak_host_mib():,.0f} MiB (process RSS)" + (f", GPU {gpu_peak:,.0f} MiB allocated" if dev.type == "cuda" else ""))
 
     S, C = map(int, a.full_epochs.split(","))
@@ -213,7 +236,7 @@ def main(argv=None):
     if a.json:
         Path(a.json).write_text(json.dumps({"device": str(dev), "n_train": n_tr, "n_val": n_va, "scale": a.scale,
                                             "samples_per_s": sps, "epoch_seconds": sec_co, "standalone_epoch_seconds": sec_st,
-                                            "val_seconds": val_sec, "final_eval_seconds": t_final, "index_seconds": t_index,
+                                            "val_seconds": val_sec, "final_eval_seconds": t_final, "index_seconds": t_index, "querybank_term_seconds": t_qb, "querybank_term_full_seconds": full_qb, "bank_size": n_bank,
                                             "peak_host_mib": peak_host_mib(), "peak_gpu_mib": gpu_peak,
                                             "train_path": res.get("train_path"), "bare_epoch_seconds": min(bare) if bare else None, "projection_seconds": proj, "projected_total_seconds": total,
                                             "history": [{k: v for k, v in x.items() if k != "val"} for x in h]}, indent=1))

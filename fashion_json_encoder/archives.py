@@ -353,7 +353,7 @@ def scan_archives(root, archives: list, workers: int = 0) -> tuple:
     for (rel, *_), (lab, img, err, rec) in zip(archives, res):
         if err: log.error("%s; it is skipped", err); skipped["bad_archive"] += 1; continue
         if rec: log.warning("%s: damaged or truncated archive (no central directory); using the %d members found before the damage",
-                            rel, len(lab) + len(img)); notes["archive_truncated"] += 1
+                            os.path.join(str(root), rel), len(lab) + len(img)); notes["archive_truncated"] += 1
         labels += lab; images += img
     return sorted(labels), sorted(images), skipped, notes
 

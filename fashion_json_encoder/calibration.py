@@ -27,6 +27,13 @@ def json_prior(strings: list, calib: dict) -> torch.Tensor:
 
 def _calib_digest(c: dict) -> str: return state_digest({k: v for k, v in c.items() if k != "sha256"})
 
+def _saved_digest(p) -> str | None:
+    "The checksum of calibration file `p` when its content still matches it; None where there is none, or it is unreadable or damaged."
+    try:
+        c = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
+        return d if isinstance(c, dict) and (d := c.pop("sha256", None)) == _calib_digest(c) else None
+    except Exception: return None
+
 def calibrate_checkpoint(checkpoint_path, encoder, vocab: Vocab, train_jsons: list, image, text, strings: list,
                          digest: str | None = None,  # digest: `encoder_digest(encoder)` when the caller has it
                          biases: dict | None = None) -> dict:  # biases: a dict to receive {β: (N,)} querybank biases of `image`, for a caller that scores it again
@@ -38,7 +45,9 @@ def calibrate_checkpoint(checkpoint_path, encoder, vocab: Vocab, train_jsons: li
     qb = querybank_biases(image, bank, BETAS, bank_logw)   # the products of `image` with the bank: the cost of it all
     if biases is not None: biases.update(qb)
     calib.update(calibrate(image, text, bank, bank_logw, json_prior(strings, calib), biases=qb))
-    with atomic_path(side_path(checkpoint_path, "calibration")) as tmp: torch.save(calib | {"sha256": _calib_digest(calib)}, tmp)
+    p, digest = side_path(checkpoint_path, "calibration"), _calib_digest(calib)
+    if _saved_digest(p) != digest:   # the same calibration again (`evaluate` after a search) keeps its file, so a search index built with it stays current
+        with atomic_path(p) as tmp: torch.save(calib | {"sha256": digest}, tmp)
     log.info("querybank of %d training JSONs: beta %.1f chosen on val, JSON prior %s (val image->json MRR %+.4f)",
              len(bank_strings), calib["beta"], "kept" if calib["use_prior"] else "dropped", calib["prior_gain"])
     return calib

@@ -4,7 +4,7 @@
 
 # %% ../nbs/05c_checkpoints.ipynb #ba4cfc7a
 from __future__ import annotations
-import hashlib, logging
+import hashlib, logging, re
 from dataclasses import dataclass
 from pathlib import Path
 import torch
@@ -52,7 +52,11 @@ def save_checkpoint(state: dict, path) -> Path:
 
 def first_line(e: Exception) -> str:
     "'Type: first line of the message' of an error (at most 200 characters of it): one line for a user message or a log."
-    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+    msg = str(e)
+    if msg.startswith("Weights only load failed"):  # torch's first line advises the unsafe load: say what the safe loader refused
+        m = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", msg)
+        msg = "the safe (weights-only) loader refused it" + (f": {m[1].strip()}" if m else "")
+    return f"{type(e).__name__}: {(msg.splitlines() or [''])[0][:200]}"
 
 def check_finite(state: dict, path) -> dict:
     "Raise `UserError` when the encoder weights (or the logit scale) of `state` hold NaN or infinity."

@@ -133,11 +133,16 @@ def _create_config(a, path) -> int:
 
 def _train(a) -> int:
     from fashion_json_encoder.system import train_run
-    from fashion_json_encoder.checkpoints import RunDir, load_checkpoint
+    from fashion_json_encoder.checkpoints import RunDir, load_checkpoint, run_files
     out, data, base, st = a.output_dir, a.dataset_path, None, None
     if a.resume == "latest":  # open_clip's spelling: the last.pt of --output_dir
-        a.resume = RunDir(out or "outputs").last
-        if not a.resume.is_file(): raise UserError(f"--resume latest: {a.resume} not found (is --output_dir the run's folder?)")
+        run = RunDir(out or "outputs"); a.resume = run.last
+        if not a.resume.is_file() and run.cache.is_dir() and not run_files(run.root):  # it stopped before its first checkpoint
+            log.warning("--resume latest: %s stopped before its first checkpoint; starting it from the beginning (the caches "
+                        "built so far are kept)", run.root)
+            for p in run.root.glob("logs/events.out.tfevents.*"): p.unlink()   # the partial epoch's curves would overlap the new ones
+            a.resume = None
+        elif not a.resume.is_file(): raise UserError(f"--resume latest: {a.resume} not found (is --output_dir the run's folder?)")
     if a.resume:  # a resumed run keeps its config, dataset and folder unless flags say otherwise
         st = load_checkpoint(a.resume)   # read once: train_run and the trainer get this state, not the file again
         base, data = config_from_dict(st["config"], f"{a.resume} config"), data or st.get("dataset_path")

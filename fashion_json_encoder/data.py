@@ -118,7 +118,10 @@ def item_json(attrs: dict, style: list, fields: dict, stats: Counter | None = No
         raw = style if spec["key"] == STYLE_KEY else attrs.get(spec["key"])
         vals = {}  # insertion-ordered set: linear in the number of values
         for x in (raw if isinstance(raw, (list, tuple)) else [raw]):
-            if x is None or not str(x).strip(): continue
+            if x is None: continue
+            if type(x) is not str:  # a number, object or nested list is a damaged label, not a value to learn (`unreadable_label`)
+                raise TypeError(f"'{spec['key']}' holds a {type(x).__name__} ({str(x)[:40]}), not text")
+            if not x.strip(): continue
             v = normalise_value(x)
             if stats is not None and v != x: stats["value_normalised"] += 1
             vals[v] = None
@@ -147,6 +150,9 @@ def parse_photo(label_path, image_path, fields: dict, targets, pad: float = Conf
         try: size = _image_size(image_path, verify)
         except MemberError: return {"skip": "bad_member"}
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError): return {"skip": "bad_image"}
+    raw_style = labels.get(STYLE_KEY)
+    if raw_style not in (None, []) and not isinstance(raw_style[0] if isinstance(raw_style, list) else raw_style, dict):
+        raise TypeError(f"'{STYLE_KEY}' holds {str(raw_style)[:40]}, not [{{'{STYLE_KEY}': ...}}]")  # else the photo would lose its style unsaid
     sty = _first(labels, STYLE_KEY)
     style = [sty.get("스타일"), sty.get("서브스타일")]
     present, items = [g for g in KFASHION_GROUPS if _first(rects, g) or _first(labels, g)], []

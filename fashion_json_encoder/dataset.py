@@ -51,21 +51,30 @@ def pair_key(rel: str) -> tuple:
     stem = unicodedata.normalize("NFC", s[i + 1:]).rsplit(".", 1)[0]
     return (*_folder_key(s[:i]), stem) if i >= 0 else (None, "", stem)
 
-def pair_files(labels, images) -> tuple:
+_EXAMPLES = 3  # files named per skip reason: enough to find what is wrong among a million
+
+def _example(examples: dict | None, reason: str, rel: str):
+    "Remember `rel` as an example of `reason` (the first `_EXAMPLES` of each)."
+    if examples is not None and len(ex := examples.setdefault(reason, [])) < _EXAMPLES: ex.append(rel)
+
+def pair_files(labels, images,
+               examples: dict | None = None) -> tuple:  # examples: receives a few files of each skip (`_example`)
     "([(label rel, image rel)], skip Counter) matching stems within the same split and style folder."
     skipped, imgs = Counter(), {}
     for rel, *_ in images:
         k = pair_key(rel)
-        if k in imgs: skipped["duplicate_image"] += 1
+        if k in imgs: skipped["duplicate_image"] += 1; _example(examples, "duplicate_image", rel)
         else: imgs[k] = rel
     pairs, seen = [], set()
     for rel, *_ in labels:
         k = pair_key(rel)
-        if k in seen: skipped["duplicate_label"] += 1; continue
+        if k in seen: skipped["duplicate_label"] += 1; _example(examples, "duplicate_label", rel); continue
         seen.add(k)
         if k in imgs: pairs.append((rel, imgs[k]))
-        else: skipped["label_without_image"] += 1
-    skipped["image_without_label"] += len(set(imgs) - seen)
+        else: skipped["label_without_image"] += 1; _example(examples, "label_without_image", rel)
+    if alone := set(imgs) - seen:
+        skipped["image_without_label"] += len(alone)
+        for k in sorted(alone)[:_EXAMPLES]: _example(examples, "image_without_label", imgs[k])
     return pairs, +skipped
 
 # %% ../nbs/01e_dataset.ipynb #fb95a909
@@ -87,6 +96,7 @@ class DatasetIndex:
     fingerprint: str = ""
     from_cache: bool = False
     timings: dict = field(default_factory=dict)        # seconds per step of the build that made it (not cached)
+    examples: dict = field(default_factory=dict)       # reason -> up to `_EXAMPLES` relpaths of labels (or photos) it skipped
 
 @contextmanager
 def _gc_paused():
@@ -251,7 +261,7 @@ def _save_index(index: DatasetIndex, path: Path, workers: int = 0):
     global _SAVING
     holes = {s: f"\0items of {s}\0" for s in index.items}
     d = {"version": _CACHE_VERSION, "fingerprint": index.fingerprint, "records": index.records,
-         "skipped": index.skipped, "stats": index.stats, "items": holes}
+         "skipped": index.skipped, "stats": index.stats, "examples": index.examples, "items": holes}
     text, parts = json.dumps(d, ensure_ascii=False), []
     fork = workers > 1 and sum(map(len, index.items.values())) >= _PARALLEL_MIN * 25 and "fork" in mp.get_all_start_methods()
     for s, its in index.items.items():
@@ -292,7 +302,10 @@ def _load_index(root: Path, path: Path, fp: str) -> DatasetIndex:
         items = {s: [Item(k, os.path.join(r, p), g, tuple(b), tuple(c), j, l) for k, p, g, b, c, j, l in its]
                  for s, its in d["items"].items()}
         if not all(map(_item_ok, (it for its in items.values() for it in its))): raise ValueError("an item of unexpected shape")
-    return DatasetIndex(root, items, records, Counter(skipped), Counter(stats), fp, True)
+        examples = d.get("examples", {})   # caches written before the examples have none
+        if not (type(examples) is dict and all(type(v) is list and all(type(p) is str for p in v) for v in examples.values())):
+            raise ValueError("unexpected layout")
+    return DatasetIndex(root, items, records, Counter(skipped), Counter(stats), fp, True, examples=examples)
 
 # %% ../nbs/01e_dataset.ipynb #8439385f
 def _memo_path(cache_dir, root) -> Path | None:
@@ -340,7 +353,8 @@ def build_index(dataset_path, cfg: Config, cache_dir=None, num_workers: int | No
         bad = f"; {skipped['bad_archive']} zip(s) cannot be opened (see the log)" if skipped.get("bad_archive") else ""
         raise UserError(f"{root}: no K-Fashion label files (*.json) in its folders or readable zips{bad}")
     t["listing archives"], t1 = time.time() - t1, time.time()
-    pairs, sk = pair_files(labels, images)
+    examples = {}
+    pairs, sk = pair_files(labels, images, examples)
     skipped.update(sk)
     t["pairing"], t1 = time.time() - t1, time.time()
     opts = (cfg.fields, tuple(cfg.target_categories), cfg.crop_padding, cfg.verify_images)
@@ -349,11 +363,14 @@ def build_index(dataset_path, cfg: Config, cache_dir=None, num_workers: int | No
     with _gc_paused():
         recs, seen = [], set()
         for (lrel, irel), r in zip(pairs, results):
-            if "skip" in r: skipped[r["skip"]] += 1; continue
+            if "skip" in r: skipped[r["skip"]] += 1; _example(examples, r["skip"], lrel); continue
             split, style, stem = pair_key(lrel)
-            if (style, stem) in seen: skipped["duplicate_label"] += 1; continue  # same style/stem in two splits
+            if (style, stem) in seen:  # same style/stem in two splits
+                skipped["duplicate_label"] += 1; _example(examples, "duplicate_label", lrel); continue
             seen.add((style, stem)); recs.append((split, style, stem, irel, r))
-            if r["skipped"]: skipped.update(r["skipped"])
+            if r["skipped"]:
+                skipped.update(r["skipped"])
+                for reason in r["skipped"]: _example(examples, reason, lrel)
             if r["stats"]: stats.update(r["stats"])
         by_folder = {s for s, *_ in recs} >= {"train", "val"}
         val_looks = set() if by_folder else split_looks([r["look"] for *_, r in recs], cfg.val_fraction, cfg.seed)
@@ -363,7 +380,7 @@ def build_index(dataset_path, cfg: Config, cache_dir=None, num_workers: int | No
             records[s] += 1
             items[s] += [Item(f"{style}/{stem}/{g}", r0 + irel, g, box, crop, j, r["look"]) for g, box, crop, j in r["items"]]
         del results, recs
-        index = DatasetIndex(root, items, records, +skipped, +stats, fp, timings=t)
+        index = DatasetIndex(root, items, records, +skipped, +stats, fp, timings=t, examples=examples)
         t["assembling"], t1 = time.time() - t1, time.time()
         if cpath: _save_index(index, cpath, workers); t["writing the cache"] = time.time() - t1
     log.info("indexed %d photos -> %d/%d train/val items in %.1fs (%s)", sum(records.values()), len(items["train"]),
@@ -387,6 +404,7 @@ def data_report(index: DatasetIndex, vocab: Vocab | None = None, field_names=Non
             "items_per_group": {g: {s: sum(it.group == g for it in v) for s, v in index.items.items()} for g in groups},
             "looks": {s: len({it.look for it in v}) for s, v in index.items.items()} | {"in_both_splits": len(shared)},
             "skipped": dict(sorted(index.skipped.items())), "notes": dict(sorted(index.stats.items())),
+            "skip_examples": {r: index.examples[r] for r in sorted(index.examples) if index.skipped.get(r)},
             "vocab_sizes": vocab.sizes, "unknown_values": {f: sum(c.values()) for f, c in unknown.items()},
             "unknown_examples": {f: [v for v, _ in c.most_common(3)] for f, c in unknown.items() if c},
             "from_cache": index.from_cache}
@@ -406,7 +424,10 @@ def format_report(report: dict) -> str:
            _row("", *splits), _row("photos (records)", *(report["records"].get(s, 0) for s in splits)),
            _row("looks", *(report["looks"].get(s, 0) for s in splits)) + f"   ({report['looks'].get('in_both_splits', 0)} in both splits)", _row("items (crops)", *(report["items"][s] for s in splits))]
     out += [_row(f"  {g}", *(n.get(s, 0) for s in splits)) for g, n in report["items_per_group"].items()]
-    out += ["", "skipped:"] + [_row(r, n) + f"   {SKIP_REASONS.get(r, '')}" for r, n in report["skipped"].items()]
+    out += ["", "skipped:"]
+    for r, n in report["skipped"].items():
+        out.append(_row(r, n) + f"   {SKIP_REASONS.get(r, '')}")
+        if ex := report.get("skip_examples", {}).get(r): out.append(" " * 35 + "e.g. " + ", ".join(ex))
     out += ["", "notes:"] + [_row(r, n) for r, n in report.get("notes", {}).items()]
     out += ["", "vocabulary (train; sizes include pad and unk):"]
     for f, n in report["vocab_sizes"].items():

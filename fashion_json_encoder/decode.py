@@ -62,7 +62,8 @@ def gpu_refusal(data: bytes) -> str | None:
 
 def _reason(e, path) -> tuple:
     "(skip reason, message) for a photo that failed."
-    msg = re.sub(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "its bytes", (str(e).splitlines() or [""])[0][:300])  # no addresses: messages are stored
+    msg = (str(e).splitlines() or [""])[0][:300].replace("cannot identify image file <", "not an image file Pillow knows <")
+    msg = re.sub(r" ?<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", msg)  # no addresses: messages are stored
     if isinstance(e, MemberError): return "bad_member", msg
     return "bad_image", msg if str(path) in msg else f"{path}: cannot decode image ({type(e).__name__}: {msg})"
 

@@ -64,6 +64,8 @@ def prepare_data(cfg: Config, dataset_path, output_dir, vocab: Vocab | None = No
         data[split] = make_paired(items, vocab, feats)
     info = {"data": {"dataset_path": str(Path(dataset_path).resolve()), "records": index.records,
                      "items": {s: len(d) for s, d in data.items()}, "skipped": dict(skipped),
+                     "notes": dict(sorted(index.stats.items())),   # box_clipped, archive_truncated, label_cp949 ...: what the data needed
+                     "skip_examples": {r: index.examples[r] for r in sorted(index.examples) if index.skipped.get(r)},
                      "unknown_values": sum(vocab.unknown.values())},
             "tower": {"model": cfg.clip_model, "pretrained": tower.pretrained, "fingerprint": tower.fingerprint,
                       "seed": cfg.seed, "precision": cfg.clip_precision},

@@ -42,6 +42,10 @@ def _fmt_time(s: float) -> str:
     if s < 3600: return f"{int(s // 60)} min {int(s % 60):02d} s"
     return f"{int(s // 3600)} h {int(s % 3600 // 60):02d} min"
 
+def _plural(n: float, unit: str) -> str:
+    "'label' -> 'labels' for a count other than 1 ('it', tqdm's default unit, and units ending in s stay)."
+    return unit if n == 1 or unit == "it" or unit.endswith("s") else unit + "s"
+
 def _fmt_rate(n: float, s: float, unit: str) -> str:
     if n <= 0 or s <= 0: return f"? {unit}/s"
     r = n / s
@@ -71,10 +75,10 @@ class LogProgress:
         if self.step: self.next_mark = (math.floor(self.n / self.step) + 1) * self.step
         if self.total:
             eta = (self.total - self.n) * el / self.n if self.n else math.nan
-            msg = (f"{self._name()}: {self.n}/{self.total} {self.unit} ({100 * self.n / self.total:.0f}%), "
+            msg = (f"{self._name()}: {self.n}/{self.total} {_plural(self.total, self.unit)} ({100 * self.n / self.total:.0f}%), "
                    f"{_fmt_time(el)} elapsed, {_fmt_rate(self.n, el, self.unit)}, "
                    + (f"about {_fmt_time(eta)} left" if math.isfinite(eta) else "time left unknown"))
-        else: msg = f"{self._name()}: {self.n} {self.unit}, {_fmt_time(el)} elapsed, {_fmt_rate(self.n, el, self.unit)}"
+        else: msg = f"{self._name()}: {self.n} {_plural(self.n, self.unit)}, {_fmt_time(el)} elapsed, {_fmt_rate(self.n, el, self.unit)}"
         self.log.info("%s%s", msg, self.postfix)
 
     def update(self, n: float = 1):
@@ -89,8 +93,8 @@ class LogProgress:
         if self.closed: return
         self.closed, el = True, self.clock() - self.start
         if not self.closing: return
-        head = (f"stopped at {self.n}/{self.total} {self.unit}" if self.total and self.n < self.total
-                else f"done, {self.n} {self.unit}")
+        head = (f"stopped at {self.n}/{self.total} {_plural(self.total, self.unit)}" if self.total and self.n < self.total
+                else f"done, {self.n} {_plural(self.n, self.unit)}")
         self.log.info("%s: %s in %s (%s)%s", self._name(), head, _fmt_time(el), _fmt_rate(self.n, el, self.unit), self.postfix)
 
     def __iter__(self):

@@ -9,12 +9,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from .config import Config, UserError, update_config
+from .config import Config, UserError, resolve_device, update_config
 from .checkpoints import RunDir, encoder_digest, first_line, load_checkpoint, load_encoder, side_path
 from .vocab import Vocab, field_values, normalise_value, romanize
 from .archives import member_stat, read_bytes, split_member
 from .data import clip_box, crop_box
-from .search_index import SearchIndex, build_search_index, dataset_fingerprint
+from .search_index import SearchIndex, build_search_index, dataset_fingerprint, file_stamp
 from .models.json_encoder import encode_json
 from .models.image_encoder import make_tower
 from .evaluation import canonical_jsons
@@ -174,6 +174,9 @@ class Searcher:
         try: ix = SearchIndex.load(p)
         except ValueError as e: log.warning("%s: cannot use the saved search index (%s), rebuilding it", p, e); return None
         if ix.encoder != self.digest: log.info("%s: built for another encoder, rebuilding it", p); return None
+        cal = side_path(self.checkpoint_path, "calibration")
+        if (now := file_stamp(cal)) and now != ix.calibration_file:   # `evaluate` chose β again: the index's scores follow it
+            log.info("%s: the querybank calibration %s changed since it was built, rebuilding it", p, cal); return None
         if not self.dataset_path: return ix
         try: data = dataset_fingerprint(self.dataset_path, self.cfg, cache_dir=RunDir.of(self.checkpoint_path).cache)
         except (OSError, UserError) as e:
@@ -192,15 +195,17 @@ class Searcher:
         prep = prepare_data(cfg, self.dataset_path, RunDir.of(self.checkpoint_path).root, vocab=self.vocab,
                             tower=self.tower, progress=self.progress)
         calibration = load_calibration(self.checkpoint_path, self.encoder, self.digest)   # read only when an index is built
-        if calibration is None and len(prep.val) >= 2:
-            vi, vt = F.normalize(prep.val.features.float(), dim=1), embed_rows(self.encoder, prep.val, "cpu")
-            calibration = calibrate_checkpoint(self.checkpoint_path, self.encoder, self.vocab, [it.json for it in prep.train.items],
+        dev = resolve_device("auto")   # the querybank products (val and gallery x every training JSON) on the GPU when there is one
+        if calibration is None and len(prep.val) >= 2:   # as `evaluate` does it: every labelled training item's JSON
+            vi, vt = F.normalize(prep.val.features.float(), dim=1).to(dev), embed_rows(self.encoder, prep.val, "cpu").to(dev)
+            calibration = calibrate_checkpoint(self.checkpoint_path, self.encoder, self.vocab, [it.json for it in prep.index.items["train"]],
                                                     vi, vt, canonical_jsons([it.json for it in prep.val.items], list(self.vocab.fields)),
                                                     self.digest)
         data = dataset_fingerprint(self.dataset_path, self.cfg, prep.index.fingerprint)   # the walk `prepare_data` made, not another
         index = build_search_index(prep.train.items + prep.val.items, torch.cat([prep.train.features, prep.val.features]),
                                    self.digest, self.tower.fingerprint, calibration,
-                                   str(Path(self.dataset_path).expanduser().resolve()), data)
+                                   str(Path(self.dataset_path).expanduser().resolve()), data,
+                                   calibration_file=file_stamp(side_path(self.checkpoint_path, "calibration")), device=dev)
         index.save(side_path(self.checkpoint_path, "index"))
         log.info("search index of %d items saved to %s", len(index), side_path(self.checkpoint_path, "index"))
         return index

@@ -4,7 +4,7 @@
 
 # %% ../nbs/06e_search_index.ipynb #314102fa
 from __future__ import annotations
-import functools, hashlib, logging, math, time
+import functools, hashlib, logging, math, os, time
 from dataclasses import dataclass, fields as dc_fields, replace
 from pathlib import Path
 import torch
@@ -12,13 +12,14 @@ import torch.nn.functional as F
 from .config import atomic_path
 from .checkpoints import encoder_digest, first_line, state_digest
 from .dataset import index_fingerprint
-from .evaluation import querybank_bias
+from .evaluation import _chunk_rows, querybank_bias
 
 log = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['log', 'INDEX_FORMAT', 'APPROX_THRESHOLD', 'IVF_NPROBE', 'EXACT_BEYOND', 'dataset_fingerprint', 'SearchIndex',
-           'build_search_index', 'fold_gallery', 'fold_queries', 'build_ivf', 'serialize_ivf']
+           'build_search_index', 'gallery_bias', 'file_stamp', 'fold_gallery', 'fold_queries', 'build_ivf',
+           'serialize_ivf']
 
 # %% ../nbs/06e_search_index.ipynb #acc2c97b
 def dataset_fingerprint(dataset_path, cfg,                # cfg: the checkpoint's config (which items a label gives)
@@ -44,6 +45,7 @@ class SearchIndex:
     dataset: str = ""        # the resolved dataset folder it was built from
     data: str = ""           # `dataset_fingerprint` of that folder at build time
     ann: torch.Tensor | None = None  # uint8 `serialize_ivf` of `build_ivf(fold_gallery(...))`; None: searched exactly
+    calibration_file: str = ""       # `file_stamp` of the checkpoint's calibration file when built ("": there was none)
 
     def __len__(self): return len(self.keys)
     @functools.cached_property
@@ -119,14 +121,34 @@ class SearchIndex:
 def build_search_index(items, features, encoder,  # encoder: the JSON encoder, or its `encoder_digest`
                        tower_fingerprint: str = "", calibration: dict | None = None,
                        dataset: str = "", data: str = "",  # dataset, data: the folder and its `dataset_fingerprint`
-                       approx_threshold: int | None = None) -> SearchIndex:  # IVF index from this size on (`APPROX_THRESHOLD`)
+                       approx_threshold: int | None = None,  # IVF index from this size on (`APPROX_THRESHOLD`)
+                       calibration_file: str = "",  # `file_stamp` of the calibration file it was built with
+                       device=None) -> SearchIndex:  # where the querybank term is computed (a GPU: seconds where a CPU takes hours)
     "Index `items` (data.Item) with their (N, D) image features."
     feats = F.normalize(features.float(), dim=1)
     beta = bias = None
-    if calibration: beta, bias = calibration["beta"], querybank_bias(feats, calibration["bank"], calibration["beta"], calibration["bank_logw"])
+    if calibration: beta, bias = calibration["beta"], gallery_bias(feats, calibration, device)
     return SearchIndex(feats.half(), [it.key for it in items], [str(it.image_path) for it in items], [list(it.box) for it in items],
                        [it.json for it in items], encoder if isinstance(encoder, str) else encoder_digest(encoder),
-                       tower_fingerprint, beta, bias, dataset, data).with_ann(approx_threshold)
+                       tower_fingerprint, beta, bias, dataset, data, calibration_file=calibration_file).with_ann(approx_threshold)
+
+def gallery_bias(feats: torch.Tensor,  # (N, D) unit-norm gallery features, in host memory
+                 calibration: dict,    # `calibration.calibrate_checkpoint`'s: bank, bank_logw, beta
+                 device=None, rows: int = 65536) -> torch.Tensor:  # rows: gallery rows sent to `device` at a time
+    "(N,) querybank term of each gallery item, computed on `device` (default CPU) a block of rows at a time, returned on the CPU."
+    dev = torch.device(device or "cpu")
+    bank, lw = calibration["bank"].float().to(dev), calibration.get("bank_logw")
+    lw = None if lw is None else lw.float().to(dev)   # None: every bank JSON counts once
+    chunk = _chunk_rows(len(bank), 1 << 27) if dev.type == "cuda" else None   # 512 MiB products on a GPU, 64 MiB on a CPU
+    log.info("querybank term of %d gallery items against %d training JSONs on %s", len(feats), len(bank), dev)
+    parts = [querybank_bias(feats[s:s + rows].to(dev), bank, calibration["beta"], lw, chunk).cpu() for s in range(0, len(feats), rows)]
+    return torch.cat(parts) if parts else torch.empty(0)
+
+def file_stamp(path) -> str:
+    "'size:mtime_ns' of a file (written atomically, so each version is a new file), '' when there is none."
+    try: st = os.stat(path)
+    except FileNotFoundError: return ""
+    return f"{st.st_size}:{st.st_mtime_ns}"
 
 # %% ../nbs/06e_search_index.ipynb #ea824364
 APPROX_THRESHOLD = 20_000  # galleries of at least this many items get an IVF index; smaller ones are searched exactly

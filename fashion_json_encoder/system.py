@@ -32,9 +32,23 @@ __all__ = ['log', 'claimed_run', 'train_run', 'evaluate_checkpoint', 'FashionEnc
 def claimed_run(out, resume: bool = False,  # continuing the run already in `out`
                 overwrite: bool = False):   # replace the run already in `out`
     "The writes of a training run into `out`: a full disk is one line, one run at a time (lock), the folder writable and claimed."
-    with user_io(out), (run_lock(out) if is_main() else nullcontext()):
-        if is_main(): claim_run_dir(check_writable(out), resume=resume, overwrite=overwrite)
-        yield Path(out)
+    new = not Path(out).exists()
+    try:
+        with user_io(out), (run_lock(out) if is_main() else nullcontext()):
+            if is_main(): claim_run_dir(check_writable(out), resume=resume, overwrite=overwrite)
+            yield Path(out)
+    except BaseException:
+        if new and is_main(): _remove_if_empty(Path(out))   # a run that failed before writing anything leaves no folder behind
+        raise
+
+def _remove_if_empty(folder: Path):
+    "Remove `folder` if it holds nothing but its lock file and empty folders."
+    try:
+        dirs = sorted((p for p in folder.rglob("*") if p.is_dir() and not p.is_symlink()), key=lambda p: -len(p.parts))
+        if any(p.is_file() or p.is_symlink() for p in folder.rglob("*") if p.name != ".lock" or p.parent != folder): return
+        for p in dirs: p.rmdir()
+        (folder / ".lock").unlink(missing_ok=True); folder.rmdir()
+    except OSError: pass   # a file appeared, or no permission: leave it
 
 def train_run(cfg: Config, dataset_path, output_dir, resume=None, progress: bool = True, tower=None,
               standalone_epochs: int | None = None, contrastive_epochs: int | None = None,

@@ -15,7 +15,7 @@ from .progress import progress
 from .checkpoints import CKPT_FORMAT, RunDir, load_checkpoint, save_checkpoint
 from .vocab import Vocab
 from .paired import PairedData, crop_batches, embed_rows, standalone_targets, val_subset_rows, with_tower_features
-from .evaluation import gallery_metrics
+from .evaluation import canonical_jsons, gallery_metrics, json_groups
 from .models.json_encoder import encoder_from_config
 from .models.contrastive_learner import ContrastiveLearner
 from .models.feature_cache import is_mapped
@@ -99,6 +99,8 @@ class Trainer:
         # rank 0's subset for every rank: only rank 0 embeds val, and photos it cannot decode shorten its split
         self.val_rows = broadcast_object(val_subset_rows(len(val), cfg.val_subset, cfg.seed) if self.rank == 0 else None)
         self.val_image = self._val_image(self.val_rows) if self.rank == 0 else None
+        # "same JSON" as `evaluate` counts it: equal canonical JSON strings, not equal embeddings (unseen values embed alike)
+        self.val_groups = json_groups(canonical_jsons([it.json for it in val.items], list(vocab.fields))) if self.rank == 0 else None
         self._stage_steps, self._res, self.train_path, self.final = {}, None, None, None
         self.steps_per_epoch = len(self._batches(1))  # the same every epoch: the last short batch is the only one dropped
         self._sched = (0, 0)  # (first global step of the contrastive stage, its steps in this run)
@@ -270,7 +272,8 @@ def validate(self: Trainer, whole: bool = False, encoder=None) -> dict:
         rows = None if whole else self.val_rows
         img = self.val_image if not whole or self.val_rows is None else self._val_image(None)
         txt = embed_rows(encoder or self.encoder, self.val_data, self.device, rows=rows, keep=True)
-        m = gallery_metrics(img, txt, self.learner.logit_scale.exp().item())
+        g = self.val_groups if rows is None else torch.unique(self.val_groups[rows], return_inverse=True)[1]
+        m = gallery_metrics(img, txt, self.learner.logit_scale.exp().item(), groups=g)
     return broadcast_object(m)
 
 @patch

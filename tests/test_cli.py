@@ -131,6 +131,8 @@ def test_inspect_data_and_decode_flag_on_release_zips(dataset, tmp_path, capsys)
     for d in (zips, dataset):
         assert main(["inspect_data", "--dataset_path", str(d), "--output_dir", str(tmp_path / "o"), "--json", "--quiet"]) == 0
         reps.append({k: v for k, v in json.loads(capsys.readouterr().out).items() if k != "dataset"})
+    ex = [r.pop("skip_examples") for r in reps]   # the same files, named in an archive or in a folder
+    assert {k: [p.split("/")[-1] for p in v] for k, v in ex[0].items()} == {k: [p.split("/")[-1] for p in v] for k, v in ex[1].items()}
     assert reps[0] == reps[1] and reps[0]["records"]["train"] > 0
     a = add_train_args(argparse.ArgumentParser()).parse_args(["--decode", "cpu"])
     assert config_from_args(a).decode == "cpu"
@@ -272,3 +274,31 @@ def test_inspect_data_imports_no_tower_library(dataset, tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
     assert out.stderr.strip().splitlines()[-1] == "0 []", out.stderr[-2000:]
     assert json.loads(out.stdout)["records"]["train"] > 0
+
+
+def test_resume_latest_after_a_crash_before_the_first_checkpoint_starts_the_run(trained, dataset, tmp_path, capsys):
+    "A kill during the feature-cache build (a release's longest step) left no last.pt, and the README's `--resume latest` failed."
+    import shutil
+    out = tmp_path / "run"
+    shutil.copytree(trained[0] / "cache", out / "cache")              # what the crashed run had cached
+    (out / "logs").mkdir(); (out / "logs/events.out.tfevents.1.crashed").write_bytes(b"partial")
+    args = ["--dataset_path", str(dataset), "--output_dir", str(out), "--epochs", "2", "--standalone_epochs", "1", "--batch_size", "8",
+            "--clip_pretrained", "none", "--num_workers", "0", "--quiet", "--resume", "latest"]
+    assert train_main(args) == 0
+    assert "stopped before its first checkpoint" in capsys.readouterr().err and (out / "checkpoints/last.pt").is_file()
+    assert not (out / "logs/events.out.tfevents.1.crashed").exists()
+    # a folder where nothing ever ran is still a one-line error (a mistyped --output_dir must not start a run)
+    rc, lines, err = _rc_err(capsys, train_main, [*args[:2], "--output_dir", str(tmp_path / "typo"), *args[4:]])
+    assert rc == 2 and "not found" in lines[0] and not (tmp_path / "typo").exists(), err
+
+
+def test_a_failed_start_leaves_no_run_folder(capsys, tmp_path):
+    "A mistyped --dataset_path was a clear error that still left OUT/.lock behind; a folder that existed before stays."
+    for ds, needle in ((tmp_path / "nope", "does not exist"), (tmp_path, "no K-Fashion label files")):
+        rc, lines, err = _rc_err(capsys, train_main, ["--dataset_path", str(ds), "--output_dir", str(tmp_path / "out"),
+                                                      "--clip_pretrained", "none", "--quiet"])
+        assert rc == 2 and needle in lines[0], err
+        assert not (tmp_path / "out").exists()
+    (tmp_path / "mine").mkdir(); (tmp_path / "mine/notes.txt").write_text("keep")
+    rc, _, err = _rc_err(capsys, train_main, ["--dataset_path", str(tmp_path / "nope"), "--output_dir", str(tmp_path / "mine"), "--quiet"])
+    assert rc == 2 and (tmp_path / "mine/notes.txt").read_text() == "keep", err

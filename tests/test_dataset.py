@@ -494,12 +494,16 @@ def test_index_cache_written_by_forked_writers_is_the_one_process_file(tmp_path,
     D._save_index(index, one, workers=0); D._save_index(index, many, workers=3)
     n = len(str(index.root)) + 1  # the text the previous release wrote with one json.dumps: existing caches stay valid
     whole = {"version": D._CACHE_VERSION, "fingerprint": index.fingerprint, "records": index.records, "skipped": index.skipped,
-             "stats": index.stats, "items": {s: [[it.key, it.image_path[n:], it.group, it.box, it.crop, it.json, it.look] for it in its]
+             "stats": index.stats, "examples": index.examples, "items": {s: [[it.key, it.image_path[n:], it.group, it.box, it.crop, it.json, it.look] for it in its]
                                              for s, its in index.items.items()}}
     assert gzip.decompress(many.read_bytes()) == gzip.decompress(one.read_bytes()) == json.dumps(whole, ensure_ascii=False).encode()
     assert many.read_bytes() != one.read_bytes()  # the forked path ran: several gzip members
     back = D._load_index(index.root, many, index.fingerprint)
     assert back.items == index.items and back.records == index.records and back.skipped == index.skipped
+    assert back.examples == index.examples
+    old = tmp_path / "c3" / "old.json.gz"; old.parent.mkdir()   # a cache written before skip examples: still loads, without them
+    del whole["examples"]; old.write_bytes(gzip.compress(json.dumps(whole, ensure_ascii=False).encode()))
+    assert D._load_index(index.root, old, index.fingerprint).examples == {}
 
 
 # ---- a worker that dies (multiprocessing.Pool waited forever for its task) ---------------------------------------
@@ -536,3 +540,44 @@ def test_a_killed_worker_is_one_line_from_the_cli(datasets, tmp_path, monkeypatc
     assert main(["inspect_data", "--dataset_path", str(datasets["split"]), "--cache_dir", str(tmp_path), "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: parsing the labels: a worker process died (SIGKILL") and "\n" not in err, err
+
+
+def test_label_values_of_the_wrong_type_skip_the_photo_by_name(tmp_path, caplog):
+    """A number, object or nested list where K-Fashion has text, or a 스타일 that is not [{...}], was turned into a string and
+    learnt as a value (or dropped the style unsaid); now the photo is an `unreadable_label` skip whose log line names the file."""
+    ds = make_synthetic_kfashion(tmp_path / "kf", n_photos=12, seed=3)
+    before = build_index(ds, CFG)
+    files = sorted((ds / "Training").rglob("*.json"))
+    edits = {"int": lambda L, g: L[g][0].__setitem__("카테고리", 7), "dict": lambda L, g: L[g][0].__setitem__("소재", [{"a": 1}]),
+             "nested": lambda L, g: L["스타일"][0].__setitem__("스타일", ["스트리트", "펑크"]), "bare": lambda L, g: L.__setitem__("스타일", "스트리트")}
+    for f, edit in zip(files, edits.values()):
+        d = json.loads(f.read_text(encoding="utf-8")); L = d["데이터셋 정보"]["데이터셋 상세설명"]["라벨링"]
+        edit(L, next(g for g in ("상의", "하의", "아우터") if L[g] and L[g][0]))
+        f.write_text(json.dumps(d, ensure_ascii=False), encoding="utf-8")
+    with caplog.at_level(logging.WARNING, logger="fashion_json_encoder"): after = build_index(ds, CFG)
+    assert after.skipped.get("unreadable_label", 0) - before.skipped.get("unreadable_label", 0) == len(edits)
+    assert sum(after.records.values()) == sum(before.records.values()) - len(edits)
+    assert all(str(f) in caplog.text for f in files[:len(edits)])
+    values = {v for s in ("train", "val") for it in after.items[s] for v in (it.json.get("category"), *it.json.get("material", []))}
+    assert "7" not in values and "{'a': 1}" not in values
+
+
+@pytest.mark.parametrize("layout", ["split", "zips"])
+def test_each_skip_names_files_to_look_at(tmp_path, layout):
+    "A count alone cannot find 2 bad labels among a million files: each reason keeps up to three files, in the cache too."
+    import zipfile
+    ds = make_synthetic_kfashion(tmp_path / "kf", n_photos=N, seed=3, bad_cases=True, layout="zips" if layout == "zips" else "split")
+    for again in (False, True):   # the first build, then the cached index
+        index = build_index(ds, CFG, cache_dir=tmp_path / "cache")
+        assert index.from_cache == again
+        report = data_report(index)
+        named = {r for r in report["skipped"] if r not in ("broken_link", "undecodable_name", "repeated_folder", "bad_archive", "bad_member")}
+        assert named and set(report["skip_examples"]) >= named
+        for r, ex in report["skip_examples"].items():
+            assert 1 <= len(ex) <= min(3, index.skipped[r])
+            for rel in ex:
+                arch, _, member = rel.partition("::")
+                assert (ds / arch).is_file(), (r, rel)
+                if member:
+                    with zipfile.ZipFile(ds / arch) as z: assert member in z.namelist(), (r, rel)
+        assert all(f"e.g. {report['skip_examples'][r][0]}" in format_report(report) for r in named)

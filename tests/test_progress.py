@@ -24,8 +24,8 @@ def test_log_mode_ten_lines_for_1000_steps(log, caplog):
     lines = _msgs(caplog)
     assert len(lines) == 10
     assert [l.split(" (")[1].split("%")[0] for l in lines[:-1]] == [str(p) for p in range(10, 100, 10)]
-    assert lines[0].startswith("cache: 100/1000 img (10%), 0.1 s elapsed, 1,000 img/s, about 0.9 s left")
-    assert lines[-1] == "cache: done, 1000 img in 1.0 s (1,000 img/s)"
+    assert lines[0].startswith("cache: 100/1000 imgs (10%), 0.1 s elapsed, 1,000 img/s, about 0.9 s left")
+    assert lines[-1] == "cache: done, 1000 imgs in 1.0 s (1,000 img/s)"   # counts in the plural ("300 label in 0.0 s" before)
 
 def test_log_mode_time_rule_without_total(log, caplog):
     clock = Clock()

@@ -445,3 +445,29 @@ def test_unreadable_calibration_is_kept_with_one_warning(own_run, monkeypatch, c
     monkeypatch.setattr(torch, "load", oom)
     with pytest.raises(MemoryError): load_calibration(ckpt, s.encoder)
     assert p.read_bytes() == before
+
+
+def test_search_and_evaluate_share_one_calibration_and_the_index_follows_it(run, tmp_path, caplog):
+    """Search calibrated on the decodable training crops and evaluate on every labelled one (two banks, one file); a β that
+    evaluate chose again left a saved index with the old one. Now: one bank, an identical calibration is not rewritten,
+    and a changed one rebuilds the index."""
+    from fashion_json_encoder.calibration import _calib_digest
+    from fashion_json_encoder.search_index import file_stamp
+    from fashion_json_encoder.prepare import prepare_data
+    from fashion_json_encoder.checkpoints import RunDir
+    ckpt = tmp_path / "run/checkpoints/best_model.pt"; ckpt.parent.mkdir(parents=True); shutil.copy(run[1], ckpt)
+    ds, tower = make_synthetic_kfashion(tmp_path / "kfashion", n_photos=40, seed=3, bad_cases=True), run[3]
+    s = Searcher(ckpt, ds, tower=tower); ix = s.index
+    p = side_path(ckpt, "calibration"); mine = load_calibration(ckpt, s.encoder); stamp = file_stamp(p)
+    ev = evaluate_checkpoint(ckpt, ds, tower=tower, progress=False)
+    prep = prepare_data(update_config(s.cfg, feature_cache=True), ds, RunDir.of(ckpt).root, vocab=s.vocab, tower=tower, progress=False)
+    assert len(prep.index.items["train"]) > len(prep.train.items), "the data should hold training crops that do not decode"
+    theirs = load_calibration(ckpt, s.encoder)
+    assert theirs["bank_strings"] == mine["bank_strings"] and torch.equal(theirs["bank_logw"], mine["bank_logw"])
+    assert file_stamp(p) == stamp and Searcher(ckpt, ds, tower=tower).saved_index() is not None   # kept: the same calibration
+    other = dict(theirs, beta=theirs["beta"] * 2)          # a calibration chosen again, with another beta
+    time.sleep(0.01); torch.save(other | {"sha256": _calib_digest(other)}, p)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="fashion_json_encoder"): assert Searcher(ckpt, ds, tower=tower).saved_index() is None
+    assert "calibration" in caplog.text and "changed since it was built" in caplog.text
+    assert Searcher(ckpt, ds, tower=tower).index.beta == other["beta"] != ix.beta

@@ -77,3 +77,18 @@ def test_ivf_index_round_trips_with_its_checksum(tmp_path):
     for a, b in zip(again.top(q, 10), ix.top(q, 10)): assert torch.equal(a, b)
     raw = bytearray(p.read_bytes()); raw[_storage_offset(p, ix.ann.numel()) + ix.ann.numel() // 2] ^= 0x40; p.write_bytes(bytes(raw))
     with pytest.raises(ValueError, match="checksum mismatch"): SearchIndex.load(p)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))])
+def test_gallery_bias_in_row_blocks_equals_the_whole_product(device):
+    "The index's querybank term, a block of gallery rows at a time on `device`, equals `querybank_bias` over the whole gallery."
+    x, _, q = _clustered(300, d=64)
+    g = torch.Generator().manual_seed(1)
+    calib = {"bank": q, "bank_logw": torch.rand(len(q), generator=g) * 3, "beta": 20.0}
+    want = querybank_bias(x, q, 20.0, calib["bank_logw"])
+    got = search_mod.gallery_bias(x, calib, device, rows=7)
+    assert got.device.type == "cpu" and got.shape == want.shape
+    assert torch.allclose(got, want, atol=1e-4 if device == "cuda" else 1e-6, rtol=0)
+    assert search_mod.gallery_bias(x[:0], calib, device).shape == (0,)
+    once = search_mod.gallery_bias(x, {**calib, "bank_logw": None}, device, rows=64)   # no counts: each bank JSON once
+    assert torch.allclose(once, querybank_bias(x, q, 20.0), atol=1e-4 if device == "cuda" else 1e-6, rtol=0)

@@ -217,6 +217,29 @@ def test_per_epoch_subset_and_final_whole_split(prepared, tmp_path):
     # the best epoch was chosen on the subset: its numbers are those of k items, not the final ones
     assert res["best_metrics"]["gallery_size"] == k
 
+def test_validation_counts_the_same_json_as_evaluate(prepared, tmp_path):
+    # two val items whose JSONs differ only by a value training never saw embed identically; they are still two JSONs
+    from fashion_json_encoder.evaluation import canonical_jsons, gallery_metrics, json_groups
+    from fashion_json_encoder.paired import embed_rows, make_paired
+    _, tower, p = prepared
+    items = list(p.val.items)
+    a, b = items[0], items[1]
+    twin = dict(a.json, detail=list(a.json.get("detail") or []) + ["값-훈련에-없음"])
+    items[1] = dataclasses.replace(b, json=twin)
+    val = make_paired(items, p.vocab, p.val.features)
+    t = Trainer(CFG, p.vocab, p.train, val, tmp_path, tower=tower, progress=False, info=p.info)
+    m = t.validate(whole=True)
+    strings = canonical_jsons([it.json for it in items], list(p.vocab.fields))
+    assert m["distinct_jsons"] == len(set(strings))
+    img = torch.nn.functional.normalize(val.features.float(), dim=1)
+    txt = embed_rows(t.encoder, val, t.device)
+    assert torch.equal(txt[0], txt[1]), "the twin should embed like the original (its extra value is unknown)"
+    ref = gallery_metrics(img, txt, t.learner.logit_scale.exp().item(), groups=json_groups(strings))
+    assert m["aware_mrr"] == pytest.approx(ref["aware_mrr"], abs=1e-7) and m["distinct_jsons"] == ref["distinct_jsons"]
+    # a subset is grouped the same way
+    t.val_rows = torch.tensor([0, 1, 2, 3]); t.val_image = t._val_image(t.val_rows)
+    assert t.validate()["distinct_jsons"] == len(set(strings[:4]))
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_epochs_shorter_than_one_graph_run_eagerly(prepared, tmp_path):
     "Batches of 8: fewer full batches per epoch than one replay holds, so nothing is captured and the path says so."
@@ -343,3 +366,11 @@ def test_per_step_scalars_and_config_text_in_tensorboard(prepared, tmp_path):
     temps = ea.Scalars("train_step/temperature")
     assert temps and all(abs(e.value - 0.07) < 0.02 for e in temps)
     assert "config" in " ".join(ea.Tags()["tensors"])
+
+
+def test_the_run_record_keeps_the_data_notes_and_skip_examples(prepared):
+    "training_results.json's `data` lacked what inspect_data reports beside the skips (a truncated zip, CP949 labels ...)."
+    _, _, p = prepared
+    assert p.info["data"]["notes"] == dict(sorted(p.index.stats.items())) and p.info["data"]["notes"]
+    ex = p.info["data"]["skip_examples"]
+    assert ex and all(p.info["data"]["skipped"].get(r) for r in ex) and ex.get("invalid_json") == p.index.examples["invalid_json"]
