@@ -138,9 +138,12 @@ def _train(a) -> int:
     if a.resume == "latest":  # open_clip's spelling: the last.pt of --output_dir
         run = RunDir(out or "outputs"); a.resume = run.last
         if not a.resume.is_file() and run.cache.is_dir() and not run_files(run.root):  # it stopped before its first checkpoint
-            log.warning("--resume latest: %s stopped before its first checkpoint; starting it from the beginning (the caches "
-                        "built so far are kept)", run.root)
-            for p in run.root.glob("logs/events.out.tfevents.*"): p.unlink()   # the partial epoch's curves would overlap the new ones
+            if not data: raise UserError(f"--resume latest: {run.root} stopped before its first checkpoint, so nothing records its "
+                                         "dataset: run its command again with --dataset_path (and its other flags)")
+            log.warning("--resume latest: %s stopped before its first checkpoint; starting it from the beginning with the flags "
+                        "given now (the caches built so far are kept)", run.root)
+            if int(os.environ.get("RANK", "0")) == 0:   # the partial epoch's curves would overlap the new ones
+                for p in run.root.glob("logs/events.out.tfevents.*"): p.unlink(missing_ok=True)
             a.resume = None
         elif not a.resume.is_file(): raise UserError(f"--resume latest: {a.resume} not found (is --output_dir the run's folder?)")
     if a.resume:  # a resumed run keeps its config, dataset and folder unless flags say otherwise

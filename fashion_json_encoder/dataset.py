@@ -72,9 +72,9 @@ def pair_files(labels, images,
         seen.add(k)
         if k in imgs: pairs.append((rel, imgs[k]))
         else: skipped["label_without_image"] += 1; _example(examples, "label_without_image", rel)
-    if alone := set(imgs) - seen:
-        skipped["image_without_label"] += len(alone)
-        for k in sorted(alone)[:_EXAMPLES]: _example(examples, "image_without_label", imgs[k])
+    if n := len(imgs) - len(seen & imgs.keys()):
+        skipped["image_without_label"] += n
+        for rel in [r for k, r in imgs.items() if k not in seen][:_EXAMPLES]: _example(examples, "image_without_label", rel)  # in path order
     return pairs, +skipped
 
 # %% ../nbs/01e_dataset.ipynb #fb95a909

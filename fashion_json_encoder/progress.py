@@ -43,8 +43,10 @@ def _fmt_time(s: float) -> str:
     return f"{int(s // 3600)} h {int(s % 3600 // 60):02d} min"
 
 def _plural(n: float, unit: str) -> str:
-    "'label' -> 'labels' for a count other than 1 ('it', tqdm's default unit, and units ending in s stay)."
-    return unit if n == 1 or unit == "it" or unit.endswith("s") else unit + "s"
+    "'label' -> 'labels', 'batch' -> 'batches', 'query' -> 'queries' for a count other than 1 ('it', tqdm's default unit, stays)."
+    if n == 1 or unit == "it" or not unit[-1:].isalpha(): return unit
+    if unit.endswith(("s", "x", "z", "ch", "sh")): return unit + "es"
+    return unit[:-1] + "ies" if unit.endswith("y") and unit[-2:-1] not in "aeiou" else unit + "s"
 
 def _fmt_rate(n: float, s: float, unit: str) -> str:
     if n <= 0 or s <= 0: return f"? {unit}/s"

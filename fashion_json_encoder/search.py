@@ -4,7 +4,7 @@
 
 # %% ../nbs/06a_search.ipynb #9488af4e
 from __future__ import annotations
-import difflib, functools, io, json, logging, math, warnings
+import copy, difflib, functools, io, json, logging, math, warnings
 from pathlib import Path
 import torch
 import torch.nn.functional as F
@@ -176,7 +176,8 @@ class Searcher:
         if ix.encoder != self.digest: log.info("%s: built for another encoder, rebuilding it", p); return None
         cal = side_path(self.checkpoint_path, "calibration")
         if (now := file_stamp(cal)) and now != ix.calibration_file:   # `evaluate` chose β again: the index's scores follow it
-            log.info("%s: the querybank calibration %s changed since it was built, rebuilding it", p, cal); return None
+            log.info("%s: %s, rebuilding it", p, f"the querybank calibration {cal} changed since it was built" if ix.calibration_file
+                     else f"built before it recorded which querybank calibration it holds ({cal})"); return None
         if not self.dataset_path: return ix
         try: data = dataset_fingerprint(self.dataset_path, self.cfg, cache_dir=RunDir.of(self.checkpoint_path).cache)
         except (OSError, UserError) as e:
@@ -194,18 +195,22 @@ class Searcher:
         cfg = update_config(self.cfg, feature_cache=True)
         prep = prepare_data(cfg, self.dataset_path, RunDir.of(self.checkpoint_path).root, vocab=self.vocab,
                             tower=self.tower, progress=self.progress)
+        cal = side_path(self.checkpoint_path, "calibration")
+        stamp = file_stamp(cal)   # before reading it: a calibration rewritten meanwhile makes the next search rebuild
         calibration = load_calibration(self.checkpoint_path, self.encoder, self.digest)   # read only when an index is built
         dev = resolve_device("auto")   # the querybank products (val and gallery x every training JSON) on the GPU when there is one
-        if calibration is None and len(prep.val) >= 2:   # as `evaluate` does it: every labelled training item's JSON
-            vi, vt = F.normalize(prep.val.features.float(), dim=1).to(dev), embed_rows(self.encoder, prep.val, "cpu").to(dev)
-            calibration = calibrate_checkpoint(self.checkpoint_path, self.encoder, self.vocab, [it.json for it in prep.index.items["train"]],
+        if calibration is None and len(prep.val) >= 2:   # as `evaluate` does it: every labelled training item's JSON, on its device
+            enc = copy.deepcopy(self.encoder).to(dev)    # so that `evaluate` after this search finds the same calibration, kept
+            vi, vt = F.normalize(prep.val.features.float(), dim=1).to(dev), embed_rows(enc, prep.val, dev)
+            calibration = calibrate_checkpoint(self.checkpoint_path, enc, self.vocab, [it.json for it in prep.index.items["train"]],
                                                     vi, vt, canonical_jsons([it.json for it in prep.val.items], list(self.vocab.fields)),
                                                     self.digest)
+            stamp = file_stamp(cal)
         data = dataset_fingerprint(self.dataset_path, self.cfg, prep.index.fingerprint)   # the walk `prepare_data` made, not another
         index = build_search_index(prep.train.items + prep.val.items, torch.cat([prep.train.features, prep.val.features]),
                                    self.digest, self.tower.fingerprint, calibration,
                                    str(Path(self.dataset_path).expanduser().resolve()), data,
-                                   calibration_file=file_stamp(side_path(self.checkpoint_path, "calibration")), device=dev)
+                                   calibration_file=stamp, device=dev)
         index.save(side_path(self.checkpoint_path, "index"))
         log.info("search index of %d items saved to %s", len(index), side_path(self.checkpoint_path, "index"))
         return index

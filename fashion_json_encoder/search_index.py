@@ -59,7 +59,9 @@ class SearchIndex:
     def digest(self) -> str:
         "`checkpoints.state_digest` of everything the index holds."
         return state_digest(self._fields())
-    def _fields(self) -> dict: return {f.name: getattr(self, f.name) for f in dc_fields(self)}  # asdict would deep-copy the tensors
+    def _fields(self) -> dict:  # asdict would deep-copy the tensors
+        "Every field; an empty `calibration_file` left out, so an index saved before that field still matches its checksum."
+        return {f.name: getattr(self, f.name) for f in dc_fields(self) if f.name != "calibration_file" or self.calibration_file}
     def save(self, path) -> Path:
         "Write atomically, with its digest."
         with atomic_path(path) as tmp: torch.save({"format": INDEX_FORMAT, **self._fields(), "sha256": self.digest()}, tmp)

@@ -33,13 +33,13 @@ def claimed_run(out, resume: bool = False,  # continuing the run already in `out
                 overwrite: bool = False):   # replace the run already in `out`
     "The writes of a training run into `out`: a full disk is one line, one run at a time (lock), the folder writable and claimed."
     new = not Path(out).exists()
-    try:
-        with user_io(out), (run_lock(out) if is_main() else nullcontext()):
+    with user_io(out), (run_lock(out) if is_main() else nullcontext()):   # a start that loses the lock race removes nothing
+        try:
             if is_main(): claim_run_dir(check_writable(out), resume=resume, overwrite=overwrite)
             yield Path(out)
-    except BaseException:
-        if new and is_main(): _remove_if_empty(Path(out))   # a run that failed before writing anything leaves no folder behind
-        raise
+        except BaseException:
+            if new and is_main(): _remove_if_empty(Path(out))   # a run that failed before writing anything leaves no folder behind
+            raise
 
 def _remove_if_empty(folder: Path):
     "Remove `folder` if it holds nothing but its lock file and empty folders."

@@ -282,6 +282,9 @@ def test_resume_latest_after_a_crash_before_the_first_checkpoint_starts_the_run(
     out = tmp_path / "run"
     shutil.copytree(trained[0] / "cache", out / "cache")              # what the crashed run had cached
     (out / "logs").mkdir(); (out / "logs/events.out.tfevents.1.crashed").write_bytes(b"partial")
+    rc, lines, err = _rc_err(capsys, train_main, ["--resume", "latest", "--output_dir", str(out), "--quiet"])   # nothing records the data
+    assert rc == 2 and len(lines) == 1 and "--dataset_path" in lines[0], err
+    assert (out / "logs/events.out.tfevents.1.crashed").exists()   # nothing removed before the error
     args = ["--dataset_path", str(dataset), "--output_dir", str(out), "--epochs", "2", "--standalone_epochs", "1", "--batch_size", "8",
             "--clip_pretrained", "none", "--num_workers", "0", "--quiet", "--resume", "latest"]
     assert train_main(args) == 0
@@ -302,3 +305,20 @@ def test_a_failed_start_leaves_no_run_folder(capsys, tmp_path):
     (tmp_path / "mine").mkdir(); (tmp_path / "mine/notes.txt").write_text("keep")
     rc, _, err = _rc_err(capsys, train_main, ["--dataset_path", str(tmp_path / "nope"), "--output_dir", str(tmp_path / "mine"), "--quiet"])
     assert rc == 2 and (tmp_path / "mine/notes.txt").read_text() == "keep", err
+
+
+def test_a_start_that_loses_the_lock_race_removes_nothing(tmp_path, monkeypatch):
+    "The folder did not exist when checked, another run created and locked it first: the loser must not remove the winner's."
+    from contextlib import contextmanager
+    from fashion_json_encoder import system
+    from fashion_json_encoder.config import UserError
+    out = tmp_path / "out"
+    @contextmanager
+    def raced(folder):
+        Path(folder).mkdir(); (Path(folder) / ".lock").write_text("123\n")   # the winner's
+        raise UserError(f"{folder} is in use by another run (PID 123)")
+        yield
+    monkeypatch.setattr(system, "run_lock", raced)
+    with pytest.raises(UserError):
+        with system.claimed_run(out): pass
+    assert (out / ".lock").read_text() == "123\n"

@@ -581,3 +581,13 @@ def test_each_skip_names_files_to_look_at(tmp_path, layout):
                 if member:
                     with zipfile.ZipFile(ds / arch) as z: assert member in z.namelist(), (r, rel)
         assert all(f"e.g. {report['skip_examples'][r][0]}" in format_report(report) for r in named)
+
+
+def test_unlabelled_photos_inside_and_outside_the_splits_are_counted_and_named():
+    "A stray photo outside Training/Validation (split None) next to one inside: sorting their keys raised TypeError."
+    from fashion_json_encoder.dataset import pair_files
+    ex = {}
+    pairs, sk = pair_files([("Training/모던/1.json", 1, 0, 0)], [("cover.jpg", 1, 0), ("Training/모던/1.jpg", 1, 0),
+                                                                ("Training/모던/2.jpg", 1, 0), ("extra/3.jpg", 1, 0)], ex)
+    assert pairs == [("Training/모던/1.json", "Training/모던/1.jpg")] and sk == {"image_without_label": 3}
+    assert ex == {"image_without_label": ["cover.jpg", "Training/모던/2.jpg", "extra/3.jpg"]}
