@@ -27,11 +27,12 @@ def json_prior(strings: list, calib: dict) -> torch.Tensor:
 
 def _calib_digest(c: dict) -> str: return state_digest({k: v for k, v in c.items() if k != "sha256"})
 
-def _saved_digest(p) -> str | None:
-    "The checksum of calibration file `p` when its content still matches it; None where there is none, or it is unreadable or damaged."
+def _saved_digest(p, verify: bool = True) -> str | None:  # verify: also check the content against it (reads the whole file)
+    "The checksum recorded in calibration file `p` (with `verify`, only when its content still matches it); None where there is none, or it is unreadable or damaged."
     try:
-        c = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
-        return d if isinstance(c, dict) and (d := c.pop("sha256", None)) == _calib_digest(c) else None
+        c = torch.load(p, map_location="cpu", weights_only=True, mmap=True)   # mapped: without `verify` its tensors are not read
+        d = c.pop("sha256", None) if isinstance(c, dict) else None
+        return d if not verify or d == _calib_digest(c) else None
     except Exception: return None
 
 def calibrate_checkpoint(checkpoint_path, encoder, vocab: Vocab, train_jsons: list, image, text, strings: list,

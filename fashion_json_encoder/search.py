@@ -4,7 +4,7 @@
 
 # %% ../nbs/06a_search.ipynb #9488af4e
 from __future__ import annotations
-import copy, difflib, functools, io, json, logging, math, warnings
+import copy, difflib, functools, io, json, logging, math, os, warnings
 from pathlib import Path
 import torch
 import torch.nn.functional as F
@@ -18,7 +18,7 @@ from .search_index import SearchIndex, build_search_index, dataset_fingerprint, 
 from .models.json_encoder import encode_json
 from .models.image_encoder import make_tower
 from .evaluation import canonical_jsons
-from .calibration import calibrate_checkpoint, load_calibration
+from .calibration import _calib_digest, _saved_digest, calibrate_checkpoint, load_calibration
 from .paired import embed_rows
 from .prepare import prepare_data
 
@@ -138,6 +138,12 @@ def load_image_crop(image_path,  # a file or "<zip>::<member>"
                     image_path, _xywh((x0, y0, x1 - x0, y1 - y0)))
     return im.crop(crop_box(clipped, im.size, pad))
 
+def _holds_calibration(ix: SearchIndex, cal: Path, index_path: Path) -> bool:
+    "Whether index `ix` holds the calibration now in `cal`, whose stamp differs from the one it recorded (a copy, a restore, a rewrite)."
+    if ix.calibration: return _saved_digest(cal, verify=False) == ix.calibration   # the same content under new timestamps: kept
+    try: return os.stat(cal).st_mtime_ns <= os.stat(index_path).st_mtime_ns     # an index from before it recorded one: current
+    except OSError: return False                                                 # unless the calibration was written after it
+
 class Searcher:
     "A trained checkpoint ready to `search` and `tag`: encoder, vocabulary, saved index, tower on demand."
     def __init__(self, checkpoint_path, dataset_path=None, tower=None, progress: bool = False, rebuild: bool = False,
@@ -175,9 +181,9 @@ class Searcher:
         except ValueError as e: log.warning("%s: cannot use the saved search index (%s), rebuilding it", p, e); return None
         if ix.encoder != self.digest: log.info("%s: built for another encoder, rebuilding it", p); return None
         cal = side_path(self.checkpoint_path, "calibration")
-        if (now := file_stamp(cal)) and now != ix.calibration_file:   # `evaluate` chose β again: the index's scores follow it
-            log.info("%s: %s, rebuilding it", p, f"the querybank calibration {cal} changed since it was built" if ix.calibration_file
-                     else f"built before it recorded which querybank calibration it holds ({cal})"); return None
+        if (now := file_stamp(cal)) and now != ix.calibration_file and not _holds_calibration(ix, cal, p):
+            log.info("%s: the querybank calibration %s changed since it was built (`evaluate` chose β again), rebuilding it", p, cal)
+            return None
         if not self.dataset_path: return ix
         try: data = dataset_fingerprint(self.dataset_path, self.cfg, cache_dir=RunDir.of(self.checkpoint_path).cache)
         except (OSError, UserError) as e:
@@ -210,7 +216,7 @@ class Searcher:
         index = build_search_index(prep.train.items + prep.val.items, torch.cat([prep.train.features, prep.val.features]),
                                    self.digest, self.tower.fingerprint, calibration,
                                    str(Path(self.dataset_path).expanduser().resolve()), data,
-                                   calibration_file=stamp, device=dev)
+                                   calibration_file=stamp, calibration_digest=_calib_digest(calibration) if calibration else "", device=dev)
         index.save(side_path(self.checkpoint_path, "index"))
         log.info("search index of %d items saved to %s", len(index), side_path(self.checkpoint_path, "index"))
         return index

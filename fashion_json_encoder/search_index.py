@@ -46,6 +46,7 @@ class SearchIndex:
     data: str = ""           # `dataset_fingerprint` of that folder at build time
     ann: torch.Tensor | None = None  # uint8 `serialize_ivf` of `build_ivf(fold_gallery(...))`; None: searched exactly
     calibration_file: str = ""       # `file_stamp` of the checkpoint's calibration file when built ("": there was none)
+    calibration: str = ""            # the checksum of the calibration it holds ("": none, or an index from before this field)
 
     def __len__(self): return len(self.keys)
     @functools.cached_property
@@ -60,8 +61,8 @@ class SearchIndex:
         "`checkpoints.state_digest` of everything the index holds."
         return state_digest(self._fields())
     def _fields(self) -> dict:  # asdict would deep-copy the tensors
-        "Every field; an empty `calibration_file` left out, so an index saved before that field still matches its checksum."
-        return {f.name: getattr(self, f.name) for f in dc_fields(self) if f.name != "calibration_file" or self.calibration_file}
+        "Every field; an empty `calibration_file` or `calibration` left out, so an index saved before them still matches its checksum."
+        return {f.name: v for f in dc_fields(self) if (v := getattr(self, f.name)) != "" or f.name not in ("calibration_file", "calibration")}
     def save(self, path) -> Path:
         "Write atomically, with its digest."
         with atomic_path(path) as tmp: torch.save({"format": INDEX_FORMAT, **self._fields(), "sha256": self.digest()}, tmp)
@@ -125,6 +126,7 @@ def build_search_index(items, features, encoder,  # encoder: the JSON encoder, o
                        dataset: str = "", data: str = "",  # dataset, data: the folder and its `dataset_fingerprint`
                        approx_threshold: int | None = None,  # IVF index from this size on (`APPROX_THRESHOLD`)
                        calibration_file: str = "",  # `file_stamp` of the calibration file it was built with
+                       calibration_digest: str = "",  # the calibration's checksum (`calibration._calib_digest`)
                        device=None) -> SearchIndex:  # where the querybank term is computed (a GPU: seconds where a CPU takes hours)
     "Index `items` (data.Item) with their (N, D) image features."
     feats = F.normalize(features.float(), dim=1)
@@ -132,7 +134,8 @@ def build_search_index(items, features, encoder,  # encoder: the JSON encoder, o
     if calibration: beta, bias = calibration["beta"], gallery_bias(feats, calibration, device)
     return SearchIndex(feats.half(), [it.key for it in items], [str(it.image_path) for it in items], [list(it.box) for it in items],
                        [it.json for it in items], encoder if isinstance(encoder, str) else encoder_digest(encoder),
-                       tower_fingerprint, beta, bias, dataset, data, calibration_file=calibration_file).with_ann(approx_threshold)
+                       tower_fingerprint, beta, bias, dataset, data, calibration_file=calibration_file,
+                       calibration=calibration_digest).with_ann(approx_threshold)
 
 def gallery_bias(feats: torch.Tensor,  # (N, D) unit-norm gallery features, in host memory
                  calibration: dict,    # `calibration.calibrate_checkpoint`'s: bank, bank_logw, beta

@@ -471,11 +471,18 @@ def test_search_and_evaluate_share_one_calibration_and_the_index_follows_it(run,
     with caplog.at_level("INFO", logger="fashion_json_encoder"): assert Searcher(ckpt, ds, tower=tower).saved_index() is None
     assert "calibration" in caplog.text and "changed since it was built" in caplog.text
     assert Searcher(ckpt, ds, tower=tower).index.beta == other["beta"] != ix.beta
-    # an index saved before it recorded its calibration (no field, the same checksum) is read, and rebuilt once, saying why
+    # a copy of the run (new timestamps, the same content) keeps its index: a CPU server must not rebuild for hours
+    shutil.copy(p, p.with_suffix(".copy")); time.sleep(0.01); os.replace(p.with_suffix(".copy"), p)
+    assert file_stamp(p) != Searcher(ckpt, ds, tower=tower).index.calibration_file
+    assert Searcher(ckpt, ds, tower=tower).saved_index() is not None
+    # an index saved before it recorded its calibration (no fields, the same checksum) is read and kept, unless the
+    # calibration was written after it
     old = side_path(ckpt, "index"); saved = torch.load(old, weights_only=True)
-    legacy = {k: v for k, v in saved.items() if k not in ("calibration_file", "sha256")}
+    legacy = {k: v for k, v in saved.items() if k not in ("calibration_file", "calibration", "sha256")}
     torch.save(legacy | {"sha256": SearchIndex(**{k: v for k, v in legacy.items() if k != "format"}).digest()}, old)
-    assert SearchIndex.load(old).calibration_file == ""
+    assert SearchIndex.load(old).calibration_file == SearchIndex.load(old).calibration == ""
+    assert Searcher(ckpt, ds, tower=tower).saved_index() is not None
+    later = old.stat().st_mtime_ns + 10**9; os.utime(p, ns=(later, later))
     caplog.clear()
     with caplog.at_level("INFO", logger="fashion_json_encoder"): assert Searcher(ckpt, ds, tower=tower).saved_index() is None
-    assert "built before it recorded which querybank calibration it holds" in caplog.text and "checksum" not in caplog.text
+    assert "changed since it was built" in caplog.text and "checksum" not in caplog.text
