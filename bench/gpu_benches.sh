@@ -22,7 +22,7 @@ PYTHONPATH="$NEW" python3 -c "import faiss, fastcore, fashion_json_encoder.syste
 PART=${PART:-first}
 if [ "$PART" = first ]; then
   step tests ${LIMIT:-120} env PYTHONPATH="$NEW" python3 -m pytest -q -p no:cacheprovider -rs tests/test_training.py tests/test_evaluation.py \
-      tests/test_decode.py tests/test_image_encoder.py tests/test_resident.py tests/test_search_index.py -k "cuda or gpu or graph or resident or resume or subset or host_memory or mapped or gallery_bias"
+      tests/test_decode.py tests/test_image_encoder.py tests/test_resident.py tests/test_search_index.py tests/test_search.py -k "cuda or gpu or graph or resident or resume or subset or host_memory or mapped or gallery_bias"
   # issue 11: one training step, per-field (previous encoder path) vs packed ids vs 16 whole steps per CUDA graph
   step step_kernels 60 env PYTHONPATH="$NEW" python3 bench/bench_step.py --device cuda --rows 1450000 --steps 2000
 fi

@@ -159,10 +159,11 @@ CSS = "#hits .caption-label { max-width: 100% !important; right: 0 !important; f
 def make_app(checkpoint_path=None, dataset_path=None, tower=None,
              progress: bool = True,           # progress bars while the search index is built
              searcher: Searcher | None = None,  # or a ready `Searcher` (e.g. `FashionEncoderSystem.searcher()`)
-             k: int = 8, gallery_keys: int = 200):  # k: default number of hits; gallery_keys: photos listed in the Tag tab
+             k: int = 8, gallery_keys: int = 200,  # k: default number of hits; gallery_keys: photos listed in the Tag tab
+             device=None):  # the tower's and the index build's device (`Searcher`): default the GPU when there is one
     "The Gradio app (Search, Tag, Model tabs) of a checkpoint; the search index is built before it is returned."
     import gradio as gr
-    s = searcher or Searcher(checkpoint_path, dataset_path, tower=tower, progress=progress)
+    s = searcher or Searcher(checkpoint_path, dataset_path, tower=tower, progress=progress, device=device)
     ex = Explorer(s)
     summary, table, umap = model_summary(s, ex.index)
     choices, fields = field_choices(s.vocab), list(s.vocab.fields)
@@ -235,13 +236,14 @@ def serve(checkpoint_path=None, host: str = "127.0.0.1", port: int | None = 7860
           progress: bool = True, searcher: Searcher | None = None,
           max_upload_mb: int = 20,            # larger uploads are refused by the server
           block: bool = True,                 # False: return at once, the server runs in a thread (tests, notebooks)
-          inline: bool = False, height: int = 900):  # inline: show the app in the notebook cell
+          inline: bool = False, height: int = 900,  # inline: show the app in the notebook cell
+          device=None):  # the tower's and the index build's device (`Searcher`): default the GPU when there is one
     "Build the app (the index first) and serve it on host:port; a warning when `host` is not a loopback address."
     import gradio as gr
     if not _loopback(host):
         log.warning("serving on %s:%s: anyone who can reach this machine can search the gallery and see its photos "
                     "(the default, 127.0.0.1, is this machine only)", host, port)
-    demo = make_app(checkpoint_path, dataset_path, tower, progress, searcher)
+    demo = make_app(checkpoint_path, dataset_path, tower, progress, searcher, device=device)
     try:
         demo.launch(server_name=host, server_port=port, share=False, inline=inline, height=height, prevent_thread_lock=not block,
                     max_file_size=f"{max_upload_mb}mb", allowed_paths=[], show_error=False, quiet=not progress,

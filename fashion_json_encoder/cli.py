@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse, errno, functools, json, logging, os, sys
 from pathlib import Path
 from .progress import progress_logging
-from .config import Config, UserError, config_from_dict, load_config, save_config, update_config
+from .config import Config, UserError, config_from_dict, load_config, resolve_device, save_config, update_config
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +26,8 @@ _SHARED = {  # flags several commands take: one spelling, one meaning, one help 
     "json": dict(action="store_true", help="print one JSON object instead of a table"),
     "quiet": dict(action="store_true", help="no progress bars: warnings and errors only"),
 }
+_INDEX_DEVICE = ("where the image tower and the querybank products run when a search index is built: auto (default: the GPU "
+                 "when there is one), cpu, cuda or cuda:N; at release size a CPU takes hours where a GPU takes minutes")
 
 def shared_flags(p: argparse.ArgumentParser, *names: str,
                  help: dict | None = None) -> argparse.ArgumentParser:  # name -> a help text for this command only
@@ -207,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
             t.add_argument("--image", required=True, help="image file (JPEG/PNG)")
             t.add_argument("--box", help="x,y,w,h box in raw pixels (K-Fashion 렉트좌표 style); default: the whole image")
             t.add_argument("--top", type=_positive, default=5, help="values per field (default 5)")
-        shared_flags(t, "trust_torchscript", "json", "quiet")
+        shared_flags(t, "trust_torchscript", "device", "json", "quiet", help={"device": _INDEX_DEVICE})
     s = sub.add_parser("sanity_check", help="check the pipeline end to end in under 2 minutes", description="Sanity check.")
     shared_flags(s, "dataset_path", "clip_pretrained", "device", "quiet",
                  help={"dataset_path": "run on a small sample of this dataset instead of built-in synthetic data",
@@ -227,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     w.add_argument("--port", type=_positive, default=7860, help="port (default 7860)")
     w.add_argument("--max_upload_mb", type=_positive, default=20, help="largest photo upload accepted (default 20 MB)")
-    shared_flags(w, "quiet")
+    shared_flags(w, "device", "quiet", help={"device": _INDEX_DEVICE})
     y = sub.add_parser("synthetic", help="write a generated K-Fashion dataset in the release's format, to try everything on",
                        description="Write generated K-Fashion data (labels and JPEGs in the real on-disk format).")
     y.add_argument("--output", required=True, help="folder to create (must not exist or be empty)")
@@ -257,7 +259,8 @@ def main(argv=None) -> int:
 
 def _serve(a) -> int:
     from fashion_json_encoder.app import serve
-    serve(a.checkpoint_path, a.host, a.port, a.dataset_path, progress=_progress(a), max_upload_mb=a.max_upload_mb)
+    resolve_device(a.device or "auto")   # a typo is one line before the app library loads
+    serve(a.checkpoint_path, a.host, a.port, a.dataset_path, progress=_progress(a), max_upload_mb=a.max_upload_mb, device=a.device)
     return 0
 
 def _synthetic(a) -> int:
@@ -288,13 +291,15 @@ def _search_or_tag(a) -> int:
     from fashion_json_encoder.search import Searcher, check_query, format_hits, format_tags
     from fashion_json_encoder.checkpoints import load_checkpoint
     from fashion_json_encoder.vocab import Vocab
+    resolve_device(a.device or "auto")        # a typo is one line before anything is read
     st = load_checkpoint(a.checkpoint_path)   # read once, handed to the Searcher
     if a.command == "search": check_query(a.query, Vocab(st["vocab"]))  # fail fast, before any index build
     box = None
     if a.command == "tag" and a.box:
         try: box = [float(v) for v in a.box.split(",")]; assert len(box) == 4
         except (ValueError, AssertionError): raise UserError(f"--box must be x,y,w,h (four numbers), got {a.box!r}") from None
-    s = Searcher(a.checkpoint_path, a.dataset_path, progress=_progress(a), trust_torchscript=a.trust_torchscript, state=st)
+    s = Searcher(a.checkpoint_path, a.dataset_path, progress=_progress(a), trust_torchscript=a.trust_torchscript, state=st,
+                 device=a.device)
     out = s.search(a.query, a.k, normalised=not a.raw) if a.command == "search" else s.tag(a.image, box, a.top)
     print(json.dumps(out, ensure_ascii=False, indent=2) if a.json else (format_hits if a.command == "search" else format_tags)(out))
     return 0

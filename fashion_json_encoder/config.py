@@ -90,6 +90,7 @@ _TYPES = {int: (int,), float: (int, float), bool: (bool,), str: (str,), list: (l
 _CLIP_DIMS = {"ViT-B-32": 512, "ViT-B-32-quickgelu": 512, "ViT-B-16": 512, "ViT-L-14": 768}  # embed dim per tower
 _CLIP_SIZES = {"ViT-B-32": 224, "ViT-B-32-quickgelu": 224, "ViT-B-16": 224, "ViT-L-14": 224}  # input resolution
 _SELECT = ("mrr", "top1", "top5", "top10", "loss")
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")   # the devices this project runs on
 
 def _check(ok, key, value, what):
     if not ok: raise ConfigError(f"config key '{key}' = {value!r}: {what}")
@@ -141,17 +142,21 @@ def validate_config(cfg: Config) -> Config:
     _check(_finite(cfg.decode_cpu_share) and 0 <= cfg.decode_cpu_share <= 1, "decode_cpu_share", cfg.decode_cpu_share,
            "must be a share between 0 and 1")
     _check(cfg.select_metric in _SELECT, "select_metric", cfg.select_metric, f"must be one of {', '.join(_SELECT)}")
-    _check(cfg.device == "auto" or cfg.device == "cpu" or cfg.device.startswith("cuda"), "device", cfg.device,
+    _check(isinstance(cfg.device, str) and _DEVICE.fullmatch(cfg.device), "device", cfg.device,
            "must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
     return cfg
 
 # %% ../nbs/00_config.ipynb #937ca7af
 def resolve_device(device: str = "auto") -> torch.device:
-    "The `device` key as a `torch.device`: `auto` -> CUDA when available, else CPU; a CUDA device that is not there is a user error."
+    "The `device` key as a `torch.device`: `auto` -> CUDA when available, else CPU; a malformed name or a GPU that is not there is a user error."
     import torch  # here, not at the top: the CLI's --help and config checks stay fast
+    device = str(device)   # a torch.device as well
+    if not _DEVICE.fullmatch(device): raise UserError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
     if device == "auto": return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
+    if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"device '{device}' requested but no CUDA GPU is available (use --device cpu or auto)")
+    if device.startswith("cuda:") and int(device[5:]) >= (n := torch.cuda.device_count()):
+        raise UserError(f"device '{device}' requested but this machine has {n} CUDA GPU{'s' if n != 1 else ''} (cuda:0 to cuda:{n - 1})")
     return torch.device(device)
 
 

@@ -16,7 +16,8 @@ log = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['log', 'photo_groups', 'decode_crops', 'gpu_refusal', 'on_cpu_share', 'freeze_inherited', 'PhotoDataset',
-           'collate_photos', 'draft_scales', 'crop_tensor', 'decode_jpegs', 'gpu_transform_ok', 'resolve_decode']
+           'collate_photos', 'draft_scales', 'crop_tensor', 'decode_jpegs', 'gpu_transform_ok', 'resolve_decode',
+           'recorded_decode']
 
 # %% ../nbs/01d_decode.ipynb #aef92ea8
 def photo_groups(rows: list, items: list) -> list:
@@ -204,3 +205,10 @@ def resolve_decode(decode: str, device,
                     preprocess_cfg.get("interpolation"), preprocess_cfg.get("resize_mode"))
         return "cpu"
     return out
+
+def recorded_decode(decode: str, device) -> str:
+    "A checkpoint's recorded `decode` for a tower on `device` (evaluate, search): 'gpu' becomes 'auto' where the tower is not on CUDA."
+    if decode == "gpu" and torch.device(device).type != "cuda":
+        log.info("the run decoded photos on the GPU (decode 'gpu'); the tower is on %s here, so they are decoded on the CPU", device)
+        return "auto"
+    return decode

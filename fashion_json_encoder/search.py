@@ -14,6 +14,7 @@ from .checkpoints import RunDir, encoder_digest, first_line, load_checkpoint, lo
 from .vocab import Vocab, field_values, normalise_value, romanize
 from .archives import member_stat, read_bytes, split_member
 from .data import clip_box, crop_box
+from .decode import recorded_decode
 from .search_index import SearchIndex, build_search_index, dataset_fingerprint, file_stamp
 from .models.json_encoder import encode_json
 from .models.image_encoder import make_tower
@@ -74,7 +75,7 @@ def field_retrieval(image: torch.Tensor,   # (N, D) unit-norm gallery image feat
     qs = [(f, v) for f, v in value_queries(vocab) if (f, v) in has]
     if not qs: return {"k": k, "per_field": {}, "weakest": {}, "values": {}}
     q = encode_json([{f: v} for f, v in qs], vocab, encoder).float().cpu()
-    sc = scale * q @ image.float().T + (0 if bias is None else bias[None, :])   # (Q, N) query -> image scores
+    sc = scale * q @ image.float().cpu().T + (0 if bias is None else bias.float().cpu()[None, :])   # (Q, N) query -> image scores
     top = sc.topk(min(k, len(image)), dim=1).indices
     vals = {}
     for (f, v), row in zip(qs, top.tolist()):
@@ -103,7 +104,7 @@ def tag(feature: torch.Tensor, encoder, vocab: Vocab, top: int = 5, fields=None)
     "{field: [(value, cosine), ...]} best first, for one (D,) image feature."
     _check_count("top", top)
     qs = value_queries(vocab, fields)
-    cos = encode_json([{f: v} for f, v in qs], vocab, encoder).float().cpu() @ F.normalize(feature.float().flatten(), dim=0)
+    cos = encode_json([{f: v} for f, v in qs], vocab, encoder).float().cpu() @ F.normalize(feature.float().flatten().cpu(), dim=0)
     out = {}
     for (f, v), c in zip(qs, cos.tolist()): out.setdefault(f, []).append((v, c))
     return {f: sorted(vs, key=lambda t: -t[1])[:top] for f, vs in out.items()}
@@ -148,7 +149,9 @@ class Searcher:
     "A trained checkpoint ready to `search` and `tag`: encoder, vocabulary, saved index, tower on demand."
     def __init__(self, checkpoint_path, dataset_path=None, tower=None, progress: bool = False, rebuild: bool = False,
                  trust_torchscript: bool = False,  # the recorded tower may be a TorchScript file that is not OpenAI's
-                 state: dict | None = None):  # `load_checkpoint(checkpoint_path)` when the caller has read it already
+                 state: dict | None = None,  # `load_checkpoint(checkpoint_path)` when the caller has read it already
+                 device=None):  # the tower's and the querybank products' device: "auto" (default: the GPU when there is one), "cpu", "cuda:N"
+        self.device = resolve_device(device or "auto")   # checked before anything is read
         st = state or load_checkpoint(checkpoint_path)
         self.checkpoint_path, self.progress, self._tower, self._index, self._rebuild = Path(checkpoint_path), progress, tower, None, rebuild
         self.trust_torchscript = trust_torchscript
@@ -162,7 +165,7 @@ class Searcher:
     def tower(self):
         "The frozen image tower recorded in the checkpoint (built on first use)."
         if self._tower is None:
-            self._tower = make_tower(self.cfg, "cpu", self.tower_rec.get("pretrained"), trust_torchscript=self.trust_torchscript)
+            self._tower = make_tower(self.cfg, self.device, self.tower_rec.get("pretrained"), trust_torchscript=self.trust_torchscript)
         return self._tower
 
     @property
@@ -198,13 +201,13 @@ class Searcher:
     def build_index(self) -> SearchIndex:
         "Embed nothing new: read both splits' cached features, calibrate if needed, save the index."
         if not self.dataset_path: raise UserError(f"{self.checkpoint_path}: no search index and no dataset recorded; pass --dataset_path")
-        cfg = update_config(self.cfg, feature_cache=True)
+        cfg = update_config(self.cfg, feature_cache=True, decode=recorded_decode(self.cfg.decode, self.tower.device))
         prep = prepare_data(cfg, self.dataset_path, RunDir.of(self.checkpoint_path).root, vocab=self.vocab,
                             tower=self.tower, progress=self.progress)
         cal = side_path(self.checkpoint_path, "calibration")
         stamp = file_stamp(cal)   # before reading it: a calibration rewritten meanwhile makes the next search rebuild
         calibration = load_calibration(self.checkpoint_path, self.encoder, self.digest)   # read only when an index is built
-        dev = resolve_device("auto")   # the querybank products (val and gallery x every training JSON) on the GPU when there is one
+        dev = self.device   # the querybank products (val and gallery x every training JSON): seconds on a GPU, hours on a CPU at release size
         if calibration is None and len(prep.val) >= 2:   # as `evaluate` does it: every labelled training item's JSON, on its device
             enc = copy.deepcopy(self.encoder).to(dev)    # so that `evaluate` after this search finds the same calibration, kept
             vi, vt = F.normalize(prep.val.features.float(), dim=1).to(dev), embed_rows(enc, prep.val, dev)
@@ -216,7 +219,8 @@ class Searcher:
         index = build_search_index(prep.train.items + prep.val.items, torch.cat([prep.train.features, prep.val.features]),
                                    self.digest, self.tower.fingerprint, calibration,
                                    str(Path(self.dataset_path).expanduser().resolve()), data,
-                                   calibration_file=stamp, calibration_digest=_calib_digest(calibration) if calibration else "", device=dev)
+                                   calibration_file=stamp, calibration_digest=_calib_digest(calibration) if calibration else "", device=dev,
+                                   progress=self.progress)
         index.save(side_path(self.checkpoint_path, "index"))
         log.info("search index of %d items saved to %s", len(index), side_path(self.checkpoint_path, "index"))
         return index

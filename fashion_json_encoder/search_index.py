@@ -13,13 +13,15 @@ from .config import atomic_path
 from .checkpoints import encoder_digest, first_line, state_digest
 from .dataset import index_fingerprint
 from .evaluation import _chunk_rows, querybank_bias
+from .progress import _fmt_time, progress
 
 log = logging.getLogger(__name__)
+SLOW_QUERYBANK_S = 600.   # a querybank term projected to take longer than this on a CPU is worth a warning
 
 # %% auto #0
-__all__ = ['log', 'INDEX_FORMAT', 'APPROX_THRESHOLD', 'IVF_NPROBE', 'EXACT_BEYOND', 'dataset_fingerprint', 'SearchIndex',
-           'build_search_index', 'gallery_bias', 'file_stamp', 'fold_gallery', 'fold_queries', 'build_ivf',
-           'serialize_ivf']
+__all__ = ['log', 'SLOW_QUERYBANK_S', 'INDEX_FORMAT', 'APPROX_THRESHOLD', 'IVF_NPROBE', 'EXACT_BEYOND', 'dataset_fingerprint',
+           'SearchIndex', 'build_search_index', 'gallery_bias', 'file_stamp', 'fold_gallery', 'fold_queries',
+           'build_ivf', 'serialize_ivf']
 
 # %% ../nbs/06e_search_index.ipynb #acc2c97b
 def dataset_fingerprint(dataset_path, cfg,                # cfg: the checkpoint's config (which items a label gives)
@@ -127,11 +129,12 @@ def build_search_index(items, features, encoder,  # encoder: the JSON encoder, o
                        approx_threshold: int | None = None,  # IVF index from this size on (`APPROX_THRESHOLD`)
                        calibration_file: str = "",  # `file_stamp` of the calibration file it was built with
                        calibration_digest: str = "",  # the calibration's checksum (`calibration._calib_digest`)
-                       device=None) -> SearchIndex:  # where the querybank term is computed (a GPU: seconds where a CPU takes hours)
+                       device=None,  # where the querybank term is computed (a GPU: seconds where a CPU takes hours)
+                       progress: bool = False) -> SearchIndex:  # a bar (log lines in a log file) over the querybank term
     "Index `items` (data.Item) with their (N, D) image features."
     feats = F.normalize(features.float(), dim=1)
     beta = bias = None
-    if calibration: beta, bias = calibration["beta"], gallery_bias(feats, calibration, device)
+    if calibration: beta, bias = calibration["beta"], gallery_bias(feats, calibration, device, show=progress)
     return SearchIndex(feats.half(), [it.key for it in items], [str(it.image_path) for it in items], [list(it.box) for it in items],
                        [it.json for it in items], encoder if isinstance(encoder, str) else encoder_digest(encoder),
                        tower_fingerprint, beta, bias, dataset, data, calibration_file=calibration_file,
@@ -139,14 +142,26 @@ def build_search_index(items, features, encoder,  # encoder: the JSON encoder, o
 
 def gallery_bias(feats: torch.Tensor,  # (N, D) unit-norm gallery features, in host memory
                  calibration: dict,    # `calibration.calibrate_checkpoint`'s: bank, bank_logw, beta
-                 device=None, rows: int = 65536) -> torch.Tensor:  # rows: gallery rows sent to `device` at a time
+                 device=None,
+                 rows: int | None = None,  # gallery rows sent to `device` at a time (default 65,536 on a GPU, 8,192 on a CPU)
+                 show: bool = False,       # a bar (log lines in a log file) over the blocks
+                 clock=time.monotonic) -> torch.Tensor:
     "(N,) querybank term of each gallery item, computed on `device` (default CPU) a block of rows at a time, returned on the CPU."
     dev = torch.device(device or "cpu")
     bank, lw = calibration["bank"].float().to(dev), calibration.get("bank_logw")
     lw = None if lw is None else lw.float().to(dev)   # None: every bank JSON counts once
     chunk = _chunk_rows(len(bank), 1 << 27) if dev.type == "cuda" else None   # 512 MiB products on a GPU, 64 MiB on a CPU
-    log.info("querybank term of %d gallery items against %d training JSONs on %s", len(feats), len(bank), dev)
-    parts = [querybank_bias(feats[s:s + rows].to(dev), bank, calibration["beta"], lw, chunk).cpu() for s in range(0, len(feats), rows)]
+    rows = rows or (65536 if dev.type == "cuda" else 8192)   # CPU blocks of minutes at release size: progress and a projection early
+    n, starts = len(feats), range(0, len(feats), rows)
+    log.info("querybank term of %d gallery items against %d training JSONs on %s", n, len(bank), dev)
+    parts, t0 = [], clock()
+    for s in progress(starts, total=len(starts), desc=f"querybank term ({n:,} x {len(bank):,})", unit="block", enable=show):
+        parts.append(querybank_bias(feats[s:s + rows].to(dev), bank, calibration["beta"], lw, chunk).cpu())
+        if len(parts) == 1 and dev.type == "cpu" and n > rows and (eta := (clock() - t0) * (n - rows) / rows) > SLOW_QUERYBANK_S:
+            log.warning("the querybank term of %s gallery items against %s training JSONs takes about %s more on this CPU "
+                        "(measured on its first block); a GPU does it in minutes: run the first search or `serve` where "
+                        "there is one (the index is saved next to the checkpoint and kept when the run folder is copied)",
+                        f"{n:,}", f"{len(bank):,}", _fmt_time(eta))
     return torch.cat(parts) if parts else torch.empty(0)
 
 def file_stamp(path) -> str:

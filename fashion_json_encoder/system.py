@@ -4,7 +4,7 @@
 
 # %% ../nbs/08_system.ipynb #ead306e8
 from __future__ import annotations
-import json, logging
+import json, logging, os
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 import torch.nn.functional as F
@@ -19,6 +19,7 @@ from .calibration import calibrate_checkpoint, json_prior, load_calibration
 from .paired import embed_rows, with_tower_features
 from .training import Trainer, finished_run, stage_epochs
 from .prepare import prepare_data
+from .decode import recorded_decode
 from .search import Searcher
 from .distributed import cleanup_distributed, init_distributed, is_main
 
@@ -32,14 +33,28 @@ __all__ = ['log', 'claimed_run', 'train_run', 'evaluate_checkpoint', 'FashionEnc
 def claimed_run(out, resume: bool = False,  # continuing the run already in `out`
                 overwrite: bool = False):   # replace the run already in `out`
     "The writes of a training run into `out`: a full disk is one line, one run at a time (lock), the folder writable and claimed."
-    new = not Path(out).exists()
+    top = _first_missing(Path(out))   # the outermost folder this start creates (out/.., out itself), None when out exists
     with user_io(out), (run_lock(out) if is_main() else nullcontext()):   # a start that loses the lock race removes nothing
         try:
             if is_main(): claim_run_dir(check_writable(out), resume=resume, overwrite=overwrite)
             yield Path(out)
         except BaseException:
-            if new and is_main(): _remove_if_empty(Path(out))   # a run that failed before writing anything leaves no folder behind
+            if top is not None and is_main(): _remove_made(Path(out), top)   # a run that failed before writing anything leaves no folder behind
             raise
+
+def _first_missing(p: Path) -> Path | None:
+    "The outermost folder on the way to `p` (itself included) that does not exist: what `mkdir(parents=True)` creates."
+    p, top = p.absolute(), None
+    while not os.path.exists(p) and p != p.parent: top, p = p, p.parent   # os.path: an unreadable folder is False, not an error
+    return top
+
+def _remove_made(out: Path, top: Path):
+    "Remove `out` if it holds nothing of value, then the folders above it up to `top` (made for it) while they are empty."
+    _remove_if_empty(out)
+    for d in out.absolute().parents:
+        if d != top and top not in d.parents: break   # a folder that existed before
+        try: d.rmdir()
+        except OSError: break   # not empty (something else was put there), or gone
 
 def _remove_if_empty(folder: Path):
     "Remove `folder` if it holds nothing but its lock file and empty folders."
@@ -94,6 +109,7 @@ def evaluate_checkpoint(checkpoint_path, dataset_path=None, split: str = "val", 
     # checkpoint or split gets its own name, so `evaluate --split train` or `last.pt` never replaces it
     tag = "" if (Path(checkpoint_path).name, split) == ("best_model.pt", "val") else f"_{Path(checkpoint_path).stem}_{split}"
     tower = tower or make_tower(cfg, dev, trust_torchscript=trust_torchscript)
+    cfg = update_config(cfg, decode=recorded_decode(cfg.decode, tower.device))   # a run that decoded on its GPU, evaluated on a CPU
     if rec.get("fingerprint") and rec["fingerprint"] != tower.fingerprint:
         log.warning("the image tower differs from the one used in training (fingerprint %s, checkpoint %s)", tower.fingerprint, rec["fingerprint"])
     prep = prepare_data(cfg, dataset_path, run.root, vocab=vocab, tower=tower, progress=progress, splits=(split,))
@@ -179,6 +195,7 @@ class FashionEncoderSystem:
         "Whole-gallery metrics of a checkpoint (default: this run's best_model.pt)."
         ckpt = checkpoint_path or RunDir(self.output_dir).best
         tower = self.prepared.tower if self.prepared else None
+        kwargs.setdefault("device", self.config.device)
         return evaluate_checkpoint(ckpt, dataset_path or self.dataset_path, split=split, progress=self.progress,
                                    tower=tower, **kwargs)["metrics"]
 
@@ -187,7 +204,8 @@ class FashionEncoderSystem:
         ckpt = Path(checkpoint_path or RunDir(self.output_dir).best)
         key = (ckpt.resolve(), ckpt.stat().st_mtime_ns if ckpt.is_file() else None)
         if getattr(self, "_searcher_key", None) != key:
-            self._searcher = Searcher(ckpt, self.dataset_path, tower=self.prepared.tower if self.prepared else None, progress=self.progress)
+            self._searcher = Searcher(ckpt, self.dataset_path, tower=self.prepared.tower if self.prepared else None, progress=self.progress,
+                                      device=self.config.device)   # the config's device, as training and `evaluate`
             self._searcher_key = key
         return self._searcher
 

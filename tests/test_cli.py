@@ -305,6 +305,11 @@ def test_a_failed_start_leaves_no_run_folder(capsys, tmp_path):
     (tmp_path / "mine").mkdir(); (tmp_path / "mine/notes.txt").write_text("keep")
     rc, _, err = _rc_err(capsys, train_main, ["--dataset_path", str(tmp_path / "nope"), "--output_dir", str(tmp_path / "mine"), "--quiet"])
     assert rc == 2 and (tmp_path / "mine/notes.txt").read_text() == "keep", err
+    # nested folders made for the run go too, up to the first that existed (which keeps what was there)
+    for out, gone in ((tmp_path / "new/a/b", tmp_path / "new"), (tmp_path / "mine/x/y", tmp_path / "mine/x")):
+        rc, _, err = _rc_err(capsys, train_main, ["--dataset_path", str(tmp_path / "nope"), "--output_dir", str(out), "--quiet"])
+        assert rc == 2 and not gone.exists(), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"] and (tmp_path / "mine/notes.txt").read_text() == "keep"
 
 
 def test_a_start_that_loses_the_lock_race_removes_nothing(tmp_path, monkeypatch):

@@ -254,3 +254,24 @@ def test_check_writable_read_only_dir(tmp_path):
             with user_io(ro): atomic_write_text(ro / "config.json", "{}")
     finally: ro.chmod(0o700)
     assert check_writable(ro / "run") == ro / "run"
+
+
+@given(st.one_of(st.text(max_size=12), st.sampled_from(["auto", "cpu", "cuda", "cuda:0", "cuda:7", "cuda:", "cuda:-1", "cpu:0", "mps", "gpu"])))
+def test_device_names_resolve_or_are_one_line_user_errors(name):
+    "Any --device string resolves to the device it names, or is a one-line UserError: never torch's error for a malformed name."
+    import torch
+    from fashion_json_encoder.config import resolve_device
+    try: dev = resolve_device(name)
+    except UserError as e:
+        assert "\n" not in str(e) and (repr(name) in str(e) or f"'{name}'" in str(e)), str(e)
+        return
+    assert name in ("auto", "cpu") or name.startswith("cuda") and torch.cuda.is_available()
+    assert str(dev) == name or name == "auto"
+
+
+@pytest.mark.parametrize("device,ok", [("cuda:0", True), ("cuda:12", True), ("cuda:", False), ("cuda:x", False), ("gpu", False),
+                                       ("cpu:0", False), ("mps", False)])
+def test_device_key_is_checked_like_the_flag(device, ok):
+    if ok: assert update_config(Config(), device=device).device == device
+    else:
+        with pytest.raises(ConfigError, match=f"'device' = '{device}'"): update_config(Config(), device=device)

@@ -155,3 +155,14 @@ def test_temperature_buffer_or_clamped_parameter():
 def test_pixels_without_tower_rejected():
     with pytest.raises(AssertionError, match="clip_encoder"):
         ContrastiveLearner(JSONEncoder(SIZES))(torch.randn(2, 3, S, S), json_batch(2))
+
+
+def test_the_frozen_tower_keeps_its_precision_under_the_training_steps_autocast():
+    "The pixel path on CUDA trains under bf16 autocast: an fp32 tower gave bf16-rounded features there, unlike validation and search."
+    tower = CLIPImageEncoder(pretrained="none", model_cfg=TINY, seed=0)
+    learner = ContrastiveLearner(JSONEncoder(SIZES), tower).train()
+    x = torch.randn(4, 3, tower.image_size, tower.image_size, generator=torch.Generator().manual_seed(0))
+    want = learner.encode_image(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):   # the CPU's autocast stands in for the step's CUDA one
+        got = learner.encode_image(x)
+    assert got.dtype == torch.float32 and torch.equal(got, want)

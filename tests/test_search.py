@@ -86,7 +86,7 @@ def test_field_retrieval_reports_each_field(run):
     system, _, _, _ = run
     val = system.prepared.val
     img = torch.nn.functional.normalize(val.features.float(), dim=1)
-    r = field_retrieval(img, [it.json for it in val.items], system.trainer.encoder.cpu(), system.prepared.vocab, k=10)
+    r = field_retrieval(img, [it.json for it in val.items], system.trainer.encoder, system.prepared.vocab, k=10)
     assert set(r["per_field"]) <= set(system.config.fields) and "category" in r["per_field"]
     assert all(0 <= p <= 1 for p in r["per_field"].values()) and all(len(w) <= 3 for w in r["weakest"].values())
 
@@ -486,3 +486,45 @@ def test_search_and_evaluate_share_one_calibration_and_the_index_follows_it(run,
     caplog.clear()
     with caplog.at_level("INFO", logger="fashion_json_encoder"): assert Searcher(ckpt, ds, tower=tower).saved_index() is None
     assert "changed since it was built" in caplog.text and "checksum" not in caplog.text
+
+
+def test_cli_search_tag_serve_take_a_device_checked_first(run, capsys, monkeypatch):
+    "--device picks where the tower and the index build run; a malformed one is a one-line error before the checkpoint is read."
+    system, ckpt, _, _ = run
+    for cmd, extra in (("search", ["--query", '{"category": "x"}']), ("tag", ["--image", "missing.jpg"])):
+        assert main([cmd, "--checkpoint_path", str(ckpt), *extra, "--device", "gpu", "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert err == "error: device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got 'gpu'\n", err
+    import fashion_json_encoder.app as app_mod
+    seen = {}
+    monkeypatch.setattr(app_mod, "make_app", lambda *a, **kw: seen.update(kw) or (_ for _ in ()).throw(SystemExit(0)))
+    with pytest.raises(SystemExit): main(["serve", "--checkpoint_path", str(ckpt), "--device", "cpu", "--quiet"])
+    assert seen["device"] == "cpu"
+    s = Searcher(ckpt, device="cpu")
+    assert s.device == torch.device("cpu") and s.tower.device == torch.device("cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_searcher_on_cuda_tags_and_builds_like_the_cpu(run, tmp_path):
+    "A Searcher on CUDA: its tower runs there, tags agree with the CPU's and the index it builds holds the same querybank term."
+    system, ckpt, _, _ = run
+    it = system.prepared.val.items[0]; b = it.box; box = (b[0], b[1], b[2] - b[0], b[3] - b[1])
+    cpu, gpu = Searcher(ckpt, device="cpu", rebuild=True), Searcher(ckpt, device="cuda", rebuild=True)
+    assert gpu.tower.device.type == "cuda"
+    tc, tg = cpu.tag(it.image_path, box, 3), gpu.tag(it.image_path, box, 3)
+    for f in tc: assert [round(s, 3) for _, s in tc[f]] == pytest.approx([round(s, 3) for _, s in tg[f]], abs=2e-3)
+    ic, ig = cpu.build_index(), gpu.build_index()
+    assert ic.keys == ig.keys and torch.allclose(ic.qb_bias, ig.qb_bias, atol=1e-3, rtol=0)
+
+
+def test_a_run_that_decoded_on_its_gpu_evaluates_and_searches_on_a_cpu(own_run, caplog):
+    "decode 'gpu' recorded in the checkpoint (a GPU run) was refused by evaluate and search on a CPU machine ('--decode gpu needs ...')."
+    from fashion_json_encoder.checkpoints import load_checkpoint, save_checkpoint
+    ckpt, ds, tower = own_run
+    st = load_checkpoint(ckpt); st["config"]["decode"] = "gpu"; st["dataset_path"] = str(ds)
+    save_checkpoint(st, ckpt)
+    with caplog.at_level("INFO", logger="fashion_json_encoder"):
+        m = evaluate_checkpoint(ckpt, device="cpu", tower=tower, progress=False)
+        hits = Searcher(ckpt, tower=tower, device="cpu").search({"category": Searcher(ckpt).vocab.fields["category"][0]}, k=2)
+    assert 0 <= m["metrics"]["mrr"] <= 1 and len(hits) == 2
+    assert sum("decoded on the CPU" in r.getMessage() for r in caplog.records) == 2

@@ -92,3 +92,18 @@ def test_gallery_bias_in_row_blocks_equals_the_whole_product(device):
     assert search_mod.gallery_bias(x[:0], calib, device).shape == (0,)
     once = search_mod.gallery_bias(x, {**calib, "bank_logw": None}, device, rows=64)   # no counts: each bank JSON once
     assert torch.allclose(once, querybank_bias(x, q, 20.0), atol=1e-4 if device == "cuda" else 1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("per_block,warned", [(400.0, True), (1.0, False)])
+def test_a_slow_cpu_querybank_term_is_projected_after_its_first_block(caplog, per_block, warned):
+    "On a CPU, a term projected (from its first block's time) past SLOW_QUERYBANK_S is one warning with the time left; a quick one is not."
+    x, _, q = _clustered(40, d=16)
+    ticks = iter(per_block * i for i in range(100))
+    calib = {"bank": q, "bank_logw": None, "beta": 20.0}
+    with caplog.at_level("WARNING", logger="fashion_json_encoder.search_index"):
+        got = search_mod.gallery_bias(x, calib, "cpu", rows=10, clock=lambda: next(ticks))
+    assert torch.allclose(got, querybank_bias(x, q, 20.0), atol=1e-6, rtol=0)
+    lines = [r.getMessage() for r in caplog.records if "querybank term" in r.getMessage()]
+    if warned:   # the first 10 rows took 400 s: 30 more rows, 20 min
+        assert len(lines) == 1 and "about 20 min 00 s more on this CPU" in lines[0] and "40 gallery items against 60" in lines[0]
+    else: assert lines == []

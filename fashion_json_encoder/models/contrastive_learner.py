@@ -79,7 +79,8 @@ class ContrastiveLearner(nn.Module):
         if images.dim() == 4:
             assert self.clip_encoder is not None, "pixels given but the learner has no clip_encoder; pass cached features"
             self.clip_encoder.eval()
-            with torch.no_grad(): images = self.clip_encoder(images)  # (B, D)
+            with torch.no_grad(), torch.autocast(images.device.type, enabled=False):   # the tower in its own precision, not
+                images = self.clip_encoder(images)  # (B, D)                           # the training step's bf16 autocast
         assert images.dim() == 2, f"images must be (B,3,H,W) pixels or (B,D) features, got {tuple(images.shape)}"
         return F.normalize(images.detach().float(), dim=-1)  # (B, D) fp16 cache / bf16 tower -> fp32
 

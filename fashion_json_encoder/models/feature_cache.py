@@ -364,7 +364,8 @@ def _encode_missing(items, ids, todo, tower, root, batch_size, num_workers, prog
                 if not checked: check_precision(tower, pixels[:16]); checked = True
                 f = tower(pixels).to(torch.float16)  # (n, D), on the tower's device
                 if cuda:  # to the host without waiting: the next batch is decoded while this one runs
-                    f = f.to("cpu", non_blocking=True); ready = torch.cuda.Event(); ready.record()
+                    f = f.to("cpu", non_blocking=True); ready = torch.cuda.Event()
+                    ready.record(torch.cuda.current_stream(tower.device))   # the tower's stream: on cuda:1 the current device may be cuda:0
             stats["main_s"] += time.perf_counter() - t
             last, pending = pending, (rows, bad, f, ready)
             if last: collect(*last)
