@@ -17,7 +17,7 @@ from .querybank import BETAS, bank_from_counts, calibrate
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'json_prior', 'calibrate_checkpoint', 'load_calibration']
+__all__ = ['log', 'BANK_ATOL', 'json_prior', 'calibrate_checkpoint', 'load_calibration']
 
 # %% ../nbs/06c_calibration.ipynb #f7762ca9
 def json_prior(strings: list, calib: dict) -> torch.Tensor:
@@ -35,6 +35,19 @@ def _saved_digest(p, verify: bool = True) -> str | None:  # verify: also check t
         return d if not verify or d == _calib_digest(c) else None
     except Exception: return None
 
+BANK_ATOL = 1e-5   # bank embeddings computed on another device (GPU vs CPU kernels) differ by about 1e-6
+
+def _holds_same(p, calib: dict, digest: str) -> bool:
+    "Whether calibration file `p` is intact and holds `calib` (checksum `digest`), or the same choices from the same bank computed on another device."
+    try:
+        old = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
+        if not isinstance(old, dict) or (d := old.pop("sha256", None)) != _calib_digest(old): return False   # damaged, or none
+        if d == digest: return True
+        return (all(old.get(k) == calib[k] for k in ("encoder", "bank_strings", "beta", "use_prior"))
+                and torch.equal(old["bank_logw"], calib["bank_logw"]) and old["bank"].shape == calib["bank"].shape
+                and torch.allclose(old["bank"], calib["bank"], atol=BANK_ATOL, rtol=0))
+    except Exception: return False   # unreadable: written again
+
 def calibrate_checkpoint(checkpoint_path, encoder, vocab: Vocab, train_jsons: list, image, text, strings: list,
                          digest: str | None = None,  # digest: `encoder_digest(encoder)` when the caller has it
                          biases: dict | None = None) -> dict:  # biases: a dict to receive {β: (N,)} querybank biases of `image`, for a caller that scores it again
@@ -47,7 +60,7 @@ def calibrate_checkpoint(checkpoint_path, encoder, vocab: Vocab, train_jsons: li
     if biases is not None: biases.update(qb)
     calib.update(calibrate(image, text, bank, bank_logw, json_prior(strings, calib), biases=qb))
     p, digest = side_path(checkpoint_path, "calibration"), _calib_digest(calib)
-    if _saved_digest(p) != digest:   # the same calibration again (`evaluate` after a search) keeps its file, so a search index built with it stays current
+    if not _holds_same(p, calib, digest):   # the same calibration again (`evaluate` after a search) keeps its file, so a search index built with it stays current
         with atomic_path(p) as tmp: torch.save(calib | {"sha256": digest}, tmp)
     log.info("querybank of %d training JSONs: beta %.1f chosen on val, JSON prior %s (val image->json MRR %+.4f)",
              len(bank_strings), calib["beta"], "kept" if calib["use_prior"] else "dropped", calib["prior_gain"])

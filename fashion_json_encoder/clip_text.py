@@ -97,8 +97,8 @@ class CLIPTextEncoder(nn.Module):
         state = None
         if pretrained == "openai": state = load_text_state_dict(openai_weights(model_name))
         elif pretrained != "none": state = load_text_state_dict(pretrained, trust_torchscript)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+        with torch.random.fork_rng(devices=[]):   # the seed fixes this init without touching the caller's RNG
+            torch.random.default_generator.manual_seed(seed)   # the CPU's only: torch.manual_seed would reseed every GPU's too
             text = _build_text_tower(cfg["embed_dim"], cfg["text_cfg"], cfg.get("quick_gelu", False), None)
         if state is not None:
             missing, unexpected = text.load_state_dict(state, strict=False)

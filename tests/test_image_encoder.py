@@ -197,3 +197,12 @@ def test_missing_gpu_is_a_user_error():
     from fashion_json_encoder.config import UserError
     with pytest.raises(UserError, match="no CUDA GPU is available"): resolve_device("cuda:0")
     assert resolve_device("cpu").type == "cpu"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_building_a_random_tower_leaves_the_cuda_rng_alone():
+    "The seeded init forks the CPU's RNG only; torch.manual_seed inside it reseeded every GPU's generator too."
+    torch.cuda.manual_seed(123); torch.rand(1, device="cuda")
+    before = torch.cuda.get_rng_state()
+    CLIPImageEncoder(pretrained="none", model_cfg=tiny_clip_config(), seed=0, device="cuda")
+    assert torch.equal(torch.cuda.get_rng_state(), before)

@@ -171,3 +171,25 @@ def test_biases_for_other_images_are_refused():
     qb = querybank_biases(img[:30], bank, BETAS)
     with pytest.raises(ValueError, match="biases for \\[30\\] images given with 40 images"):
         crossfit_normalised_metrics(img, txt, bank, groups=torch.arange(40), biases=qb)
+
+
+@pytest.mark.parametrize("change,kept", [(None, True), ("bank_1e-6", True), ("bank_1e-3", False), ("beta", False),
+                                         ("use_prior", False), ("strings", False), ("logw", False), ("damaged", False), ("missing", False)])
+def test_a_calibration_recomputed_on_another_device_keeps_its_file(tmp_path, change, kept):
+    "The same choices from the same bank up to another device's rounding keep the saved file (and the search index built on it)."
+    from fashion_json_encoder.calibration import _calib_digest, _holds_same
+    g = torch.Generator().manual_seed(0)
+    old = {"bank_strings": ["a", "b", "c"], "bank_logw": torch.rand(3, generator=g), "bank": F.normalize(torch.randn(3, 8, generator=g), dim=1),
+           "encoder": "e1", "beta": 20.0, "use_prior": True, "prior_gain": 0.01, "beta_mrr": {"20.0": 0.5}}
+    p = tmp_path / "best_model.calibration.pt"
+    if change != "missing": torch.save(old | {"sha256": _calib_digest(old)}, p)
+    if change == "damaged": p.write_bytes(p.read_bytes()[:-40])
+    new = {**old, "prior_gain": 0.0100001, "beta_mrr": {"20.0": 0.5000001}}   # what another device's rounding changes
+    if change == "bank_1e-6": new["bank"] = old["bank"] + 1e-6
+    if change == "bank_1e-3": new["bank"] = old["bank"] + 1e-3
+    if change == "beta": new["beta"] = 30.0
+    if change == "use_prior": new["use_prior"] = False
+    if change == "strings": new["bank_strings"] = ["a", "b", "d"]
+    if change == "logw": new["bank_logw"] = old["bank_logw"] + 1
+    assert _holds_same(p, new, _calib_digest(new)) is kept
+    if change is None: assert _holds_same(p, old, _calib_digest(old))   # the identical one, by its checksum

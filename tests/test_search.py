@@ -528,3 +528,26 @@ def test_a_run_that_decoded_on_its_gpu_evaluates_and_searches_on_a_cpu(own_run, 
         hits = Searcher(ckpt, tower=tower, device="cpu").search({"category": Searcher(ckpt).vocab.fields["category"][0]}, k=2)
     assert 0 <= m["metrics"]["mrr"] <= 1 and len(hits) == 2
     assert sum("decoded on the CPU" in r.getMessage() for r in caplog.records) == 2
+
+
+def test_a_calibration_recomputed_on_another_device_keeps_the_index(own_run):
+    "evaluate on a CPU after a GPU built the index: the bank differs in its last bits and the file was rewritten (a rebuild of hours)."
+    import copy
+    from fashion_json_encoder.calibration import calibrate_checkpoint
+    from fashion_json_encoder.evaluation import canonical_jsons
+    from fashion_json_encoder.paired import embed_rows
+    from fashion_json_encoder.prepare import prepare_data
+    from fashion_json_encoder.checkpoints import RunDir
+    from fashion_json_encoder.search_index import file_stamp
+    ckpt, ds, tower = own_run
+    s = Searcher(ckpt, ds, tower=tower); s.index
+    p = side_path(ckpt, "calibration"); stamp, saved = file_stamp(p), load_calibration(ckpt, s.encoder)
+    prep = prepare_data(update_config(s.cfg, feature_cache=True), ds, RunDir.of(ckpt).root, vocab=s.vocab, tower=tower, progress=False)
+    other = copy.deepcopy(s.encoder)   # "another device": the same weights up to the last bits of its arithmetic
+    with torch.no_grad():
+        for w in other.parameters(): w.mul_(1 + 1e-7)
+    vi = torch.nn.functional.normalize(prep.val.features.float(), dim=1)
+    again = calibrate_checkpoint(ckpt, other, s.vocab, [it.json for it in prep.index.items["train"]], vi, embed_rows(other, prep.val, "cpu"),
+                                 canonical_jsons([it.json for it in prep.val.items], list(s.vocab.fields)), s.digest)
+    assert not torch.equal(again["bank"], saved["bank"]) and again["beta"] == saved["beta"]
+    assert file_stamp(p) == stamp and Searcher(ckpt, ds, tower=tower).saved_index() is not None

@@ -66,7 +66,7 @@ class CLIPImageEncoder(nn.Module):
             dtype = _DTYPES[precision]
             vcfg = {**cfg["vision_cfg"], **({"timm_model_pretrained": False} if "timm_model_name" in cfg["vision_cfg"] else {})}
             with torch.random.fork_rng(devices=[]):  # the seed fixes this init without touching the caller's RNG
-                torch.manual_seed(seed)
+                torch.random.default_generator.manual_seed(seed)   # the CPU's only: torch.manual_seed would reseed every GPU's too
                 visual = _build_vision_tower(cfg["embed_dim"], vcfg, cfg.get("quick_gelu", False), None if precision == "fp32" else dtype)
         if state is not None:
             try: visual.load_state_dict(state, strict=True)
