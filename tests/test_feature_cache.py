@@ -526,3 +526,22 @@ def test_a_split_reads_only_its_own_chunks_of_the_shared_folder(items, tower, tm
     assert sorted(read) == sorted(own["train"]) and t1.n_computed == 4 and torch.equal(t1.features, t0.features)
     assert any(victim.name in r.getMessage() and "damaged" in r.getMessage() for r in caplog.records)
     real(victim)   # written again, whole (same records, same name)
+
+
+def test_crops_the_other_decoder_cached_are_read_not_encoded_again(items, tower, tmp_path, monkeypatch, caplog):
+    """A GPU run's cache (GPU-decoded) evaluated or resumed on a CPU was keyed apart and every crop encoded again (hours at
+    release size). Crops this decoder's cache lacks are read from the other's; its own rows win; the rest are encoded here."""
+    from fashion_json_encoder.models.feature_cache import write_chunk
+    d = tmp_path / "c"
+    own = _build(items[:8], tower, d)                                  # CPU-decoded: items 0-7
+    gpu_root = cache_path(d, cache_key(tower, None, "gpu")); gpu_root.mkdir(parents=True)
+    theirs = torch.nn.functional.normalize(torch.randn(10, 512), dim=1).half()   # "GPU-decoded": items 2-11, other values
+    ids = [__import__("fashion_json_encoder.models.feature_cache", fromlist=["record_id"]).record_id(it) for it in items[2:12]]
+    write_chunk(gpu_root, ids[:8], theirs[:8], {}); write_chunk(gpu_root, ids[8:], theirs[8:], {})
+    calls = _count_calls(monkeypatch, tower)
+    with caplog.at_level("INFO", logger="fashion_json_encoder"):
+        fc = _build(items + [_item("모던/99/상의", tmp_path / "img/0.jpg", crop=(1, 2, 50, 60))], tower, d)
+    assert fc.keys[:12] == [it.key for it in items] and fc.n_computed == 1 and sum(calls) == 1   # only the crop neither holds
+    assert torch.equal(fc.features[:8], own.features)                  # its own rows win where both hold a crop
+    assert torch.equal(fc.features[8:12], theirs[6:])                  # items 8-11: the other decoder's
+    assert "4 crops read from the GPU-decoded cache" in caplog.text and fc.decode_stats.get("read_from_gpu_decode") == 4

@@ -163,7 +163,7 @@ class FeatureCache:
     images_per_s: float = 0.  # n_computed / build_seconds
     skip_details: dict = field(default_factory=dict)  # item key -> the decoder's message
     decode: str = "cpu"  # where this build decoded JPEGs: "cpu" or "gpu"
-    decode_stats: dict = field(default_factory=dict)  # photos, decodes (CPU), gpu_decoded, gpu_decode_fallback[_<why>], cpu_share_photos; main-process seconds: wait_loader_s, main_s (of it gpu_decode_s), wait_tower_s
+    decode_stats: dict = field(default_factory=dict)  # photos, decodes (CPU), gpu_decoded, gpu_decode_fallback[_<why>], cpu_share_photos, read_from_<other>_decode (crops the other decoder's cache lent); main-process seconds: wait_loader_s, main_s (of it gpu_decode_s), wait_tower_s
 
     def __post_init__(self): self._rows = {k: i for i, k in enumerate(self.keys)}
     def __len__(self): return len(self.keys)
@@ -380,6 +380,13 @@ def _encode_missing(items, ids, todo, tower, root, batch_size, num_workers, prog
                 log.warning("feature cache: the last finished batch could not be saved (%s: %s)", type(e).__name__, e)
     bar.close()
 
+def _borrow(other: Path, want: dict, rows: dict, skipped: dict, sink) -> tuple:
+    "({record: (chunk, row)}, {record: skip}) that the cache `other` holds of the wanted records `rows` and `skipped` lack."
+    lack = {r for r in want if r not in rows and r not in skipped}
+    if not lack or not other.is_dir(): return {}, {}
+    r2, s2 = read_chunks(other, {}, sink=lambda got, feats: sink(got, feats, only=lack), wanted=lack)
+    return {r: v for r, v in r2.items() if r in lack}, {r: v for r, v in s2.items() if r in lack}
+
 def build_feature_cache(items: list,  # `Item`s (key, image_path, crop are read)
                         tower: CLIPImageEncoder, cache_dir,  # the frozen tower; caches live in subfolders of cache_dir
                         batch_size: int = Config.tower_batch_size, num_workers: int = Config.num_workers,  # inference batch (crops); DataLoader decode workers
@@ -409,20 +416,28 @@ def build_feature_cache(items: list,  # `Item`s (key, image_path, crop are read)
     out = feature_buffer(len(items), tower.output_dim, root, mmap)  # (len(items), D): every row the chunks hold, in item order
     filled = torch.zeros(len(items), dtype=torch.bool)
 
-    def sink(got, feats):  # a verified (or just written) chunk: its rows go straight to their items' rows
-        last = {r: j for j, r in enumerate(got) if r in want}   # a record twice in one chunk (a repeated item): its last row
+    def sink(got, feats, only=None):  # a verified (or just written) chunk: its rows go straight to their items' rows (only: these records)
+        last = {r: j for j, r in enumerate(got) if r in want and (only is None or r in only)}   # a record twice in one chunk (a repeated item): its last row
         pairs = [(j, want[r]) for r, j in last.items()] + ([(j, i) for r, j in last.items() for i in again.get(r, ())] if again else [])
         if not pairs: return
         src, dst = torch.tensor(pairs).T
         out[dst] = feats[src]; filled[dst] = True
 
     verified = {}  # chunks this build read (each once) or wrote
+    stats = Counter()
     rows, skipped = read_chunks(root, verified, upgrade=rank == 0, sink=sink, wanted=want)
+    other = "cpu" if decode == "gpu" else "gpu"
+    lent = _borrow(cache_path(cache_dir, cache_key(tower, crop_padding, other)), want, rows, skipped, sink)
+    if lent[0] or lent[1]:
+        stats[f"read_from_{other}_decode"] = len(lent[0])
+        if rank == 0: log.info("feature cache: %d crops read from the %s-decoded cache, which this %s-decoded one lacks (a run cached "
+                               "them on another machine or with another --decode; the two agree to cosine >= 0.999)",
+                               len(lent[0]) + len(lent[1]), other.upper(), decode.upper())
+    rows.update(lent[0]); skipped.update(lent[1])
     todo = [i for i, r in enumerate(ids) if r is not None and r not in rows and r not in skipped]
     n_cached = sum(r in rows for r in ids)
     if rank == 0: log.info("feature cache %s: %d of %d crops cached, %d to encode (%s decode)", root, n_cached, len(items), len(todo), decode)
     barrier()  # every rank plans from the same chunks before any rank writes a new one
-    stats = Counter()
     share = cpu_share if decode == "gpu" and num_workers else 0.0   # a share of the photos for the workers, beside the GPU
     if cpu_share and decode == "gpu" and not num_workers:
         log.warning("feature cache: decode_cpu_share needs DataLoader workers (num_workers > 0) to decode beside the GPU; the GPU decodes every photo")
@@ -431,6 +446,7 @@ def build_feature_cache(items: list,  # `Item`s (key, image_path, crop are read)
                         load_fn, rank, world_size, decode, per_photo, stats, verified, sink, share)
         barrier()  # the union of the ranks' chunks is the whole cache
         rows, skipped = read_chunks(root, verified, sink=sink, wanted=want)
+        rows, skipped = lent[0] | rows, lent[1] | skipped
         if stats.get("gpu_decode_fallback") or any(k.startswith("gpu_decode_fallback_") for k in stats):
             log.info("GPU decode: %d photos decoded on the CPU instead (%s)", sum(v for k, v in stats.items() if k.startswith("gpu_decode_fallback")),
                      {k: v for k, v in stats.items() if k.startswith("gpu_decode_fallback")})
