@@ -50,13 +50,14 @@ def _holds_same(p, calib: dict, digest: str) -> bool:
 
 def calibrate_checkpoint(checkpoint_path, encoder, vocab: Vocab, train_jsons: list, image, text, strings: list,
                          digest: str | None = None,  # digest: `encoder_digest(encoder)` when the caller has it
-                         biases: dict | None = None) -> dict:  # biases: a dict to receive {β: (N,)} querybank biases of `image`, for a caller that scores it again
+                         biases: dict | None = None,  # biases: a dict to receive {β: (N,)} querybank biases of `image`, for a caller that scores it again
+                         progress: bool = False) -> dict:  # a bar (log lines in a log file) over the products with the bank
     "Querybank from the training JSONs, β and the prior choice on val; saved as `<checkpoint>.calibration.pt`."
     fields = list(vocab.fields)
     bank_strings, bank_logw = bank_from_counts(Counter(canonical_jsons(train_jsons, fields)))
     bank = encode_json([json.loads(s) for s in bank_strings], vocab, encoder).float().cpu()
     calib = {"bank_strings": bank_strings, "bank_logw": bank_logw, "bank": bank, "encoder": digest or encoder_digest(encoder)}
-    qb = querybank_biases(image, bank, BETAS, bank_logw)   # the products of `image` with the bank: the cost of it all
+    qb = querybank_biases(image, bank, BETAS, bank_logw, show=progress)   # the products of `image` with the bank: the cost of it all
     if biases is not None: biases.update(qb)
     calib.update(calibrate(image, text, bank, bank_logw, json_prior(strings, calib), biases=qb))
     p, digest = side_path(checkpoint_path, "calibration"), _calib_digest(calib)

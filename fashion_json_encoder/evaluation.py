@@ -202,12 +202,15 @@ def querybank_biases(image: torch.Tensor,   # (N, D) unit-norm gallery images
                      bank: torch.Tensor,    # (B, D) unit-norm embeddings of the distinct training JSONs
                      betas,                 # the β values to compute
                      bank_logw: torch.Tensor | None = None,  # (B,) log training count of each bank JSON
-                     chunk: int | None = None) -> dict:
+                     chunk: int | None = None,
+                     show: bool = False) -> dict:  # a progress bar (log lines in a log file) over the chunks
     "{β: (N,) −log Σ_bank w·exp(β·cos(image, bank))}, from one image·bankᵀ product per chunk for all β."
     chunk = chunk or _chunk_rows(len(bank)); bank = bank.float().to(image.device)
     lw = torch.zeros(len(bank), device=bank.device) if bank_logw is None else bank_logw.float().to(bank.device)
     out = {b: [] for b in betas}
-    for s in range(0, len(image), chunk):
+    starts = range(0, len(image), chunk)
+    for s in progress(starts, total=len(starts), desc=f"querybank ({len(image):,} x {len(bank):,})", unit="chunk",
+                      enable=show and len(starts) > 1):
         cos = image[s:s + chunk].float() @ bank.T                      # (c, B)
         for b in betas: out[b].append(-torch.logsumexp(b * cos + lw[None, :], 1))
     return {b: torch.cat(v) if v else torch.empty(0, device=image.device) for b, v in out.items()}

@@ -213,7 +213,7 @@ class Searcher:
             vi, vt = F.normalize(prep.val.features.float(), dim=1).to(dev), embed_rows(enc, prep.val, dev)
             calibration = calibrate_checkpoint(self.checkpoint_path, enc, self.vocab, [it.json for it in prep.index.items["train"]],
                                                     vi, vt, canonical_jsons([it.json for it in prep.val.items], list(self.vocab.fields)),
-                                                    self.digest)
+                                                    self.digest, progress=self.progress)
             stamp = file_stamp(cal)
         data = dataset_fingerprint(self.dataset_path, self.cfg, prep.index.fingerprint)   # the walk `prepare_data` made, not another
         index = build_search_index(prep.train.items + prep.val.items, torch.cat([prep.train.features, prep.val.features]),

@@ -129,7 +129,8 @@ def evaluate_checkpoint(checkpoint_path, dataset_path=None, split: str = "val", 
     # normalised numbers reported here are a two-fold cross-fit (each half scored by the other half's beta), never in-sample
     img_d, txt_d = img.to(dev), txt.to(dev)   # ranking on the GPU when there is one (same numbers as on the CPU)
     qb = {}   # the val images' querybank biases: computed once, for the β choice and the cross-fit alike
-    calib = (calibrate_checkpoint(checkpoint_path, enc, vocab, [it.json for it in prep.index.items["train"]], img_d, txt_d, strings, biases=qb)
+    calib = (calibrate_checkpoint(checkpoint_path, enc, vocab, [it.json for it in prep.index.items["train"]], img_d, txt_d, strings, biases=qb,
+                                 progress=progress)
              if split == "val" else load_calibration(checkpoint_path, enc))
     m = gallery_metrics(img_d, txt_d, scale, groups=groups.to(dev), progress=progress)   # raw, whole gallery
     prior = json_prior(strings, calib) if calib else None

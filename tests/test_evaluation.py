@@ -152,3 +152,18 @@ def test_canonical_jsons_are_the_per_item_strings():
         assert canonical_jsons(jsons, fields) == [canonical_json(j, fields) for j in jsons]
         assert canonical_jsons(jsons, []) == [canonical_json(j, []) for j in jsons]  # no fields: each item's own keys
     check()
+
+
+def test_the_querybank_products_show_progress_and_give_the_same_biases(caplog, monkeypatch):
+    "evaluate's querybank pass (val x every training JSON: about an hour on a CPU at release size) ran without a sign of life."
+    from fashion_json_encoder import progress as progress_mod
+    from fashion_json_encoder.evaluation import querybank_biases
+    monkeypatch.setattr(progress_mod, "progress_mode", lambda enable=True: "log")   # log lines, also under `pytest -s` in a terminal
+    g = torch.Generator().manual_seed(0)
+    img, bank = (torch.nn.functional.normalize(torch.randn(n, 16, generator=g), dim=1) for n in (50, 30))
+    quiet = querybank_biases(img, bank, [10., 20.], chunk=8)
+    with caplog.at_level("INFO", logger="fashion_json_encoder"):
+        shown = querybank_biases(img, bank, [10., 20.], chunk=8, show=True)
+    assert all(torch.equal(quiet[b], shown[b]) for b in (10., 20.))
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("querybank (50 x 30)")]
+    assert lines and "done, 7 chunks" in lines[-1], lines
