@@ -136,6 +136,7 @@ def _create_config(a, path) -> int:
 def _train(a) -> int:
     from fashion_json_encoder.system import train_run
     from fashion_json_encoder.checkpoints import RunDir, load_checkpoint, run_files
+    from fashion_json_encoder.distributed import dist_env
     out, data, base, st = a.output_dir, a.dataset_path, None, None
     if a.resume == "latest":  # open_clip's spelling: the last.pt of --output_dir
         run = RunDir(out or "outputs"); a.resume = run.last
@@ -144,7 +145,7 @@ def _train(a) -> int:
                                          "dataset: run its command again with --dataset_path (and its other flags)")
             log.warning("--resume latest: %s stopped before its first checkpoint; starting it from the beginning with the flags "
                         "given now (the caches built so far are kept)", run.root)
-            if int(os.environ.get("RANK", "0")) == 0:   # the partial epoch's curves would overlap the new ones
+            if dist_env()["RANK"] == 0:   # the partial epoch's curves would overlap the new ones (before the process group exists)
                 for p in run.root.glob("logs/events.out.tfevents.*"): p.unlink(missing_ok=True)
             a.resume = None
         elif not a.resume.is_file(): raise UserError(f"--resume latest: {a.resume} not found (is --output_dir the run's folder?)")
@@ -155,7 +156,7 @@ def _train(a) -> int:
     out = Path(out or "outputs")
     res = train_run(config_from_args(a, base), data, out, resume=a.resume, progress=_progress(a), overwrite=a.overwrite,
                     trust_torchscript=a.trust_torchscript, resume_state=st)
-    if int(os.environ.get("RANK", "0")) != 0: return 0  # under torchrun only rank 0 reports
+    if dist_env()["RANK"] != 0: return 0  # under torchrun only rank 0 reports
     if res.get("already_finished"):
         print(f"nothing to do: {a.resume} already finished (epoch {res['epoch']} of {res['total_epochs']}); "
               f"pass --epochs N (N > {res['epoch']}) to extend it"); return 0

@@ -141,7 +141,7 @@ def load_image_crop(image_path,  # a file or "<zip>::<member>"
 
 def _holds_calibration(ix: SearchIndex, cal: Path, index_path: Path) -> bool:
     "Whether index `ix` holds the calibration now in `cal`, whose stamp differs from the one it recorded (a copy, a restore, a rewrite)."
-    if ix.calibration: return _saved_digest(cal, verify=False) == ix.calibration   # the same content under new timestamps: kept
+    if ix.calibration: return _saved_digest(cal) == ix.calibration   # the same content under new timestamps: kept
     try: return os.stat(cal).st_mtime_ns <= os.stat(index_path).st_mtime_ns     # an index from before it recorded one: current
     except OSError: return False                                                 # unless the calibration was written after it
 
