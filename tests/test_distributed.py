@@ -198,7 +198,8 @@ def _train_ranks(rank, world, ds, out, crash_epoch=None, resume=None):
     if crash_epoch:  # both ranks die in this epoch, after last.pt of the epoch before
         orig = Trainer._contrastive_epoch
         def crash(self, epoch):
-            if epoch == crash_epoch: raise RuntimeError("simulated crash")
+            if epoch == crash_epoch:   # once rank 0 has saved the epoch before: an instant raise on rank 1 let spawn kill rank 0 mid-save
+                torch.distributed.barrier(); raise RuntimeError("simulated crash")
             return orig(self, epoch)
         Trainer._contrastive_epoch = crash
     cfg = Config(batch_size=4, learning_rate=3e-3, standalone_epochs=1, max_epochs=4, save_every=0, clip_pretrained="none",
